@@ -1,0 +1,1 @@
+"""CLIP-Scope Explorer web application."""

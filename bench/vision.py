@@ -1,0 +1,89 @@
+"""Benchmark: residual-stream capture of the ViT-L-14 vision tower (CPU fp32).
+
+Random weights (same architecture and FLOPs as the real model), batch 4 of
+random 224x224 pixels, capturing layer 20 (the released SAE layer that is
+deepest but one). Two comparisons, each measured in the same run, interleaved,
+median of REPEATS after one warm-up:
+
+(a) `tower.capture(pixels, [20])` against a full forward of all 24 blocks
+    (`visual._embeds` then every resblock): stopping after block 20 should
+    save about 3/24 of the work.  Target ratio <= 0.92.
+(b) capture overhead: `tower.capture(pixels, [20])` against a plain forward
+    through the same 21 blocks with no capture bookkeeping.  Target <= 1.03.
+
+Run from the repo root: python bench/vision.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which adds the repo root)
+
+import torch  # noqa: E402
+
+from _timing import interleaved_medians, result_line  # noqa: E402
+from precompute.vision import load_tower  # noqa: E402
+
+BATCH, LAYER = 4, 20
+REPEATS = 5
+TARGETS = {"vision_capture_vs_full": ("<=", 0.92), "vision_capture_overhead": ("<=", 1.03)}
+
+
+def plain_forward(visual, pixels, n_blocks):
+    """Embeds then the first n_blocks resblocks, nothing else; returns the last output."""
+    with torch.inference_mode():
+        x = visual._embeds(pixels)
+        if not getattr(visual.transformer, "batch_first", True):
+            x = x.transpose(0, 1)
+        for block in visual.transformer.resblocks[:n_blocks]:
+            x = block(x)
+    return x
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32")
+    tower = load_tower("ViT-L-14", device="cpu", random_weights=True)
+    visual = tower.visual
+    n_blocks = tower.n_blocks
+    print(f"ViT-L-14 (random weights): {n_blocks} blocks, width {tower.width}, {tower.n_tokens} tokens; "
+          f"batch {BATCH}, capture layer {LAYER}; {REPEATS} interleaved repeats")
+    pixels = torch.randn(BATCH, 3, 224, 224)
+
+    # Correctness: capture must return exactly the plain forward's block-20 output.
+    captured = tower.capture(pixels, [LAYER])[LAYER]
+    reference = plain_forward(visual, pixels, LAYER + 1)
+    assert getattr(visual.transformer, "batch_first", True), "baseline assumes batch-first blocks"
+    max_err = (captured - reference).abs().max().item()
+    print(f"check: capture shape {tuple(captured.shape)}, max |diff| vs plain 21-block forward = {max_err:.2e}")
+    assert captured.shape == (BATCH, tower.n_tokens, tower.width)
+    assert torch.allclose(captured, reference, atol=1e-4, rtol=1e-4)
+
+    medians = interleaved_medians(
+        {
+            "capture [20]": lambda: tower.capture(pixels, [LAYER]),
+            f"full forward ({n_blocks} blocks)": lambda: plain_forward(visual, pixels, n_blocks),
+            f"plain forward ({LAYER + 1} blocks)": lambda: plain_forward(visual, pixels, LAYER + 1),
+        },
+        repeats=REPEATS,
+    )
+    t_cap = medians["capture [20]"]
+    t_full = medians[f"full forward ({n_blocks} blocks)"]
+    t_plain = medians[f"plain forward ({LAYER + 1} blocks)"]
+    print(f"capture {t_cap:.3f} s, full {t_full:.3f} s, plain-21 {t_plain:.3f} s "
+          f"(ideal capture/full = {(LAYER + 1) / n_blocks:.3f}); capture {BATCH / t_cap:.2f} img/s")
+
+    results = []
+    for name, measured in (("vision_capture_vs_full", t_cap / t_full), ("vision_capture_overhead", t_cap / t_plain)):
+        op, target = TARGETS[name]
+        line, ok = result_line(name, measured, op, target)
+        print(line)
+        results.append(ok)
+    n_pass, n_total = sum(results), len(results)
+    print(f"RESULT vision {n_pass}/{n_total} target =={n_total}/{n_total} {'PASS' if n_pass == n_total else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

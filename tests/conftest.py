@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny open_clip model and tiny SAEs in the released layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from precompute.sae import save_checkpoint
+from precompute.synthetic import save_tiny_clip
+
+TINY_LAYERS = (1, 2)
+TINY_FEATURES = 256
+TINY_K = 8
+TINY_WIDTH = 64
+
+
+def random_sae_tensors(d_in: int, n_features: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    enc = torch.randn(d_in, n_features, generator=generator) / d_in**0.5
+    dec = enc.T.contiguous() + 0.01 * torch.randn(n_features, d_in, generator=generator)
+    pre_b = 0.1 * torch.randn(d_in, generator=generator)
+    return pre_b, enc, dec
+
+
+def write_sae_repo(root: Path, layers=TINY_LAYERS, checkpoints=(1000, 2000), d_in=TINY_WIDTH,
+                   n_features=TINY_FEATURES, k=TINY_K) -> Path:
+    """A folder shaped like the hub repo: {layer}_resid/{token_count}.pt, plus the extras."""
+    for layer in layers:
+        for index, token_count in enumerate(checkpoints):
+            pre_b, enc, dec = random_sae_tensors(d_in, n_features, seed=100 * layer + index)
+            save_checkpoint(root / f"{layer}_resid" / f"{token_count}.pt", pre_b, enc, dec, k, token_count)
+        (root / f"{layer}_resid" / f"{layer}_resid-abc123.jsonl").write_text("{}\n")
+    (root / "README.md").write_text("tiny SAE suite\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_spec(tiny_model_dir) -> str:
+    return f"local-dir:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_repo(tmp_path_factory) -> Path:
+    return write_sae_repo(tmp_path_factory.mktemp("sae_repo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tower(tiny_model_spec):
+    from precompute.vision import load_tower
+
+    return load_tower(tiny_model_spec, device="cpu")
