@@ -1,0 +1,41 @@
+"""The `clipscope-explorer` command: precompute, serve, demo, fit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help="serve an index in the browser and as JSON")
+    parser.add_argument("index", help="the index file (.duckdb) written by `precompute`")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from app.server import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipscope-explorer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
