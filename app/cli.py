@@ -22,10 +22,19 @@ def _run_serve(args) -> int:
     return serve(args)
 
 
+def _add_precompute(sub) -> None:
+    from precompute.cli import add_arguments, run
+
+    parser = sub.add_parser("precompute", help="run the model and SAEs over images into an index")
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipscope-explorer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_precompute(sub)
     _add_serve(sub)
     return parser
 

@@ -1,0 +1,95 @@
+"""Final step of the job: neighbours, labels, image ids, and the index file."""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from precompute.neighbours import cached_neighbours
+from precompute.sae import DEFAULT_SAE_REPO
+from precompute.store import IndexWriter, SCHEMA_VERSION
+from precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
+from precompute.vision import DEFAULT_MODEL
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _labels(chosen: dict, n_features: int, captions: dict[int, str | None], frequency) -> list[list[str]]:
+    """Label terms per feature from the captions of its top images."""
+    per_feature: list[list[str | None]] = [[] for _ in range(n_features)]
+    for feature, kind, ordinal in zip(chosen["feature"], chosen["kind"], chosen["ordinal"]):
+        if kind == "top":
+            per_feature[feature].append(captions.get(int(ordinal)))
+    return [frequency.label_terms(caps) if caps else [] for caps in per_feature]
+
+
+def write_index(components, config, state, workdir, elapsed_before: float) -> Path:
+    timings = {"encode": round(state.encode_seconds, 3)}
+    tick = time.perf_counter()
+    neighbours = {
+        layer: cached_neighbours(sae.dec.detach(), sae.origin.file if sae.origin else None)
+        for layer, sae in components.saes.items()
+    }
+    timings["neighbours"] = round(time.perf_counter() - tick, 3)
+
+    tick = time.perf_counter()
+    chosen = {layer: chosen_examples(acc, config.examples) for layer, acc in state.accumulators.items()}
+    ordinals = sorted({int(o) for c in chosen.values() for o in c["ordinal"]})
+    rows = workdir.image_rows(ordinals)
+    missing = set(ordinals) - {row[0] for row in rows}
+    if missing:
+        raise RuntimeError(f"{len(missing)} example images are missing from {workdir.path}; rerun with --fresh")
+    image_id = {row[0]: i for i, row in enumerate(rows)}
+    captions = {row[0]: row[4] for row in rows}
+    labels = {
+        layer: _labels(c, components.saes[layer].n_features, captions, state.captions) for layer, c in chosen.items()
+    }
+    timings["labels"] = round(time.perf_counter() - tick, 3)
+
+    tick = time.perf_counter()
+    sae_any = next(iter(components.saes.values()))
+    tower = components.tower
+    with IndexWriter(config.out) as writer:
+        for layer, acc in sorted(state.accumulators.items()):
+            sae = components.saes[layer]
+            fired_images = acc.counts["fire_images"].cpu().numpy()
+            writer.add_layer(layer_row(acc, layer, sae, fired_images))
+            writer.add_rows("features", feature_columns(acc, layer, labels[layer], neighbours[layer]))
+            writer.add_rows("examples", examples_columns(layer, chosen[layer], image_id))
+        columns = list(zip(*rows)) if rows else [[] for _ in range(8)]
+        writer.add_rows("images", {
+            "image_id": np.arange(len(rows), dtype=np.int32), "source": list(columns[1]),
+            "key": list(columns[2]), "url": list(columns[3]), "caption": list(columns[4]),
+            "width": np.array(columns[5], dtype=np.int32), "height": np.array(columns[6], dtype=np.int32),
+            "thumbnail": list(columns[7]),
+        })
+        timings["write"] = round(time.perf_counter() - tick, 3)
+        timings["total"] = round(elapsed_before + timings["write"], 3)
+        writer.put_meta(
+            schema_version=SCHEMA_VERSION,
+            model={"name": config.model, "pretrained": config.pretrained},
+            sae={"source": config.sae, "checkpoint": sae_any.origin.checkpoint if sae_any.origin else None},
+            released_suite=config.model == DEFAULT_MODEL and config.sae == DEFAULT_SAE_REPO,
+            layers=sorted(components.saes),
+            n_tokens=tower.n_tokens, grid=list(tower.grid), d_model=tower.width,
+            image_size=int(tower.visual.image_size[0]),
+            normalisation=config.normalise,
+            normalisation_stats={str(layer): {"mean": m.tolist(), "std": s.tolist()}
+                                 for layer, (m, s) in state.normalisation.items()},
+            sample={"sources": config.images, "n_images": state.n_images, "n_skipped": state.n_skipped,
+                    "skipped": state.skipped, "max_images": config.max_images},
+            top_n=config.top_n, band_count=config.band_count, band_size=config.band_size,
+            active_threshold=ACTIVE_THRESHOLD,
+            timings=timings,
+            versions={p: _version(p) for p in ("clipscope-explorer", "torch", "open_clip_torch", "duckdb")},
+            demo=False,
+        )
+        return writer.finish()

@@ -1,0 +1,284 @@
+"""The precompute job: sources -> vision tower -> SAEs -> accumulators -> index.
+
+`run(config)` checks every input before any compute, resumes from
+``<out>.work/`` when a previous run of the same command was interrupted,
+checkpoints every `checkpoint_every` images, and writes the index atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from precompute.accumulate import LayerAccumulator
+from precompute.labels import DocumentFrequency
+from precompute.sae import DEFAULT_SAE_REPO, TopKSAE, explained_variance, load_saes, squared_error
+from precompute.sources import Batch, Shard, ShardBatches, count_samples, resolve_sources
+from precompute.tables import ExampleSettings
+from precompute.vision import DEFAULT_MODEL, ModelSpec, VisionTower, load_tower, resolve_device
+from precompute.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+NORMALISE_IMAGES = 512
+MAX_SKIPPED_LISTED = 1000
+
+
+@dataclass
+class PrecomputeConfig:
+    images: list[str]
+    out: Path
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    sae: str = DEFAULT_SAE_REPO
+    layers: list[int] = field(default_factory=lambda: [20])
+    checkpoint: int | None = None
+    top_n: int = 32
+    band_count: int = 4
+    band_size: int = 4
+    band_samples: int = 24
+    max_images: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 2
+    normalise: str = "none"
+    checkpoint_every: int = 20_000
+    fresh: bool = False
+    ray: str | None = None
+    progress: bool = True
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (resume is refused across different ones)."""
+        keep = ("images", "model", "pretrained", "sae", "layers", "checkpoint", "top_n", "band_count",
+                "band_size", "band_samples", "max_images", "batch_size", "normalise")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+    @property
+    def examples(self) -> ExampleSettings:
+        return ExampleSettings(self.top_n, self.band_count, self.band_size, self.band_samples)
+
+
+@dataclass
+class Components:
+    tower: VisionTower
+    saes: dict[int, TopKSAE]
+    shards: list[Shard]
+    quota: dict[int, int]
+    device: torch.device
+
+
+@dataclass
+class RunState:
+    accumulators: dict[int, LayerAccumulator]
+    progress: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    captions: DocumentFrequency = field(default_factory=DocumentFrequency)
+    skipped: list[dict] = field(default_factory=list)
+    n_skipped: int = 0
+    normalisation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    encode_seconds: float = 0.0
+
+    @property
+    def n_images(self) -> int:
+        return int(next(iter(self.accumulators.values())).counts["images"])
+
+    def state_dict(self) -> dict:
+        return {
+            "accumulators": {layer: acc.state_dict() for layer, acc in self.accumulators.items()},
+            "progress": self.progress, "done": sorted(self.done), "captions": self.captions.state_dict(),
+            "skipped": self.skipped, "n_skipped": self.n_skipped, "encode_seconds": self.encode_seconds,
+            "normalisation": self.normalisation,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device) -> "RunState":
+        return cls(
+            accumulators={int(layer): LayerAccumulator.from_state_dict(acc, device)
+                          for layer, acc in state["accumulators"].items()},
+            progress=dict(state["progress"]), done=set(state["done"]),
+            captions=DocumentFrequency.from_state_dict(state["captions"]), skipped=list(state["skipped"]),
+            n_skipped=state["n_skipped"], normalisation=state["normalisation"],
+            encode_seconds=state["encode_seconds"],
+        )
+
+    def merge(self, other: "RunState") -> None:
+        for layer, acc in self.accumulators.items():
+            acc.merge(other.accumulators[layer])
+        self.progress.update(other.progress)
+        self.done |= other.done
+        self.captions.merge(other.captions)
+        self.skipped = sorted(self.skipped + other.skipped, key=lambda s: (s["source"], s["key"]))
+        self.skipped = self.skipped[:MAX_SKIPPED_LISTED]
+        self.n_skipped += other.n_skipped
+        self.encode_seconds += other.encode_seconds
+
+
+def prepare(config: PrecomputeConfig) -> Components:
+    """Load and check everything before compute: sources, model, SAEs."""
+    if config.normalise not in ("none", "sample"):
+        raise ValueError(f"--normalise must be none or sample, not {config.normalise!r}")
+    shards = resolve_sources(config.images)
+    device = resolve_device(config.device)
+    tower = load_tower(ModelSpec(config.model, config.pretrained), device=device)
+    layers = tower.check_layers(config.layers)
+    saes = load_saes(config.sae, layers, config.checkpoint)
+    for sae in saes.values():
+        sae.check_fits(tower.width)
+        sae.to(device)
+    quota = {}
+    if config.max_images is not None:
+        left = config.max_images
+        for shard in shards:
+            quota[shard.index] = min(left, count_samples(shard)) if left > 0 else 0
+            left -= quota[shard.index]
+    return Components(tower, saes, shards, quota, device)
+
+
+def new_state(components: Components, config: PrecomputeConfig) -> RunState:
+    accumulators = {
+        layer: LayerAccumulator(sae.n_features, components.tower.n_tokens, config.top_n, config.band_samples,
+                                components.device, track_raw=config.normalise == "sample")
+        for layer, sae in components.saes.items()
+    }
+    return RunState(accumulators)
+
+
+def loader(components: Components, config: PrecomputeConfig, state: RunState, shards=None,
+           quota=None) -> DataLoader:
+    dataset = ShardBatches(shards or components.shards, components.tower.preprocess, config.batch_size,
+                           components.tower.visual.image_size[0], progress=state.progress, done=state.done,
+                           quota=components.quota if quota is None else quota)
+    return DataLoader(dataset, batch_size=None, num_workers=config.workers,
+                      pin_memory=components.device.type == "cuda",
+                      prefetch_factor=4 if config.workers else None, persistent_workers=False)
+
+
+@torch.inference_mode()
+def estimate_normalisation(components: Components, config: PrecomputeConfig, state: RunState) -> None:
+    """Per-dimension mean/std of each layer on the first NORMALISE_IMAGES images of the sample."""
+    sums, squares, count = {}, {}, 0
+    quota, left = {}, NORMALISE_IMAGES
+    for shard in components.shards:
+        quota[shard.index] = max(0, min(left, components.quota.get(shard.index, left)))
+        left -= quota[shard.index]
+    probe = RunState(state.accumulators)
+    for batch in loader(components, config, probe, quota=quota):
+        if batch.pixels is None:
+            continue
+        acts = components.tower.capture(batch.pixels, components.saes)
+        for layer, x in acts.items():
+            x = x.double().flatten(0, 1)
+            sums[layer] = sums.get(layer, 0) + x.sum(0)
+            squares[layer] = squares.get(layer, 0) + x.pow(2).sum(0)
+        count += batch.pixels.shape[0] * components.tower.n_tokens
+    for layer in components.saes:
+        mean = sums[layer] / count
+        std = (squares[layer] / count - mean.pow(2)).clamp_min(0).sqrt()
+        state.normalisation[layer] = (mean.float().cpu(), std.float().cpu())
+
+
+@torch.inference_mode()
+def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
+    """Run one batch through tower and SAEs into the accumulators; return images to keep."""
+    state.progress[batch.shard] = batch.end
+    if batch.shard_done:
+        state.done.add(batch.shard)
+    state.n_skipped += len(batch.skipped)
+    room = MAX_SKIPPED_LISTED - len(state.skipped)
+    state.skipped += [{"source": s.source, "key": s.key, "reason": s.error} for s in batch.skipped[:max(room, 0)]]
+    if batch.pixels is None:
+        return []
+    state.captions.add(s.caption for s in batch.samples)
+    acts = components.tower.capture(batch.pixels, components.saes)
+    entered = torch.zeros(len(batch.samples), dtype=torch.bool)
+    for layer, sae in components.saes.items():
+        raw = None
+        if layer in state.normalisation:
+            raw_x = acts[layer]
+            sae.set_normalisation(None, None)
+            raw_hat = sae.decode(sae.encode(raw_x))
+            raw = (squared_error(raw_x, raw_hat), explained_variance(raw_x, raw_hat))
+            sae.set_normalisation(*state.normalisation[layer])
+        x = sae.prepare(acts[layer])
+        code = sae.encode(x)
+        x_hat = sae.decode(code)
+        entered |= state.accumulators[layer].update(
+            code, batch.ordinals, squared_error(x, x_hat), explained_variance(x, x_hat), raw
+        )
+    return [sample for sample, keep in zip(batch.samples, entered.tolist()) if keep]
+
+
+def total_images(components: Components) -> int | None:
+    if components.quota:
+        return sum(components.quota.values())
+    if all(s.is_folder for s in components.shards):
+        return sum(len(s.members) for s in components.shards)
+    return None
+
+
+def encode_all(components: Components, config: PrecomputeConfig, state: RunState, workdir: WorkDir | None,
+               shards=None) -> None:
+    """The main loop over every remaining batch, with progress and checkpoints."""
+    total = total_images(components) if shards is None else None
+    bar = tqdm(total=total, initial=state.n_images + state.n_skipped, unit="img", dynamic_ncols=True,
+               disable=not config.progress, desc="encode", smoothing=0.1)
+    since_checkpoint = 0
+    started = time.perf_counter()
+    for batch in loader(components, config, state, shards=shards):
+        keep = encode_batch(components, state, batch)
+        if workdir is not None:
+            workdir.keep_images(keep)
+        n = 0 if batch.pixels is None else batch.pixels.shape[0]
+        bar.update(n + len(batch.skipped))
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix(tokens_s=f"{(bar.n - bar.initial) * components.tower.n_tokens / elapsed:,.0f}",
+                        skipped=state.n_skipped, refresh=False)
+        since_checkpoint += n + len(batch.skipped)
+        if workdir is not None and since_checkpoint >= config.checkpoint_every:
+            state.encode_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            checkpoint(workdir, state)
+            since_checkpoint = 0
+    state.encode_seconds += time.perf_counter() - started
+    bar.close()
+
+
+def checkpoint(workdir: WorkDir, state: RunState) -> None:
+    workdir.save(state.state_dict())
+    workdir.prune_images(set().union(*(acc.referenced() for acc in state.accumulators.values())))
+
+
+def run(config: PrecomputeConfig) -> Path:
+    """Build the index at config.out; resumable after a crash by rerunning the same config."""
+    started = time.perf_counter()
+    components = prepare(config)
+    workdir = WorkDir(Path(config.out), config.identity())
+    if config.fresh:
+        workdir.remove()
+    saved = workdir.open()
+    if saved is not None:
+        state = RunState.from_state_dict(saved, components.device)
+        log.warning("resuming from %s: %d images done", workdir.path, state.n_images)
+    else:
+        state = new_state(components, config)
+        if config.normalise == "sample":
+            estimate_normalisation(components, config, state)
+    for layer, stats in state.normalisation.items():
+        components.saes[layer].set_normalisation(*stats)
+    if config.ray is not None:
+        from precompute.distributed import encode_on_ray
+
+        encode_on_ray(components, config, state, workdir)
+    else:
+        encode_all(components, config, state, workdir)
+    checkpoint(workdir, state)
+    from precompute.finalize import write_index
+
+    out = write_index(components, config, state, workdir, time.perf_counter() - started)
+    workdir.remove()
+    return out

@@ -1,0 +1,116 @@
+"""The resumable state of a precompute run, kept in ``<out>.work/`` beside the index.
+
+- ``state.pt``: accumulators, position in every shard, caption statistics;
+  replaced atomically (write, fsync, rename) every checkpoint.
+- ``images.sqlite``: metadata and thumbnails of every image that entered some
+  example list, committed before each checkpoint. Rows written after the last
+  checkpoint are harmless: the final index takes only referenced images.
+
+A work folder belongs to one configuration (its fingerprint); running a
+different command against it is refused rather than mixing two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from precompute.sources import Sample
+
+
+class WorkDirError(RuntimeError):
+    """The work folder belongs to another run or cannot be written."""
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class WorkDir:
+    def __init__(self, out: Path, config: dict):
+        self.path = out.with_name(out.name + ".work")
+        self.fingerprint = fingerprint(config)
+        self.config = config
+        self.state_file = self.path / "state.pt"
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> dict | None:
+        """Create or reopen the folder; return the saved state to resume from, if any."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        stamp = self.path / "run.json"
+        if stamp.is_file():
+            saved = json.loads(stamp.read_text())
+            if saved.get("fingerprint") != self.fingerprint:
+                raise WorkDirError(
+                    f"{self.path} holds an unfinished run of a different command; "
+                    f"rerun that command to resume it, or pass --fresh to discard it"
+                )
+        else:
+            stamp.write_text(json.dumps({"fingerprint": self.fingerprint, "config": self.config}, default=str))
+        if not self.state_file.is_file():
+            return None
+        return torch.load(self.state_file, map_location="cpu", weights_only=False)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path / "images.sqlite")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS images (ordinal INTEGER PRIMARY KEY, source TEXT, key TEXT, "
+                "url TEXT, caption TEXT, width INTEGER, height INTEGER, thumbnail BLOB)"
+            )
+        return self._db
+
+    def keep_images(self, samples: Iterable[Sample]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail) for s in samples],
+        )
+
+    def image_rows(self, ordinals: list[int]) -> list[tuple]:
+        """Rows (ordinal, source, key, url, caption, width, height, thumbnail), by ordinal."""
+        rows = []
+        for start in range(0, len(ordinals), 500):
+            chunk = ordinals[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.execute(f"SELECT * FROM images WHERE ordinal IN ({marks})", chunk).fetchall()
+        return sorted(rows)
+
+    def captions(self, ordinals: Iterable[int]) -> dict[int, str | None]:
+        return {row[0]: row[4] for row in self.image_rows(sorted(set(ordinals)))}
+
+    def save(self, state: dict) -> None:
+        """Commit the image spill, then replace state.pt atomically."""
+        try:
+            self.db.commit()
+            partial = self.state_file.with_suffix(".partial")
+            with open(partial, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            partial.replace(self.state_file)
+        except OSError as error:
+            raise WorkDirError(f"cannot write checkpoint in {self.path}: {error}") from error
+
+    def prune_images(self, keep: set[int]) -> None:
+        """Forget spilled images that no example list references any more."""
+        present = [row[0] for row in self.db.execute("SELECT ordinal FROM images")]
+        drop = [(o,) for o in present if o not in keep]
+        self.db.executemany("DELETE FROM images WHERE ordinal = ?", drop)
+        self.db.commit()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
