@@ -227,17 +227,17 @@ def encode_all(components: Components, config: PrecomputeConfig, state: RunState
     total = total_images(components) if shards is None else None
     bar = tqdm(total=total, initial=state.n_images + state.n_skipped, unit="img", dynamic_ncols=True,
                disable=not config.progress, desc="encode", smoothing=0.1)
-    since_checkpoint = 0
-    started = time.perf_counter()
+    since_checkpoint = encoded = 0
+    started = loop_start = time.perf_counter()
     for batch in loader(components, config, state, shards=shards):
         keep = encode_batch(components, state, batch)
         if workdir is not None:
             workdir.keep_images(keep)
         n = 0 if batch.pixels is None else batch.pixels.shape[0]
         bar.update(n + len(batch.skipped))
-        elapsed = bar.format_dict["elapsed"] or 1e-9
-        bar.set_postfix(tokens_s=f"{(bar.n - bar.initial) * components.tower.n_tokens / elapsed:,.0f}",
-                        skipped=state.n_skipped, refresh=False)
+        encoded += n
+        rate = encoded * components.tower.n_tokens / max(time.perf_counter() - loop_start, 1e-9)
+        bar.set_postfix(tokens_s=f"{rate:,.0f}", skipped=state.n_skipped, refresh=False)
         since_checkpoint += n + len(batch.skipped)
         if workdir is not None and since_checkpoint >= config.checkpoint_every:
             state.encode_seconds += time.perf_counter() - started

@@ -69,10 +69,11 @@ class WorkDir:
         return self._db
 
     def keep_images(self, samples: Iterable[Sample]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail) for s in samples],
-        )
+        self.keep_rows((s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail)
+                       for s in samples)
+
+    def keep_rows(self, rows: Iterable[tuple]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def image_rows(self, ordinals: list[int]) -> list[tuple]:
         """Rows (ordinal, source, key, url, caption, width, height, thumbnail), by ordinal."""

@@ -1,0 +1,87 @@
+"""`--ray [ADDRESS]`: split the shards among Ray actors and merge their states.
+
+Each actor (one per GPU, or `workers` CPU actors on a cluster without GPUs)
+loads the model and SAEs itself, encodes its shards exactly as the single
+process does (same batches, same accumulators), and returns its mergeable
+state plus the metadata and thumbnails of the images it references. The
+driver merges the states, so the index equals a single-process run's.
+Model, SAE and image paths must be readable from every node (hub ids, URLs,
+or a shared file system). The driver checkpoints after each actor's return.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker:
+    """Runs inside a Ray actor: encodes a group of shards into a fresh state."""
+
+    def __init__(self, config, normalisation: dict):
+        from precompute.job import prepare
+
+        self.config = replace(config, progress=False, ray=None)
+        self.components = prepare(self.config)
+        self.normalisation = normalisation
+        for layer, stats in normalisation.items():
+            self.components.saes[layer].set_normalisation(*stats)
+
+    def encode(self, shard_indices: list[int]) -> tuple[dict, list[tuple]]:
+        from precompute.job import encode_all, new_state
+        from precompute.workdir import WorkDir
+
+        state = new_state(self.components, self.config)
+        state.normalisation = self.normalisation
+        shards = [s for s in self.components.shards if s.index in set(shard_indices)]
+        with tempfile.TemporaryDirectory() as scratch:
+            spill = WorkDir(Path(scratch) / "part", {})
+            spill.path.mkdir()
+            encode_all(self.components, self.config, state, spill, shards=shards)
+            referenced = set().union(*(acc.referenced() for acc in state.accumulators.values()))
+            rows = spill.image_rows(sorted(referenced))
+            spill.close()
+        return state.state_dict(), rows
+
+
+def _cluster_workers(ray, fallback: int) -> tuple[int, dict]:
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        return gpus, {"num_gpus": 1}
+    return max(1, fallback), {"num_cpus": 1}
+
+
+def encode_on_ray(components, config, state, workdir) -> None:
+    import ray
+
+    from precompute.job import RunState, checkpoint
+
+    if not ray.is_initialized():
+        address = None if config.ray in (None, "auto", "local") else config.ray
+        ray.init(address=address, num_cpus=None if address else max(2, config.workers),
+                 log_to_driver=False, include_dashboard=False)
+    n_workers, resources = _cluster_workers(ray, config.workers)
+    todo = [s.index for s in components.shards if s.index not in state.done]
+    groups = [todo[i::n_workers] for i in range(n_workers) if todo[i::n_workers]]
+    worker_config = replace(config, workers=0, device="cuda" if "num_gpus" in resources else "cpu")
+    Actor = ray.remote(**resources)(ShardWorker)
+    actors = [Actor.remote(worker_config, state.normalisation) for _ in groups]
+    pending = {actor.encode.remote(group): actor for actor, group in zip(actors, groups)}
+    with tqdm(total=len(todo), unit="shard", desc="ray", disable=not config.progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            part_state, rows = ray.get(ready[0])
+            del pending[ready[0]]
+            part = RunState.from_state_dict(part_state, components.device)
+            state.merge(part)
+            workdir.keep_rows(rows)
+            checkpoint(workdir, state)
+            bar.update(len(part.done))
+    for actor in actors:
+        ray.kill(actor)
