@@ -56,3 +56,33 @@ def tiny_tower(tiny_model_spec):
     from precompute.vision import load_tower
 
     return load_tower(tiny_model_spec, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory) -> Path:
+    from tests.fixtures import write_shards
+
+    folder = tmp_path_factory.mktemp("laion")
+    write_shards(folder, n_shards=3, per_shard=14, corrupt={5})
+    return folder
+
+
+def precompute_config(shard_dir: Path, model_spec: str, sae_repo: Path, out: Path, **overrides):
+    from precompute.job import PrecomputeConfig
+
+    settings = dict(
+        images=[f"{shard_dir}/{{00000..00002}}.tar"], out=out, model=model_spec, sae=str(sae_repo),
+        layers=list(TINY_LAYERS), top_n=6, band_size=2, band_samples=12, batch_size=8, device="cpu",
+        workers=0, progress=False,
+    )
+    settings.update(overrides)
+    return PrecomputeConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo) -> Path:
+    """An index built by the real precompute job on the tiny fixtures."""
+    from precompute.job import run
+
+    out = tmp_path_factory.mktemp("index") / "tiny.duckdb"
+    return run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, workers=2))
