@@ -19,7 +19,7 @@ from tqdm import tqdm
 from precompute.accumulate import LayerAccumulator
 from precompute.labels import DocumentFrequency
 from precompute.sae import DEFAULT_SAE_REPO, TopKSAE, explained_variance, load_saes, squared_error
-from precompute.sources import Batch, Shard, ShardBatches, count_samples, resolve_sources
+from precompute.sources import Batch, Shard, ShardBatches, count_samples, known_size, resolve_sources
 from precompute.tables import ExampleSettings
 from precompute.vision import DEFAULT_MODEL, ModelSpec, VisionTower, load_tower, resolve_device
 from precompute.workdir import WorkDir
@@ -164,7 +164,10 @@ def estimate_normalisation(components: Components, config: PrecomputeConfig, sta
     sums, squares, count = {}, {}, 0
     quota, left = {}, NORMALISE_IMAGES
     for shard in components.shards:
-        quota[shard.index] = max(0, min(left, components.quota.get(shard.index, left)))
+        size = components.quota.get(shard.index)
+        if size is None and left > 0:
+            size = known_size(shard) or count_samples(shard)
+        quota[shard.index] = max(0, min(left, size or 0))
         left -= quota[shard.index]
     probe = RunState(state.accumulators)
     for batch in loader(components, config, probe, quota=quota):
@@ -204,9 +207,8 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
             raw_hat = sae.decode(sae.encode(raw_x))
             raw = (squared_error(raw_x, raw_hat), explained_variance(raw_x, raw_hat))
             sae.set_normalisation(*state.normalisation[layer])
-        x = sae.prepare(acts[layer])
-        code = sae.encode(x)
-        x_hat = sae.decode(code)
+        code = sae.encode(acts[layer])
+        x, x_hat = sae.prepare(acts[layer]), sae.decode(code)
         entered |= state.accumulators[layer].update(
             code, batch.ordinals, squared_error(x, x_hat), explained_variance(x, x_hat), raw
         )
@@ -214,11 +216,11 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
 
 
 def total_images(components: Components) -> int | None:
+    """Images to encode, when known: quotas, folder listings, or img2dataset's _stats.json."""
     if components.quota:
         return sum(components.quota.values())
-    if all(s.is_folder for s in components.shards):
-        return sum(len(s.members) for s in components.shards)
-    return None
+    sizes = [known_size(shard) for shard in components.shards]
+    return None if None in sizes else sum(sizes)
 
 
 def encode_all(components: Components, config: PrecomputeConfig, state: RunState, workdir: WorkDir | None,

@@ -109,7 +109,10 @@ class TopKSAE(nn.Module):
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseCode:
-        """Sparse codes of x [..., d_in] -> SparseCode([..., k], [..., k]).
+        """Sparse codes of raw x [..., d_in] -> SparseCode([..., k], [..., k]).
+
+        x is standardised here when normalisation is set (see `prepare`); `decode`
+        then reconstructs `prepare(x)`, the input as the SAE saw it.
 
         Tokens are encoded in chunks, so the dense pre-activations never exceed
         chunk_tokens x n_features floats (256 MiB at the defaults, full size).

@@ -82,19 +82,22 @@ def ordinal(shard: int, position: int) -> int:
     return (shard << 32) | position
 
 
+BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """Expand the first ``{a..b}`` range (zero padding kept) recursively, or ``{x,y}``."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match:
+    """Expand ``{a..b}`` ranges (zero padding kept) and ``{x,y}`` lists, leftmost first, as a shell does."""
+    match = BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    if match.group(3) is not None:
+        options = match.group(3).split(",")
+    else:
         low, high = match.group(1), match.group(2)
         width = len(low) if low.startswith("0") else 0
-        head, tail = pattern[: match.start()], pattern[match.end() :]
-        return [x for n in range(int(low), int(high) + 1) for x in expand_braces(f"{head}{n:0{width}d}{tail}")]
-    match = re.search(r"\{([^{}]*,[^{}]*)\}", pattern)
-    if match:
-        head, tail = pattern[: match.start()], pattern[match.end() :]
-        return [x for option in match.group(1).split(",") for x in expand_braces(head + option + tail)]
-    return [pattern]
+        options = [f"{n:0{width}d}" for n in range(int(low), int(high) + 1)]
+    return [x for option in options for x in expand_braces(head + option + tail)]
 
 
 def _folder_shards(folder: Path, first_index: int) -> list[Shard]:
@@ -179,6 +182,19 @@ def count_samples(shard: Shard) -> int:
     if shard.is_folder:
         return len(shard.members)
     return sum(1 for _ in _tar_groups(shard))
+
+
+def known_size(shard: Shard) -> int | None:
+    """Samples in a shard without reading it: folder listing, or img2dataset's stats file."""
+    if shard.is_folder:
+        return len(shard.members)
+    stats = Path(shard.location).with_name(Path(shard.location).stem + "_stats.json")
+    if shard.location.startswith(REMOTE_PREFIXES) or not stats.is_file():
+        return None
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (ValueError, KeyError, OSError):
+        return None
 
 
 def _image_bytes(group: dict[str, bytes]) -> bytes | None:

@@ -72,3 +72,26 @@ def write_folder(folder: Path, n: int, seed: int = 1) -> Path:
         if i % 3:
             (sub / f"img{i:03d}.txt").write_text(caption)
     return folder
+
+
+VOLATILE_META = {"timings", "created_at", "index_id"}
+
+
+def index_contents(path) -> dict:
+    """Everything an index says, minus what differs between identical runs (ids, times)."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {
+            "meta": {k: v for k, v in con.execute("SELECT key, value FROM meta").fetchall()
+                     if k not in VOLATILE_META},
+            "layers": con.execute("SELECT * FROM layers ORDER BY layer").fetchall(),
+            "features": con.execute("SELECT * FROM features ORDER BY layer, feature").fetchall(),
+            "examples": con.execute(
+                "SELECT e.* EXCLUDE (image_id), i.key FROM examples e JOIN images i USING (image_id) "
+                "ORDER BY layer, feature, kind, band, rank").fetchall(),
+            "images": con.execute("SELECT * FROM images ORDER BY image_id").fetchall(),
+        }
+    finally:
+        con.close()

@@ -1,0 +1,96 @@
+"""Crash safety and distribution: a killed run resumes to the same index; Ray equals one process."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from precompute.job import run
+from tests.conftest import precompute_config
+from tests.fixtures import index_contents
+
+
+def cli_args(config) -> list[str]:
+    return [
+        sys.executable, "-m", "precompute", "--images", *config.images, "--out", str(config.out),
+        "--model", config.model, "--sae", config.sae, "--layers", ",".join(map(str, config.layers)),
+        "--top-n", str(config.top_n), "--band-size", str(config.band_size), "--batch-size",
+        str(config.batch_size), "--device", "cpu", "--workers", "0", "--checkpoint-every",
+        str(config.checkpoint_every), "--no-progress",
+    ]
+
+
+def assert_same_index(a: dict, b: dict, float_tolerance: float = 0.0) -> None:
+    assert a["meta"] == b["meta"]
+    assert a["images"] == b["images"]
+    assert a["examples"] == b["examples"]
+    for table in ("layers", "features"):
+        assert len(a[table]) == len(b[table])
+        for row_a, row_b in zip(a[table], b[table]):
+            for x, y in zip(row_a, row_b):
+                if float_tolerance and isinstance(x, float):
+                    assert math.isclose(x, y, rel_tol=float_tolerance, abs_tol=1e-12)
+                elif float_tolerance and isinstance(x, list) and x and isinstance(x[0], float):
+                    assert all(math.isclose(p, q, rel_tol=float_tolerance, abs_tol=1e-9) for p, q in zip(x, y))
+                else:
+                    assert x == y
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo):
+    out = tmp_path_factory.mktemp("ref") / "ref.duckdb"
+    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, band_samples=24)
+    return index_contents(run(config))
+
+
+def test_kill_and_resume_gives_identical_index(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, reference):
+    out = tmp_path / "resumed.duckdb"
+    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, checkpoint_every=8)
+    state = tmp_path / "resumed.duckdb.work" / "state.pt"
+    rng = random.Random(os.getpid())
+    process = subprocess.Popen(cli_args(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.3))
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "a killed run must not leave an index at --out"
+    assert state.exists()
+    resumed = subprocess.run(cli_args(config), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (tmp_path / "resumed.duckdb.work").exists()
+    assert_same_index(index_contents(out), reference)
+
+
+def test_different_command_refuses_unfinished_work(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo):
+    from precompute.workdir import WorkDir, WorkDirError
+
+    out = tmp_path / "x.duckdb"
+    WorkDir(out, {"some": "other run"}).open()
+    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out)
+    with pytest.raises(WorkDirError, match="different command.*--fresh"):
+        run(config)
+    config.fresh = True
+    assert run(config) == out
+
+
+@pytest.mark.slow
+def test_ray_two_workers_equal_single_process(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, reference):
+    import ray
+
+    out = tmp_path / "ray.duckdb"
+    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, band_samples=24, ray="auto",
+                               workers=2)
+    try:
+        run(config)
+    finally:
+        ray.shutdown()
+    assert_same_index(index_contents(out), reference, float_tolerance=1e-9)
