@@ -23,11 +23,17 @@ def _run_serve(args) -> int:
 
 
 def _add_precompute(sub) -> None:
-    from precompute.cli import add_arguments, run
+    from precompute import cli
 
     parser = sub.add_parser("precompute", help="run the model and SAEs over images into an index")
-    add_arguments(parser)
-    parser.set_defaults(run=run)
+    cli.add_arguments(parser)
+    parser.set_defaults(run=cli.run)
+    parser = sub.add_parser("fit", help="fit small TopK SAEs (released checkpoint format) on a model's activations")
+    cli.add_fit_arguments(parser)
+    parser.set_defaults(run=cli.run_fit)
+    parser = sub.add_parser("demo", help="build the offline demo index (procedural images, tiny model) and serve it")
+    cli.add_demo_arguments(parser)
+    parser.set_defaults(run=cli.run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ returns each candidate's median wall time. `result_line` formats the final
 from __future__ import annotations
 
 import operator
+import os
 import statistics
 import sys
 import time
@@ -19,7 +20,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+# Line-buffered stdout, so stderr warnings (e.g. open_clip's) cannot land after the RESULT line.
+sys.stdout.reconfigure(line_buffering=True)
+
 _OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -29,12 +49,18 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, 
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    busy0, own0, wall0 = _busy_seconds(), _own_seconds(), time.perf_counter()
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+    busy1, own1, wall1 = _busy_seconds(), _own_seconds(), time.perf_counter()
+    if busy0 is not None and busy1 is not None:
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+        note = "  WARNING: machine was shared, timings are suspect" if others > 0.1 else ""
+        print(f"  other processes used {others:.2f} of {os.cpu_count()} cores while timing{note}")
     for name in names:
         print(f"  {name}: " + " ".join(f"{t:.3f}" for t in times[name]) + f" s (median {statistics.median(times[name]):.3f})")
     return {name: statistics.median(times[name]) for name in names}

@@ -27,7 +27,7 @@ from _timing import interleaved_medians, result_line  # noqa: E402
 from precompute.vision import load_tower  # noqa: E402
 
 BATCH, LAYER = 4, 20
-REPEATS = 5
+REPEATS = 7
 TARGETS = {"vision_capture_vs_full": ("<=", 0.92), "vision_capture_overhead": ("<=", 1.03)}
 
 

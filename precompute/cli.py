@@ -1,4 +1,4 @@
-"""Command-line options of `clipscope-explorer precompute` (also `python -m precompute`)."""
+"""Commands of the precompute half: `precompute` (also `python -m precompute`), `fit`, `demo`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from precompute.sae import DEFAULT_SAE_REPO
-from precompute.vision import DEFAULT_MODEL
+from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 
 
 def layer_list(text: str) -> list[int]:
@@ -83,6 +82,64 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"index written: {out}")
     return 0
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", required=True, metavar="SRC", help="as for precompute")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model, as for precompute")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--layers", type=layer_list, required=True, help="comma-separated blocks")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write {layer}_resid/{tokens}.pt into")
+    parser.add_argument("--features", type=positive, default=512)
+    parser.add_argument("--k", type=positive, default=8)
+    parser.add_argument("--steps", type=positive, default=1500)
+    parser.add_argument("--batch-tokens", type=positive, default=4096)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-images", type=positive, default=1000, help="images whose tokens are trained on")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from precompute.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
+    from precompute.sources import SourceError, resolve_sources
+    from precompute.vision import ModelLoadError, ModelSpec, load_tower
+
+    try:
+        shards = resolve_sources(args.images)
+        tower = load_tower(ModelSpec(args.model, args.pretrained), device=args.device)
+        layers = tower.check_layers(args.layers)
+    except (SourceError, ModelLoadError, ValueError) as error:
+        print(f"clipscope-explorer fit: error: {error}", file=sys.stderr)
+        return 2
+    settings = FitSettings(n_features=args.features, k=args.k, steps=args.steps, batch_tokens=args.batch_tokens,
+                           lr=args.lr)
+    tokens = collect_tokens(tower, shards, layers, args.max_images)
+    for layer in layers:
+        path = save_fitted(fit_topk_sae(tokens[layer].to(tower.device), settings), args.out, layer, args.k)
+        print(f"SAE written: {path}")
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--images", type=positive, default=2000, help="procedural images to generate")
+    parser.add_argument("--data", type=Path, default=Path("data/demo"), help="where everything is cached")
+    parser.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing the cache")
+    parser.add_argument("--build-only", action="store_true", help="build the demo index, do not serve it")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from precompute.demo import build_demo
+
+    index = build_demo(args.data, args.images, fresh=args.fresh)
+    print(f"demo index: {index} (data cached in {args.data})")
+    if args.build_only:
+        return 0
+    from app.server import serve
+
+    return serve(argparse.Namespace(index=index, host=args.host, port=args.port, workers=1,
+                                    verbose=getattr(args, "verbose", False)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from precompute.neighbours import cached_neighbours
-from precompute.sae import DEFAULT_SAE_REPO
+from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from precompute.store import IndexWriter, SCHEMA_VERSION
 from precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
-from precompute.vision import DEFAULT_MODEL
 
 
 def _version(package: str) -> str | None:
@@ -90,6 +89,6 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             active_threshold=ACTIVE_THRESHOLD,
             timings=timings,
             versions={p: _version(p) for p in ("clipscope-explorer", "torch", "open_clip_torch", "duckdb")},
-            demo=False,
+            demo=config.demo,
         )
         return writer.finish()

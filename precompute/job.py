@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from precompute.accumulate import LayerAccumulator
 from precompute.labels import DocumentFrequency
-from precompute.sae import DEFAULT_SAE_REPO, TopKSAE, explained_variance, load_saes, squared_error
+from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from precompute.sae import TopKSAE, explained_variance, load_saes, squared_error
 from precompute.sources import Batch, Shard, ShardBatches, count_samples, known_size, resolve_sources
 from precompute.tables import ExampleSettings
-from precompute.vision import DEFAULT_MODEL, ModelSpec, VisionTower, load_tower, resolve_device
+from precompute.vision import ModelSpec, VisionTower, load_tower, resolve_device
 from precompute.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class PrecomputeConfig:
     fresh: bool = False
     ray: str | None = None
     progress: bool = True
+    demo: bool = False
 
     def identity(self) -> dict:
         """What makes two runs the same run (resume is refused across different ones)."""
         keep = ("images", "model", "pretrained", "sae", "layers", "checkpoint", "top_n", "band_count",
-                "band_size", "band_samples", "max_images", "batch_size", "normalise")
+                "band_size", "band_samples", "max_images", "batch_size", "normalise", "demo")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
     @property

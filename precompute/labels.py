@@ -1,4 +1,4 @@
-"""Label terms: the caption words most distinctive of a feature's top images (TF-IDF)."""
+"""Label terms: the caption words most distinctive of a feature's top images (significance, then TF-IDF)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ STOPWORDS = frozenset(
     photos picture stock free png jpg jpeg vector illustration background download hd""".split()
 )
 MAX_TERMS = 8
+MIN_LIFT = 2.0  # a label word is at least this many times more common in the top captions than overall
+MAX_P_VALUE = 1e-3  # ... and that many occurrences would be this unlikely by chance
+
+
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p)."""
+    if successes <= 0:
+        return 1.0
+    return min(1.0, sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(successes, trials + 1)))
 
 
 def caption_terms(caption: str | None) -> set[str]:
@@ -48,15 +57,29 @@ class DocumentFrequency:
         return cls(Counter(state["counts"]), state["documents"])
 
     def label_terms(self, captions: list[str | None], min_count: int = 2) -> list[str]:
-        """Up to MAX_TERMS words by tf-idf over the given captions; a word must occur in
-        at least `min_count` of them (or in all, when fewer are given)."""
+        """Up to MAX_TERMS distinctive words of the given captions, best first.
+
+        A word qualifies when it occurs in at least `min_count` of the captions (all
+        of them, when fewer are given), is at least MIN_LIFT times more frequent there
+        than in the whole sample, and that excess is significant (binomial tail below
+        MAX_P_VALUE against the sample's rate). Qualifying words rank by that tail, the
+        most significant first, then by tf-idf.
+        """
         term_counts = Counter()
         for caption in captions:
             term_counts.update(caption_terms(caption))
+        given = max(1, len(captions))
         need = min(min_count, max(1, len([c for c in captions if c])))
-        scored = [
-            (count * math.log((1 + self.documents) / (1 + self.counts.get(term, 0))), term)
-            for term, count in term_counts.items() if count >= need
-        ]
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        return [term for score, term in scored[:MAX_TERMS] if score > 0]
+        scored = []
+        for term, count in term_counts.items():
+            base = self.counts.get(term, 0) / max(self.documents, 1)
+            if count < need or (base and (count / given) / base < MIN_LIFT):
+                continue
+            surprise = binomial_tail(count, given, base) if base else 0.0
+            if given >= 8 and surprise > MAX_P_VALUE:
+                continue
+            tf_idf = count * math.log((1 + self.documents) / (1 + self.counts.get(term, 0)))
+            if tf_idf > 0:
+                scored.append((surprise, -tf_idf, term))
+        scored.sort()
+        return [term for *_, term in scored[:MAX_TERMS]]

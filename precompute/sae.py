@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_SAE_REPO = "lewington/CLIP-ViT-L-scope"
-RELEASED_LAYERS = (2, 5, 8, 11, 14, 17, 20, 22)
-RELEASED_K = 32
+from precompute.release import DEFAULT_SAE_REPO, RELEASED_K
+
 CHECKPOINT_NAME = re.compile(r"^(\d+)\.(pt|safetensors)$")
 # Tokens per encode chunk: peak extra memory is chunk x n_features x 4 bytes.
 DEFAULT_CHUNK_TOKENS = 1024

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-DEFAULT_MODEL = "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+from precompute.release import DEFAULT_MODEL
+
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,92 @@
+"""Error responses: a 404 page that points somewhere useful, 422 for malformed
+input, and never a traceback. `/api/...` paths get JSON, `/images/...` plain
+text, everything else an HTML page.
+
+A malformed number in the path (`/layers/abc`) names nothing, so it is a 404;
+a malformed query parameter (`?page=x`) is a 422.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import htmx
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(Exception):
+    """Nothing at this URL; `links` are (href, text) pairs to offer instead."""
+
+    def __init__(self, message: str, links: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.links = links or [("/", "Overview")]
+
+
+def _kind(request: Request) -> str:
+    path = request.url.path
+    if path == "/api" or path.startswith("/api/") or path == "/openapi.json":
+        return "json"
+    if path.startswith("/images/") or path.startswith("/static/"):
+        return "text"
+    return "html"
+
+
+def error_response(request: Request, status: int, title: str, message: str,
+                   links: list[tuple[str, str]] | None = None, detail=None) -> Response:
+    kind = _kind(request)
+    if kind == "json":
+        body = {"detail": detail if detail is not None else message}
+        if links:
+            body["links"] = [{"href": href, "text": text} for href, text in links]
+        return JSONResponse(body, status_code=status)
+    if kind == "text":
+        return PlainTextResponse(message, status_code=status)
+    templates = getattr(request.app.state, "templates", None)
+    if templates is None:
+        return PlainTextResponse(message, status_code=status)
+    context = {"title": title, "message": message, "links": links or [("/", "Overview")],
+               "site": getattr(request.app.state, "site", None), "status": status}
+    return htmx.add_vary(templates.TemplateResponse(request, "error.html", context, status_code=status))
+
+
+async def _not_found(request: Request, exc: NotFound) -> Response:
+    return error_response(request, 404, "Not found", exc.message, exc.links)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 404:
+        return error_response(request, 404, "Not found", "There is no page at this address.")
+    message = exc.detail if isinstance(exc.detail, str) else "Request not allowed."
+    response = error_response(request, exc.status_code, f"Error {exc.status_code}", message)
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    errors = exc.errors()
+    in_path = any(error.get("loc", ("",))[0] == "path" for error in errors)
+    fields = ", ".join(str(error.get("loc", ("", "?"))[-1]) for error in errors)
+    if in_path:
+        return error_response(request, 404, "Not found", f"Not a valid address: bad {fields}.")
+    clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+    return error_response(request, 422, "Invalid request", f"Invalid value for {fields}.", detail=clean)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return error_response(request, 500, "Server error", "Something went wrong on our side; it has been logged.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,108 @@
+"""The ASGI application: `create_app(settings)`, and `app` for `uvicorn app.main:app`.
+
+Nothing is built at import time. `create_app` wires routers, error handlers,
+security headers and static files; the lifespan opens the index (read-only)
+when the server starts and closes it when it stops. The module attribute
+`app` is built on first access from `get_settings()` (environment variables
+`CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
+`clipscope-explorer serve` (which sets `CLIPSCOPE_INDEX`) start.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from contextlib import asynccontextmanager
+from importlib import metadata
+from pathlib import Path
+
+import duckdb
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from app.errors import install_error_handlers
+from app.queries import Index, IndexOpenError, check_index, open_index
+from app.routes import register
+from app.security import SecurityHeadersMiddleware
+from app.settings import Settings, get_settings
+from app.templating import SiteInfo, make_templates
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def app_version() -> str:
+    try:
+        return metadata.version("clipscope-explorer")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def _warm(index: Index) -> None:
+    """Fill the per-layer caches in the background so first requests stay fast."""
+    try:
+        for layer in sorted(index.layers):
+            index.first_top_images(layer)
+            index.alive_features(layer)
+            index.density(layer)
+    except duckdb.Error as error:  # the index was closed under us (shutdown): nothing to warm
+        log.debug("cache warm-up stopped: %s", error)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    index = open_index(settings.index, threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit,
+                       image_cache_size=settings.image_cache_size)
+    model = index.meta.get("model") or {}
+    app.state.index = index
+    app.state.site = SiteInfo(index_id=index.index_id, layers=sorted(index.layers),
+                              model=str(model.get("name") or "unknown model"), public_url=settings.public_url)
+    warm = threading.Thread(target=_warm, args=(index,), name="clipscope-warm", daemon=True)
+    warm.start()
+    try:
+        yield
+    finally:
+        warm.join(timeout=10)
+        index.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    application = FastAPI(
+        title="CLIP-Scope Explorer", version=app_version(), lifespan=lifespan,
+        description="Feature explorer for sparse autoencoders on CLIP ViT-L/14. Every page has a JSON twin "
+                    "under /api; see docs/API.md.",
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    application.state.settings = settings
+    application.state.templates = make_templates()
+    install_error_handlers(application)
+    application.add_middleware(SecurityHeadersMiddleware)
+    application.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    register(application)
+    return application
+
+
+def app_from_environment() -> FastAPI:
+    """The app configured by `CLIPSCOPE_*`; a bad configuration or index exits with one line (code 2)."""
+    try:
+        settings = get_settings()
+        check_index(settings.index)
+    except ValidationError as error:
+        problems = "; ".join(f"CLIPSCOPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        sys.stderr.write(f"clipscope-explorer: error: bad settings: {problems}\n")
+        raise SystemExit(2) from None
+    except IndexOpenError as error:
+        sys.stderr.write(f"clipscope-explorer: error: {error}\n")
+        raise SystemExit(2) from None
+    return create_app(settings)
+
+
+def __getattr__(name: str):
+    if name == "app":
+        application = app_from_environment()
+        globals()["app"] = application
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

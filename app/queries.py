@@ -1,0 +1,332 @@
+"""All SQL that reads the index (format: docs/schema.md; any divergence is a bug).
+
+`open_index` validates the file and returns an `Index`: one read-only DuckDB
+connection, a cursor per server thread (DuckDB connections must not be shared
+across threads), and the small tables (`meta`, `layers`) held in memory. Every
+query is parameterised; the only identifiers put into SQL text are sort keys
+looked up in `SORT_COLUMNS` / `SORT_ORDERS`. Lists are bounded by the caller's
+limit (callers ask for n + 1 rows to detect truncation).
+
+The index is immutable, so anything derived from it may be cached for the
+life of the process (image captions, each feature's first top image, the
+per-layer density histogram).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+READS_SCHEMA_VERSION = 1
+
+REQUIRED_COLUMNS = {
+    "meta": {"key", "value"},
+    "layers": {"layer", "sae_file", "checkpoint", "d_in", "n_features", "k", "n_images", "n_tokens", "mse",
+               "explained_variance", "mse_raw", "explained_variance_raw", "l0", "dead_fraction",
+               "active_fraction", "nonpositive_kept_fraction", "mse_by_position", "histogram_edges"},
+    "features": {"layer", "feature", "n_fired_tokens", "n_fired_images", "n_fired_cls", "frequency",
+                 "image_frequency", "cls_frequency", "mean_activation", "max_activation", "histogram",
+                 "position_mean", "label_terms", "label", "similar_features", "similar_cosines"},
+    "examples": {"layer", "feature", "kind", "band", "rank", "image_id", "activation", "cls_activation",
+                 "heatmap_scale", "heatmap"},
+    "images": {"image_id", "source", "key", "url", "caption", "width", "height", "thumbnail"},
+}
+
+SORT_COLUMNS = {name: name for name in
+                ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")}
+SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
+
+FEATURE_COLUMNS = ("feature, n_fired_tokens, n_fired_images, n_fired_cls, frequency, image_frequency, "
+                   "cls_frequency, mean_activation, max_activation, histogram, label_terms, label, "
+                   "similar_features, similar_cosines")
+SUMMARY_COLUMNS = "layer, feature, label, label_terms, frequency, image_frequency, max_activation"
+EXAMPLE_COLUMNS = "kind, band, rank, image_id, activation, cls_activation"
+IMAGE_COLUMNS = "image_id, source, key, url, caption, width, height"
+
+
+class IndexOpenError(RuntimeError):
+    """The index cannot be served; the message is one line naming the file."""
+
+
+def like_pattern(word: str) -> str:
+    """`word` as an ILIKE substring pattern, its wildcards escaped (ESCAPE '\\')."""
+    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def dequantise(scale: float, heatmap: bytes) -> np.ndarray:
+    """A stored heatmap (one byte per patch) in activation units, float32."""
+    return np.frombuffer(heatmap, dtype=np.uint8).astype(np.float32) * np.float32(scale)
+
+
+def _connect(path: Path, threads: int = 1, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    if not path.exists():
+        raise IndexOpenError(f"index not found: {path}")
+    if not path.is_file():
+        raise IndexOpenError(f"index is not a file: {path}")
+    config: dict[str, object] = {"threads": threads}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    try:
+        return duckdb.connect(str(path), read_only=True, config=config)
+    except duckdb.Error as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise IndexOpenError(f"cannot open {path} as a DuckDB index: {first_line}") from error
+
+
+def _validate(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[dict, dict[int, dict]]:
+    """Check the file is a complete index of a known schema; return (meta, layers)."""
+    try:
+        found: dict[str, set[str]] = {}
+        for table, column in con.execute(
+                "SELECT table_name, column_name FROM duckdb_columns() "
+                "WHERE database_name = current_database() AND schema_name = 'main'").fetchall():
+            found.setdefault(table, set()).add(column)
+        if "meta" not in found:
+            raise IndexOpenError(f"{path} is not a CLIP-Scope index (it has no meta table)")
+        meta = {key: json.loads(value) for key, value in con.execute("SELECT key, value FROM meta").fetchall()}
+        version = meta.get("schema_version")
+        if version is None:
+            raise IndexOpenError(f"{path} is not a CLIP-Scope index (meta has no schema_version)")
+        if version != READS_SCHEMA_VERSION:
+            raise IndexOpenError(f"{path} has index schema version {version}; "
+                                 f"this explorer reads schema version {READS_SCHEMA_VERSION}")
+        missing = sorted(f"{table}.{column}" for table, columns in REQUIRED_COLUMNS.items()
+                         for column in columns - found.get(table, set()))
+        if missing:
+            raise IndexOpenError(f"{path} does not match schema version {READS_SCHEMA_VERSION}: "
+                                 f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if "created_at" not in meta or "index_id" not in meta:
+            raise IndexOpenError(f"{path} is an incomplete index (meta has no created_at/index_id)")
+        cursor = con.execute("SELECT * FROM layers ORDER BY layer")
+        names = [d[0] for d in cursor.description]
+        layers = {row[0]: dict(zip(names, row)) for row in cursor.fetchall()}
+    except duckdb.Error as error:
+        raise IndexOpenError(f"cannot read {path} as an index: {str(error).strip().splitlines()[0]}") from error
+    except (ValueError, TypeError) as error:
+        raise IndexOpenError(f"{path} has malformed metadata: {error}") from error
+    if not layers:
+        raise IndexOpenError(f"{path} holds no layers")
+    return meta, layers
+
+
+def check_index(path: str | Path) -> None:
+    """Raise `IndexOpenError` (one line) unless `path` is a servable index."""
+    path = Path(path)
+    con = _connect(path)
+    try:
+        _validate(con, path)
+    finally:
+        con.close()
+
+
+def open_index(path: str | Path, threads: int = 1, memory_limit: str | None = None,
+               image_cache_size: int = 100_000) -> "Index":
+    path = Path(path)
+    con = _connect(path, threads, memory_limit)
+    try:
+        meta, layers = _validate(con, path)
+    except IndexOpenError:
+        con.close()
+        raise
+    return Index(path, con, meta, layers, image_cache_size)
+
+
+class Index:
+    """A validated, read-only index. Thread-safe: each thread gets its own cursor."""
+
+    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, meta: dict, layers: dict[int, dict],
+                 image_cache_size: int):
+        self.path = path
+        self.meta = meta
+        self.layers = layers
+        self.index_id = str(meta["index_id"])
+        grid = meta.get("grid") or [16, 16]
+        self.grid = (int(grid[0]), int(grid[1]))
+        self._con = con
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        self._image_cache: dict[int, dict] = {}
+        self._image_cache_size = image_cache_size
+        self._derived: dict[tuple, object] = {}
+
+    # -- plumbing -----------------------------------------------------------
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            cursor = self._con.cursor()
+            self._local.cursor = cursor
+            with self._lock:
+                self._cursors.append(cursor)
+        return cursor
+
+    def _dicts(self, sql: str, params) -> list[dict]:
+        cursor = self._cursor().execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _cached(self, key: tuple, build):
+        value = self._derived.get(key)
+        if value is None:
+            value = build()
+            self._derived[key] = value
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            for cursor in self._cursors:
+                cursor.close()
+            self._cursors.clear()
+        self._con.close()
+
+    def has_feature(self, layer: int, feature: int) -> bool:
+        return layer in self.layers and 0 <= feature < self.layers[layer]["n_features"]
+
+    # -- features -----------------------------------------------------------
+    def feature(self, layer: int, feature: int) -> dict | None:
+        rows = self._dicts(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? AND feature = ?",
+                           [layer, feature])
+        return rows[0] if rows else None
+
+    def position_mean(self, layer: int, feature: int) -> list[float] | None:
+        row = self._cursor().execute("SELECT position_mean FROM features WHERE layer = ? AND feature = ?",
+                                     [layer, feature]).fetchone()
+        return row[0] if row else None
+
+    def summaries(self, layer: int, features: list[int]) -> dict[int, dict]:
+        """Label and headline numbers of some features of one layer, by feature."""
+        if not features:
+            return {}
+        rows = self._dicts(f"SELECT {SUMMARY_COLUMNS} FROM features WHERE layer = ? AND feature = ANY(?)",
+                           [layer, list(features)])
+        return {row["feature"]: row for row in rows}
+
+    def examples(self, layer: int, feature: int, heatmaps: bool) -> list[dict]:
+        """All example rows of a feature (top, then bands), ordered by band and rank."""
+        columns = EXAMPLE_COLUMNS + (", heatmap_scale, heatmap" if heatmaps else "")
+        rows = self._dicts(f"SELECT {columns} FROM examples WHERE layer = ? AND feature = ?", [layer, feature])
+        rows.sort(key=lambda r: (r["band"], r["rank"]))
+        return rows
+
+    def example(self, layer: int, feature: int, image_id: int) -> dict | None:
+        """One example with its heatmap and the feature's max_activation."""
+        rows = self._dicts(
+            f"SELECT {', '.join('e.' + c.strip() for c in EXAMPLE_COLUMNS.split(','))}, e.heatmap_scale, "
+            "e.heatmap, f.max_activation FROM examples e, features f WHERE e.layer = $layer AND "
+            "e.feature = $feature AND e.image_id = $image AND f.layer = $layer AND f.feature = $feature "
+            "ORDER BY e.band LIMIT 1", {"layer": layer, "feature": feature, "image": image_id})
+        return rows[0] if rows else None
+
+    def first_top_images(self, layer: int) -> np.ndarray:
+        """Per feature of `layer`, the image_id of its top example (-1 if none); cached."""
+        def build() -> np.ndarray:
+            first = np.full(self.layers[layer]["n_features"], -1, dtype=np.int64)
+            rows = self._cursor().execute(
+                "SELECT feature, image_id FROM examples WHERE layer = ? AND kind = 'top' AND rank = 1",
+                [layer]).fetchnumpy()
+            first[np.asarray(rows["feature"], dtype=np.int64)] = np.asarray(rows["image_id"], dtype=np.int64)
+            return first
+        return self._cached(("first_top", layer), build)
+
+    def alive_features(self, layer: int) -> np.ndarray:
+        """Features of `layer` that fire at least once; cached."""
+        return self._cached(("alive", layer), lambda: np.asarray(self._cursor().execute(
+            "SELECT feature FROM features WHERE layer = ? AND n_fired_tokens > 0 ORDER BY feature",
+            [layer]).fetchnumpy()["feature"], dtype=np.int64))
+
+    def density(self, layer: int) -> dict[int | None, int]:
+        """Feature counts per quarter-decade of log10(frequency); None counts dead ones."""
+        return self._cached(("density", layer), lambda: dict(self._cursor().execute(
+            "SELECT CASE WHEN frequency > 0 THEN floor(log10(frequency) * 4)::INTEGER END AS bin, count(*) "
+            "FROM features WHERE layer = ? GROUP BY bin", [layer]).fetchall()))
+
+    def feature_table(self, layer: int, sort: str, order: str, min_freq: float | None, max_freq: float | None,
+                      words: list[str], offset: int, limit: int) -> tuple[list[dict], int]:
+        """One page of a layer's features (rows, total matching); sort keys whitelisted."""
+        column, direction = SORT_COLUMNS[sort], SORT_ORDERS[order]
+        where, params = ["layer = $layer"], {"layer": layer}
+        if min_freq is not None:
+            where.append("frequency > $min_freq")
+            params["min_freq"] = min_freq
+        if max_freq is not None:
+            where.append("frequency <= $max_freq")
+            params["max_freq"] = max_freq
+        for i, word in enumerate(words):
+            where.append(f"label ILIKE $w{i} ESCAPE '\\'")
+            params[f"w{i}"] = like_pattern(word)
+        condition = " AND ".join(where)
+        total = self._cursor().execute(f"SELECT count(*) FROM features WHERE {condition}", params).fetchone()[0]
+        rows = self._dicts(
+            f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation FROM features WHERE {condition} "
+            f"ORDER BY {column} {direction} NULLS LAST, feature LIMIT $limit OFFSET $offset",
+            {**params, "limit": limit, "offset": offset})
+        return rows, total
+
+    # -- search -------------------------------------------------------------
+    def search_labels(self, words: list[str], layer: int | None, limit: int) -> list[dict]:
+        where, params = [], {"terms": words, "limit": limit}
+        for i, word in enumerate(words):
+            where.append(f"label ILIKE $w{i} ESCAPE '\\'")
+            params[f"w{i}"] = like_pattern(word)
+        if layer is not None:
+            where.append("layer = $layer")
+            params["layer"] = layer
+        return self._dicts(
+            f"SELECT {SUMMARY_COLUMNS}, len(list_intersect(label_terms, $terms)) AS exact_terms "
+            f"FROM features WHERE {' AND '.join(where)} "
+            "ORDER BY exact_terms DESC, image_frequency DESC, layer, feature LIMIT $limit", params)
+
+    def search_captions(self, words: list[str], layer: int | None, limit: int, max_images: int = 2000) -> list[dict]:
+        """Features ranked by how many of their top images have captions holding every word."""
+        where, params = [], {"limit": limit, "max_images": max_images}
+        for i, word in enumerate(words):
+            where.append(f"caption ILIKE $w{i} ESCAPE '\\'")
+            params[f"w{i}"] = like_pattern(word)
+        layer_filter = ""
+        if layer is not None:
+            layer_filter = "AND e.layer = $layer"
+            params["layer"] = layer
+        return self._dicts(
+            "WITH hits AS (SELECT image_id FROM images WHERE " + " AND ".join(where) +
+            " ORDER BY image_id LIMIT $max_images), "
+            "matched AS (SELECT e.layer, e.feature, count(*) AS caption_matches FROM examples e "
+            f"WHERE e.kind = 'top' AND e.image_id IN (SELECT image_id FROM hits) {layer_filter} GROUP BY ALL) "
+            f"SELECT m.caption_matches, {', '.join('f.' + c.strip() for c in SUMMARY_COLUMNS.split(','))} "
+            "FROM matched m JOIN features f ON f.layer = m.layer AND f.feature = m.feature "
+            "ORDER BY m.caption_matches DESC, f.layer, f.feature LIMIT $limit", params)
+
+    # -- images -------------------------------------------------------------
+    def images(self, image_ids: list[int]) -> dict[int, dict]:
+        """Image rows (no thumbnail) by id; cached, first in first out."""
+        cache = self._image_cache
+        found: dict[int, dict] = {}
+        missing = set()
+        for image_id in image_ids:
+            row = cache.get(image_id)  # atomic; eviction happens under the lock
+            if row is None:
+                missing.add(image_id)
+            else:
+                found[image_id] = row
+        if missing:
+            rows = self._dicts(f"SELECT {IMAGE_COLUMNS} FROM images WHERE image_id = ANY(?)", [sorted(missing)])
+            with self._lock:
+                for row in rows:
+                    found[row["image_id"]] = row
+                    if self._image_cache_size:
+                        cache[row["image_id"]] = row
+                while len(cache) > self._image_cache_size:
+                    del cache[next(iter(cache))]
+        return found
+
+    def thumbnail(self, image_id: int) -> bytes | None:
+        row = self._cursor().execute("SELECT thumbnail FROM images WHERE image_id = ?", [image_id]).fetchone()
+        return row[0] if row else None
+
+    def thumbnails(self, image_ids: list[int]) -> dict[int, bytes]:
+        return dict(self._cursor().execute("SELECT image_id, thumbnail FROM images WHERE image_id = ANY(?)",
+                                           [list(image_ids)]).fetchall())

@@ -1,0 +1,12 @@
+"""The app's routers, registered in one place (order matters only for readability)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.routes import docs, features, images, layers, overview, search
+
+
+def register(app: FastAPI) -> None:
+    for module in (overview, layers, features, search, images, docs):
+        app.include_router(module.router)

@@ -1,0 +1,237 @@
+"""`/layers/{layer}/features/{feature}`: the feature page, and the large view of one example."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
+
+from app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature
+from app.errors import NotFound
+from app.queries import Index, dequantise
+from app.templating import render_page
+from app.urls import Urls
+
+router = APIRouter()
+
+
+def round_sig(value: float | None, digits: int = 7) -> float | None:
+    """A float32-born value without float32 noise in its decimal form."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def heatmap_values(scale: float, heatmap: bytes) -> list[float]:
+    """Dequantised heatmap as floats, to 7 significant digits of its peak (float32's precision,
+    far below the quantisation step)."""
+    values = dequantise(scale, heatmap).astype(np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0:
+        return values.tolist()
+    return np.round(values, max(0, 7 - math.ceil(math.log10(peak)))).tolist()
+
+
+class Example(BaseModel):
+    """One image shown for a feature; `heatmap` is per patch in activation units (CLS excluded)."""
+
+    rank: int
+    image_id: int
+    key: str | None
+    caption: str | None
+    url: str | None
+    activation: float
+    cls_activation: float
+    heatmap: list[float] | None = None
+    thumbnail_url: str
+    overlay_url: str
+    page_url: str
+
+
+class Band(BaseModel):
+    """Examples whose activation lies in (low, high], a slice below the top list."""
+
+    band: int
+    low: float
+    high: float
+    examples: list[Example]
+
+
+class Histogram(BaseModel):
+    """Firing-token counts per bin; bin i spans edges[i]..edges[i+1] (log-spaced, fixed per layer)."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+class Similar(BaseModel):
+    feature: int
+    cosine: float
+    label: str
+    frequency: float | None
+    max_activation: float | None
+    image_id: int | None
+    url: str
+
+
+class LayerLink(BaseModel):
+    layer: int
+    url: str
+
+
+class FeatureLinks(BaseModel):
+    layer: str
+    previous: str | None
+    next: str | None
+    random: str
+    other_layers: list[LayerLink]
+    preview: str
+    positions: str
+
+
+class FeaturePage(BaseModel):
+    layer: int
+    feature: int
+    n_features: int
+    dead: bool
+    label: str
+    label_terms: list[str]
+    n_fired_tokens: int
+    n_fired_images: int
+    n_fired_cls: int
+    frequency: float
+    image_frequency: float
+    cls_frequency: float
+    max_activation: float | None
+    mean_activation: float | None
+    histogram: Histogram
+    position_mean: list[float] | None
+    grid: list[int]
+    top_images: list[Example]
+    bands: list[Band]
+    similar: list[Similar]
+    links: FeatureLinks
+
+
+def _example(urls: Urls, layer: int, feature: int, row: dict, image: dict | None, detail: bool) -> Example:
+    image = image or {}
+    return Example(
+        rank=row["rank"], image_id=row["image_id"], key=image.get("key"), caption=image.get("caption"),
+        url=image.get("url"), activation=round_sig(row["activation"]), cls_activation=round_sig(row["cls_activation"]),
+        heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]) if detail else None,
+        thumbnail_url=urls.thumbnail(row["image_id"]), overlay_url=urls.overlay(layer, feature, row["image_id"]),
+        page_url=Urls.example(layer, feature, row["image_id"]))
+
+
+def _bands(index: Index, examples: list[Example], rows: list[dict], max_activation: float | None) -> list[Band]:
+    count = int(index.meta.get("band_count") or 0) or max((r["band"] for r in rows), default=0)
+    top = max_activation or 0.0
+    return [Band(band=b, low=round_sig(top * (1 - b / count)), high=round_sig(top * (1 - (b - 1) / count)),
+                 examples=[e for e, r in zip(examples, rows) if r["kind"] == "band" and r["band"] == b])
+            for b in range(1, count + 1)]
+
+
+def feature_page(index: Index, layer: int, feature: int, detail: bool) -> FeaturePage:
+    """The feature page's data. `detail` adds what only the JSON carries (heatmaps, position means);
+    the HTML page shows those as images."""
+    layer_row = require_feature(index, layer, feature)
+    row = index.feature(layer, feature)
+    if row is None:
+        raise NotFound(f"Feature {feature} of layer {layer} is missing from this index.", [(Urls.layer(layer), f"Layer {layer}")])
+    urls = Urls(index.index_id)
+    rows = index.examples(layer, feature, heatmaps=detail)
+    images = index.images([r["image_id"] for r in rows])
+    examples = [_example(urls, layer, feature, r, images.get(r["image_id"]), detail) for r in rows]
+    similar_ids = [int(f) for f in row["similar_features"] or []]
+    summaries = index.summaries(layer, similar_ids)
+    first = index.first_top_images(layer)
+    similar = [Similar(feature=f, cosine=round_sig(c, 4), label=summaries.get(f, {}).get("label") or "",
+                       frequency=summaries.get(f, {}).get("frequency"),
+                       max_activation=summaries.get(f, {}).get("max_activation"),
+                       image_id=int(first[f]) if 0 <= f < len(first) and first[f] >= 0 else None,
+                       url=Urls.feature(layer, f))
+               for f, c in zip(similar_ids, row["similar_cosines"] or [])]
+    n_features = layer_row["n_features"]
+    links = FeatureLinks(
+        layer=Urls.layer(layer), previous=Urls.feature(layer, feature - 1) if feature > 0 else None,
+        next=Urls.feature(layer, feature + 1) if feature + 1 < n_features else None, random=Urls.random(layer),
+        other_layers=[LayerLink(layer=n, url=Urls.feature(n, feature)) for n in sorted(index.layers)
+                      if n != layer and feature < index.layers[n]["n_features"]],
+        preview=urls.preview(layer, feature), positions=urls.positions(layer, feature))
+    return FeaturePage(
+        layer=layer, feature=feature, n_features=n_features, dead=not row["n_fired_tokens"],
+        label=row["label"] or "", label_terms=list(row["label_terms"] or []),
+        n_fired_tokens=row["n_fired_tokens"], n_fired_images=row["n_fired_images"], n_fired_cls=row["n_fired_cls"],
+        frequency=row["frequency"], image_frequency=row["image_frequency"], cls_frequency=row["cls_frequency"],
+        max_activation=row["max_activation"], mean_activation=row["mean_activation"],
+        histogram=Histogram(edges=list(layer_row["histogram_edges"] or []), counts=list(row["histogram"] or [])),
+        position_mean=index.position_mean(layer, feature) if detail else None, grid=list(index.grid),
+        top_images=[e for e, r in zip(examples, rows) if r["kind"] == "top"],
+        bands=_bands(index, examples, rows, row["max_activation"]), similar=similar, links=links)
+
+
+@router.get("/api/layers/{layer}/features/{feature}", response_model=FeaturePage, tags=["pages"],
+            summary="One feature: statistics, histogram, examples with heatmaps, similar features")
+def feature_json(index: IndexDep, layer: LayerPath, feature: FeaturePath) -> FeaturePage:
+    return feature_page(index, layer, feature, detail=True)
+
+
+@router.get("/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
+def feature_html(request: Request, index: IndexDep, layer: LayerPath, feature: FeaturePath):
+    return render_page(request, "feature.html", feature_page(index, layer, feature, detail=False))
+
+
+class ExamplePage(BaseModel):
+    """One example of a feature in full: the image, its activation and per-patch values."""
+
+    layer: int
+    feature: int
+    image_id: int
+    kind: str
+    band: int
+    rank: int
+    key: str | None
+    caption: str | None
+    url: str | None
+    source: str | None
+    width: int | None
+    height: int | None
+    activation: float
+    cls_activation: float
+    max_activation: float | None
+    grid: list[int]
+    heatmap: list[float]
+    thumbnail_url: str
+    overlay_url: str
+    feature_url: str
+
+
+def example_page(index: Index, layer: int, feature: int, image_id: int) -> ExamplePage:
+    require_feature(index, layer, feature)
+    row = index.example(layer, feature, image_id)
+    if row is None:
+        raise NotFound(f"Image {image_id} is not an example of feature {feature} on layer {layer}.",
+                       [(Urls.feature(layer, feature), f"Feature {feature}"), (Urls.layer(layer), f"Layer {layer}")])
+    image = index.images([image_id]).get(image_id, {})
+    urls = Urls(index.index_id)
+    return ExamplePage(
+        layer=layer, feature=feature, image_id=image_id, kind=row["kind"], band=row["band"], rank=row["rank"],
+        key=image.get("key"), caption=image.get("caption"), url=image.get("url"), source=image.get("source"),
+        width=image.get("width"), height=image.get("height"), activation=round_sig(row["activation"]),
+        cls_activation=round_sig(row["cls_activation"]), max_activation=row["max_activation"], grid=list(index.grid),
+        heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]), thumbnail_url=urls.thumbnail(image_id),
+        overlay_url=urls.overlay(layer, feature, image_id), feature_url=Urls.feature(layer, feature))
+
+
+@router.get("/api/layers/{layer}/features/{feature}/examples/{image_id}", response_model=ExamplePage,
+            tags=["pages"], summary="One example of a feature with its per-patch heatmap")
+def example_json(index: IndexDep, layer: LayerPath, feature: FeaturePath, image_id: ImagePath) -> ExamplePage:
+    return example_page(index, layer, feature, image_id)
+
+
+@router.get("/layers/{layer}/features/{feature}/examples/{image_id}", response_class=HTMLResponse,
+            include_in_schema=False)
+def example_html(request: Request, index: IndexDep, layer: LayerPath, feature: FeaturePath, image_id: ImagePath):
+    return render_page(request, "example.html", example_page(index, layer, feature, image_id),
+                       fragments={"modal-body": "_example.html"})

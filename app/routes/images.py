@@ -1,0 +1,116 @@
+"""`/images/{index_id}/...`: thumbnails, heatmap overlays, position maps, preview cards.
+
+The index is immutable and its id is in every image URL, so each response is
+cacheable forever: `Cache-Control: immutable` and `ETag` = index id + object
+id (+ the renderer version for drawn images). A request for another index's
+id is a 404: its URLs do not name anything here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app import images
+from app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature, require_layer
+from app.errors import NotFound
+from app.queries import Index, dequantise
+
+router = APIRouter(prefix="/images/{index_id}", tags=["images"])
+
+RENDER_VERSION = "r1"  # bump when drawn images change, so their ETags change too
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def _patches(index: Index, values) -> np.ndarray:
+    """Per-patch values (CLS dropped) as exactly grid_h * grid_w floats."""
+    n = index.grid[0] * index.grid[1]
+    patches = np.zeros(n, dtype=np.float32)
+    given = np.asarray(list(values or [])[1:], dtype=np.float32)[:n]
+    patches[:given.size] = given
+    return patches
+
+
+def _check_index(index: Index, index_id: str) -> None:
+    if index_id != index.index_id:
+        raise NotFound("These images belong to another index than the one served here.")
+
+
+def cached(request: Request, index: Index, index_id: str, object_id: str, media_type: str,
+           produce: Callable[[], bytes | None]) -> Response:
+    """304 when the client holds this object, else `produce()` with caching headers."""
+    _check_index(index, index_id)
+    etag = f'"{index.index_id}-{object_id}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    body = produce()
+    if body is None:
+        raise NotFound("No such image in this index.")
+    return Response(body, media_type=media_type, headers=headers)
+
+
+@router.get("/{image_id}.jpg", summary="An image's thumbnail: the exact square the model saw (JPEG)",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def thumbnail(request: Request, index: IndexDep, index_id: str, image_id: ImagePath) -> Response:
+    return cached(request, index, index_id, f"t{image_id}", "image/jpeg", lambda: index.thumbnail(image_id))
+
+
+@router.get("/layers/{layer}/features/{feature}/positions.png", response_class=Response,
+            summary="A feature's mean activation per patch position (viridis, scaled to its own range)",
+            responses={200: {"content": {"image/png": {}}}})
+def positions(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath) -> Response:
+    require_feature(index, layer, feature)
+
+    def produce() -> bytes | None:
+        values = index.position_mean(layer, feature)
+        if values is None:
+            return None
+        return images.grid_png(_patches(index, values), index.grid)
+    return cached(request, index, index_id, f"{RENDER_VERSION}-p{layer}.{feature}", "image/png", produce)
+
+
+@router.get("/layers/{layer}/features/{feature}/preview.jpg", response_class=Response,
+            summary="OpenGraph preview card: the top images with their overlays, 1200 x 630 JPEG",
+            responses={200: {"content": {"image/jpeg": {}}}})
+def preview(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath) -> Response:
+    require_feature(index, layer, feature)
+
+    def produce() -> bytes:
+        top = [r for r in index.examples(layer, feature, heatmaps=True) if r["kind"] == "top"][:8]
+        thumbs = index.thumbnails([r["image_id"] for r in top])
+        vmax = (index.feature(layer, feature) or {}).get("max_activation")
+        tiles = [(thumbs[r["image_id"]], dequantise(r["heatmap_scale"], r["heatmap"]))
+                 for r in top if r["image_id"] in thumbs]
+        return images.preview_jpeg(tiles, index.grid, vmax)
+    return cached(request, index, index_id, f"{RENDER_VERSION}-v{layer}.{feature}", "image/jpeg", produce)
+
+
+@router.get("/layers/{layer}/mse.png", response_class=Response,
+            summary="A layer's reconstruction MSE per patch position (viridis, scaled to its own range)",
+            responses={200: {"content": {"image/png": {}}}})
+def mse_map(request: Request, index: IndexDep, index_id: str, layer: LayerPath) -> Response:
+    row = require_layer(index, layer)
+
+    def produce() -> bytes:
+        return images.grid_png(_patches(index, row.get("mse_by_position")), index.grid)
+    return cached(request, index, index_id, f"{RENDER_VERSION}-m{layer}", "image/png", produce)
+
+
+# Registered last: its {image_id}.png would otherwise shadow positions.png.
+@router.get("/layers/{layer}/features/{feature}/{image_id}.png", response_class=Response,
+            summary="One example's heatmap overlay: one RGBA pixel per patch, viridis, normalised per feature",
+            responses={200: {"content": {"image/png": {}}}})
+def overlay(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath,
+            image_id: ImagePath) -> Response:
+    require_feature(index, layer, feature)
+
+    def produce() -> bytes | None:
+        row = index.example(layer, feature, image_id)
+        if row is None:
+            return None
+        return images.overlay_png(dequantise(row["heatmap_scale"], row["heatmap"]), index.grid, row["max_activation"])
+    return cached(request, index, index_id, f"{RENDER_VERSION}-o{layer}.{feature}.{image_id}", "image/png", produce)

@@ -1,0 +1,44 @@
+"""`clipscope-explorer serve`: check the index, then run uvicorn on `app.main:app`.
+
+Settings travel to the (possibly several) worker processes through the
+environment (`CLIPSCOPE_INDEX`), so the command and a plain
+`uvicorn app.main:app` take one path. A bad index is refused here, before any
+worker starts, with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.queries import IndexOpenError, check_index
+from app.settings import get_settings
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"clipscope-explorer: error: {message}\n")
+    return 2
+
+
+def serve(args) -> int:
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    os.environ["CLIPSCOPE_INDEX"] = str(Path(args.index).expanduser().resolve())
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        check_index(settings.index)
+    except ValidationError as error:
+        return _fail("bad settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
+    except IndexOpenError as error:
+        return _fail(str(error))
+
+    import uvicorn
+
+    verbose = bool(getattr(args, "verbose", False))
+    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers,
+                log_level="debug" if verbose else "info", access_log=verbose, server_header=False)
+    return 0

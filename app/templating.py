@@ -1,0 +1,89 @@
+"""HTML rendering: the Jinja2 environment, number filters, and `render_page`.
+
+Template context (the same for every page template and partial):
+- `page`: the page's data model, exactly what its JSON twin serialises;
+- `request`: the Starlette request;
+- `site`: `SiteInfo` (index id, layers, model name) for the header and footer;
+- `urls`: `app.urls.Urls` for this index (page, image and API URLs);
+- `twin`: this page's JSON URL (advertised with <link rel="alternate">);
+- `canonical`: this page's absolute URL (OpenGraph, copy-link).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from app import htmx
+from app.images import colour_hex
+from app.urls import Urls, twin
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    index_id: str
+    layers: list[int]
+    model: str
+    public_url: str | None
+
+
+def sig(value, digits: int = 3) -> str:
+    """A number to `digits` significant digits ('–' for missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if value == 0:
+        return "0"
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def percent(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{sig(value * 100, digits)}%"
+
+
+def thousands(value) -> str:
+    return "–" if value is None else f"{int(value):,}"
+
+
+def make_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    env = templates.env
+    env.filters.update(sig=sig, percent=percent, thousands=thousands, colour=colour_hex)
+    env.globals.update(min=min, max=max)
+    env.trim_blocks = True
+    env.lstrip_blocks = True
+    return templates
+
+
+def absolute_base(request: Request, site: SiteInfo) -> str:
+    return (site.public_url or str(request.base_url)).rstrip("/")
+
+
+def render_page(request: Request, template: str, page: BaseModel, *, fragments: dict[str, str] | None = None,
+                status_code: int = 200) -> HTMLResponse:
+    """Render `page` with `template`, or only one of its `fragments` when htmx asks for it."""
+    state = request.app.state
+    site: SiteInfo = state.site
+    name = htmx.choose_template(request, template, fragments or {})
+    query = request.url.query
+    context = {
+        "page": page,
+        "site": site,
+        "urls": Urls(site.index_id),
+        "twin": twin(request.url.path, query),
+        "canonical": absolute_base(request, site) + request.url.path + (f"?{query}" if query else ""),
+        "base": absolute_base(request, site),
+    }
+    response = state.templates.TemplateResponse(request, name, context, status_code=status_code)
+    return htmx.add_vary(response)

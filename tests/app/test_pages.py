@@ -1,0 +1,244 @@
+"""Every page and its JSON twin: one parametrised walk, then page-specific contracts."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import numpy as np
+import pytest
+
+from app.queries import dequantise
+from app.templating import percent, sig, thousands
+from tests.app.conftest import DEAD, N_FEATURES
+
+ALIVE, RARE = 8, 3  # feature 3 (% 11 == 3) has a single example and no bands
+
+
+def _pages(index) -> list[str]:
+    example = index.examples(20, ALIVE, heatmaps=False)[0]["image_id"]
+    return [
+        "/", "/layers", "/layers/11", "/layers/20?sort=frequency&order=desc&min_freq=0",
+        "/layers/20?q=cat&sort=max_activation", "/layers/11?page=2&page_size=20",
+        f"/layers/20/features/{ALIVE}", f"/layers/11/features/{ALIVE}", f"/layers/20/features/{min(DEAD)}",
+        f"/layers/20/features/{RARE}", f"/layers/20/features/{N_FEATURES - 1}", "/layers/11/features/0",
+        f"/layers/20/features/{ALIVE}/examples/{example}",
+        "/search", "/search?q=cat", "/search?q=red+car&layer=20", "/search?q=zzzz",
+    ]
+
+
+PAGE_COUNT = 17
+
+
+def twin_of(url: str) -> str:
+    return "/api" if url == "/" else "/api" + url
+
+
+def _kind(url: str) -> str:
+    path = url.split("?")[0]
+    if path == "/":
+        return "overview"
+    if path == "/layers":
+        return "layers"
+    if path.startswith("/search"):
+        return "search"
+    if "/examples/" in path:
+        return "example"
+    return "feature" if "/features/" in path else "layer"
+
+
+def check_overview(text: str, data: dict) -> None:
+    assert data["index"]["index_id"] in text
+    check_layers(text, data)
+    for layer in data["layers"]:
+        assert f'{layer["layer"]}/mse.png' in text
+
+
+def check_layers(text: str, data: dict) -> None:
+    for layer in data["layers"]:
+        assert f'href="/layers/{layer["layer"]}"' in text
+        assert sig(layer["mse"], 4) in text
+        assert percent(layer["dead_fraction"], 3) in text
+        if layer["model_card"]:
+            assert f'card {sig(layer["model_card"]["mse"], 5)}' in text
+
+
+def check_layer(text: str, data: dict) -> None:
+    assert f'Layer {data["layer"]}' in text
+    assert thousands(data["paging"]["total"]) in text
+    for row in data["features"]:
+        assert f'href="{row["url"]}"' in text
+        assert sig(row["frequency"], 3) in text
+    if data["paging"]["next"]:
+        assert html.escape(data["paging"]["next"]) in text
+
+
+def check_feature(text: str, data: dict) -> None:
+    assert f'Layer {data["layer"]} · feature {data["feature"]}' in text
+    assert sig(data["frequency"], 3) in text
+    assert sig(data["max_activation"], 4) in text
+    for term in data["label_terms"]:
+        assert f'<span class="term">{html.escape(term)}</span>' in text
+    examples = data["top_images"] + [e for band in data["bands"] for e in band["examples"]]
+    for example in examples:
+        for key in ("thumbnail_url", "overlay_url", "page_url"):
+            assert example[key] in text
+        assert f'<b>{sig(example["activation"], 3)}</b>' in text
+    for similar in data["similar"]:
+        assert f'href="{similar["url"]}"' in text
+    for link in data["links"]["other_layers"]:
+        assert f'href="{link["url"]}"' in text
+    assert data["links"]["positions"] in text
+
+
+def check_example(text: str, data: dict) -> None:
+    assert data["thumbnail_url"] in text
+    assert sig(data["activation"], 4) in text
+    assert text.count("<rect ") == len(data["heatmap"])
+    assert sig(max(data["heatmap"]), 4) in text
+
+
+def check_search(text: str, data: dict) -> None:
+    for result in data["label_results"] + data["caption_results"]:
+        assert f'href="{result["url"]}"' in text
+    if data["message"]:
+        assert html.escape(data["message"]) in text
+
+
+CHECKS = {"overview": check_overview, "layers": check_layers, "layer": check_layer, "feature": check_feature,
+          "example": check_example, "search": check_search}
+
+
+@pytest.mark.parametrize("position", range(PAGE_COUNT))
+def test_every_page_and_its_twin_carry_the_same_data(client, index, position):
+    url = _pages(index)[position]
+    page = client.get(url)
+    assert page.status_code == 200, url
+    assert page.headers["content-type"].startswith("text/html")
+    twin = twin_of(url)
+    assert f'<link rel="alternate" type="application/json" href="{html.escape(twin)}">' in page.text
+    data = client.get(twin)
+    assert data.status_code == 200, twin
+    assert data.headers["content-type"] == "application/json"
+    CHECKS[_kind(url)](page.text, data.json())
+
+
+def test_the_walk_covers_every_page_kind(index):
+    pages = _pages(index)
+    assert len(pages) == PAGE_COUNT
+    assert {_kind(u) for u in pages} == set(CHECKS)
+
+
+def test_layers_json_contract(client):
+    layers = client.get("/api/layers").json()["layers"]
+    assert [layer["layer"] for layer in layers] == [11, 20]
+    for layer in layers:
+        for key in ("layer", "n_features", "n_images", "n_tokens", "mse", "explained_variance", "l0",
+                    "dead_fraction", "active_fraction", "mse_by_position", "model_card"):
+            assert key in layer
+        assert len(layer["mse_by_position"]) == 257
+    assert layers[1]["model_card"] == {"mse": 278.06, "explained_variance": 0.706, "dead_fraction": 0.0000763,
+                                      "active_fraction": 0.2036, "sort_eval_cls": 0.9149}
+
+
+def test_layer_json_pages_and_sorts(client):
+    data = client.get("/api/layers/20?sort=max_activation&order=desc&page_size=10").json()
+    assert data["layer"] == 20 and data["n_features"] == N_FEATURES
+    values = [row["max_activation"] for row in data["features"]]
+    assert values == sorted(values, reverse=True) and len(values) == 10
+    assert data["paging"] == {"page": 1, "page_size": 10, "total": N_FEATURES, "has_next": True,
+                              "next": "/layers/20?sort=max_activation&order=desc&page_size=10&page=2", "previous": None}
+    last = client.get("/api/layers/20?page_size=10&page=7").json()
+    assert len(last["features"]) == N_FEATURES - 60 and not last["paging"]["has_next"]
+    alive = client.get("/api/layers/20?min_freq=0&page_size=200").json()
+    assert alive["paging"]["total"] == N_FEATURES - len(DEAD)
+    assert sum(b["count"] for b in alive["density"]["bins"]) + alive["density"]["dead"] == N_FEATURES
+    assert alive["density"]["dead"] == len(DEAD)
+
+
+def test_page_size_is_capped(client):
+    data = client.get("/api/layers/20?page_size=100000").json()
+    assert data["paging"]["page_size"] == 200
+
+
+def test_label_filter_treats_wildcards_literally(client):
+    assert client.get("/api/layers/20?q=%25").json()["paging"]["total"] == 0
+    assert client.get("/api/layers/20?q=_").json()["paging"]["total"] == 0
+    cats = client.get("/api/layers/20?q=cat").json()
+    assert cats["paging"]["total"] > 0 and all("cat" in row["label"] for row in cats["features"])
+
+
+def test_feature_json_contract_and_heatmaps(client, index):
+    data = client.get(f"/api/layers/20/features/{ALIVE}").json()
+    for key in ("layer", "feature", "frequency", "image_frequency", "cls_frequency", "max_activation",
+                "mean_activation", "histogram", "top_images", "similar", "bands", "label_terms", "position_mean"):
+        assert key in data
+    assert len(data["position_mean"]) == 257
+    assert len(data["histogram"]["counts"]) == len(data["histogram"]["edges"]) - 1
+    assert len(data["similar"]) == 10
+    top = data["top_images"]
+    assert [e["rank"] for e in top] == list(range(1, len(top) + 1))
+    assert [e["activation"] for e in top] == sorted((e["activation"] for e in top), reverse=True)
+    stored = {r["image_id"]: r for r in index.examples(20, ALIVE, heatmaps=True)}
+    for example in top:
+        for key in ("rank", "image_id", "key", "caption", "activation", "cls_activation", "heatmap"):
+            assert key in example
+        row = stored[example["image_id"]]
+        expected = dequantise(row["heatmap_scale"], row["heatmap"])
+        assert len(example["heatmap"]) == 256
+        np.testing.assert_allclose(example["heatmap"], expected, atol=row["heatmap_scale"] / 2)
+        assert max(example["heatmap"]) <= example["activation"] * (1 + 1e-6)
+        assert example["activation"] <= data["max_activation"] * (1 + 1e-6)
+    for band in data["bands"]:
+        for example in band["examples"]:
+            assert band["low"] - 1e-6 <= example["activation"] <= band["high"] + 1e-6
+
+
+def test_dead_and_rare_features(client):
+    dead = client.get(f"/api/layers/20/features/{min(DEAD)}").json()
+    assert dead["dead"] and dead["top_images"] == [] and dead["max_activation"] is None
+    assert "never fires" in client.get(f"/layers/20/features/{min(DEAD)}").text
+    rare = client.get(f"/api/layers/20/features/{RARE}").json()
+    assert len(rare["top_images"]) == 1 and all(not band["examples"] for band in rare["bands"])
+
+
+def test_feature_navigation_links(client):
+    first = client.get("/api/layers/11/features/0").json()["links"]
+    assert first["previous"] is None and first["next"] == "/layers/11/features/1"
+    assert first["other_layers"] == [{"layer": 20, "url": "/layers/20/features/0"}]
+    last = client.get(f"/api/layers/11/features/{N_FEATURES - 1}").json()["links"]
+    assert last["next"] is None
+
+
+def test_random_goes_to_a_feature_that_fires(client):
+    for _ in range(10):
+        response = client.get("/layers/20/random")
+        assert response.status_code == 303
+        feature = int(re.fullmatch(r"/layers/20/features/(\d+)", response.headers["location"]).group(1))
+        assert feature not in DEAD
+    api = client.get("/api/layers/20/random")
+    assert api.status_code == 303 and api.headers["location"].startswith("/api/layers/20/features/")
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_search_by_label_caption_and_jump(client):
+    data = client.get("/api/search?q=sofa").json()
+    assert data["label_results"] and all("sofa" in r["label_terms"] for r in data["label_results"])
+    assert data["caption_results"] and all(r["caption_matches"] >= 1 for r in data["caption_results"])
+    layer_only = client.get("/api/search?q=sofa&layer=11").json()
+    assert {r["layer"] for r in layer_only["label_results"] + layer_only["caption_results"]} == {11}
+    for q in ("20/7", "L20 F7", "layer 20 feature 7", "20:7"):
+        jump = client.get("/search", params={"q": q})
+        assert jump.status_code == 303 and jump.headers["location"] == "/layers/20/features/7", q
+    assert client.get("/api/search?q=20/7").headers["location"] == "/api/layers/20/features/7"
+    missing = client.get("/api/search?q=20/999").json()
+    assert missing["message"] and not missing["label_results"]
+    limited = client.get("/api/search?q=a&limit=2").json()
+    assert len(limited["caption_results"]) <= 2 and limited["caption_truncated"]
+
+
+def test_search_words_are_not_sql(client):
+    for q in ("%", "_", "' OR 1=1 --", "\\", "cat'; DROP TABLE features; --"):
+        response = client.get("/api/search", params={"q": q})
+        assert response.status_code == 200, q
+        assert response.json()["label_results"] == [], q

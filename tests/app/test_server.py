@@ -1,0 +1,90 @@
+"""Startup: a missing, corrupt, foreign or wrong-version index is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from app.queries import IndexOpenError, check_index
+from app.server import serve
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _meta_only(path: Path, **meta) -> Path:
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value JSON)")
+    for key, value in meta.items():
+        con.execute("INSERT INTO meta VALUES (?, ?)", [key, json.dumps(value)])
+    con.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_indexes(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    corrupt = root / "corrupt.duckdb"
+    corrupt.write_bytes(os.urandom(4096))
+    foreign = root / "foreign.duckdb"
+    con = duckdb.connect(str(foreign))
+    con.execute("CREATE TABLE people (name VARCHAR)")
+    con.close()
+    return {
+        "missing": root / "missing.duckdb",
+        "directory": root,
+        "corrupt": corrupt,
+        "foreign": foreign,
+        "version": _meta_only(root / "v99.duckdb", schema_version=99, index_id="x", created_at="t"),
+        "incomplete": _meta_only(root / "v1.duckdb", schema_version=1),
+    }
+
+
+EXPECTED = {
+    "missing": "index not found", "directory": "not a file", "corrupt": "cannot open",
+    "foreign": "no meta table", "version": "schema version 99; this explorer reads schema version 1",
+    "incomplete": "does not match schema version 1",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_bad_index_is_refused_with_one_line(bad_indexes, kind):
+    with pytest.raises(IndexOpenError) as error:
+        check_index(bad_indexes[kind])
+    message = str(error.value)
+    assert EXPECTED[kind] in message and "\n" not in message
+    assert str(bad_indexes[kind]) in message
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "version"])
+def test_serve_exits_2_with_one_line(bad_indexes, kind, capsys, monkeypatch):
+    monkeypatch.delenv("CLIPSCOPE_INDEX", raising=False)
+    code = serve(Namespace(index=str(bad_indexes[kind]), host="127.0.0.1", port=0, workers=1, verbose=False))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clipscope-explorer: error: ")
+
+
+def test_the_good_index_passes(index_path):
+    check_index(index_path)
+
+
+def test_uvicorn_entry_point_refuses_a_bad_index_in_one_line(bad_indexes):
+    env = {**os.environ, "CLIPSCOPE_INDEX": str(bad_indexes["version"])}
+    result = subprocess.run([sys.executable, "-c", "import app.main; app.main.app"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "schema version 99" in result.stderr
+
+
+def test_importing_the_app_module_builds_nothing():
+    result = subprocess.run([sys.executable, "-c", "import app.main, sys; print('app' in vars(app.main))"],
+                            cwd=REPO, env={k: v for k, v in os.environ.items() if k != "CLIPSCOPE_INDEX"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False"

@@ -1,0 +1,45 @@
+"""The feature page stays under 150 KB of HTML + CSS + JS before images, even at full size
+(32 top images and 3 bands of 8 with long captions), and its images load lazily."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from app.routes.features import FeaturePage
+from app.templating import SiteInfo
+from app.urls import Urls
+
+STATIC = Path(__file__).resolve().parents[2] / "static"
+BUDGET = 150 * 1024
+
+
+def _assets(text: str) -> int:
+    total = 0
+    for ref in re.findall(r'<(?:script|link)[^>]*(?:src|href)="(/static/[^"]+\.(?:js|css))"', text):
+        total += (STATIC / ref.removeprefix("/static/")).stat().st_size
+    return total
+
+
+def test_fixture_feature_page_weight_and_lazy_images(client):
+    text = client.get("/layers/20/features/8").text
+    assert len(text.encode()) + _assets(text) <= BUDGET
+    for tag in re.findall(r"<img\b[^>]*>", text):
+        assert 'loading="lazy"' in tag, tag
+
+
+def test_full_size_feature_page_fits_the_budget(client, index):
+    page = FeaturePage.model_validate(client.get("/api/layers/20/features/8").json())
+    example = page.top_images[0].model_copy(update={"caption": "a long LAION caption " * 12, "heatmap": None})
+    top = [example.model_copy(update={"rank": r, "image_id": 10_000_000 + r}) for r in range(1, 33)]
+    bands = [band.model_copy(update={"examples": top[:8]}) for band in page.bands[:1]] * 3
+    big = page.model_copy(update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536,
+                                  "position_mean": None})
+    templates = client.app.state.templates
+    site = SiteInfo(index_id=index.index_id, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14",
+                    public_url=None)
+    html = templates.get_template("feature.html").render(
+        page=big, site=site, urls=Urls(index.index_id), twin="/api/layers/20/features/65535",
+        canonical="https://explorer.example.org/layers/20/features/65535", base="https://explorer.example.org")
+    weight = len(html.encode()) + _assets(html)
+    assert weight <= BUDGET, f"{weight} bytes"
