@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raw activations (released default) or standardised with sample statistics")
     parser.add_argument("--checkpoint-every", type=positive, default=20_000, help="images between checkpoints")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="do nothing when --out already holds an index (for unattended pipelines)")
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                         help="run on a Ray cluster (no address: start or join a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from precompute.vision import ModelLoadError
     from precompute.workdir import WorkDirError
 
+    if args.skip_existing and args.out.is_file():
+        print(f"index exists, nothing to do: {args.out}")
+        return 0
     try:
         out = run_job(config_from(args))
     except (SAELoadError, SourceError, ModelLoadError, WorkDirError, IndexWriteError, ValueError) as error:

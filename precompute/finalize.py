@@ -14,6 +14,9 @@ from precompute.store import IndexWriter, SCHEMA_VERSION
 from precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
 
 
+IMAGE_CHUNK = 2000
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -42,12 +45,11 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
     tick = time.perf_counter()
     chosen = {layer: chosen_examples(acc, config.examples) for layer, acc in state.accumulators.items()}
     ordinals = sorted({int(o) for c in chosen.values() for o in c["ordinal"]})
-    rows = workdir.image_rows(ordinals)
-    missing = set(ordinals) - {row[0] for row in rows}
-    if missing:
-        raise RuntimeError(f"{len(missing)} example images are missing from {workdir.path}; rerun with --fresh")
-    image_id = {row[0]: i for i, row in enumerate(rows)}
-    captions = {row[0]: row[4] for row in rows}
+    captions = workdir.captions(ordinals)
+    if len(captions) != len(ordinals):
+        raise RuntimeError(f"{len(ordinals) - len(captions)} example images are missing from {workdir.path}; "
+                           f"rerun with --fresh")
+    image_id = {ordinal: i for i, ordinal in enumerate(ordinals)}
     labels = {
         layer: _labels(c, components.saes[layer].n_features, captions, state.captions) for layer, c in chosen.items()
     }
@@ -63,13 +65,15 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             writer.add_layer(layer_row(acc, layer, sae, fired_images))
             writer.add_rows("features", feature_columns(acc, layer, labels[layer], neighbours[layer]))
             writer.add_rows("examples", examples_columns(layer, chosen[layer], image_id))
-        columns = list(zip(*rows)) if rows else [[] for _ in range(8)]
-        writer.add_rows("images", {
-            "image_id": np.arange(len(rows), dtype=np.int32), "source": list(columns[1]),
-            "key": list(columns[2]), "url": list(columns[3]), "caption": list(columns[4]),
-            "width": np.array(columns[5], dtype=np.int32), "height": np.array(columns[6], dtype=np.int32),
-            "thumbnail": list(columns[7]),
-        })
+        for start in range(0, len(ordinals), IMAGE_CHUNK):  # thumbnails stream through in chunks
+            rows = workdir.image_rows(ordinals[start : start + IMAGE_CHUNK])
+            columns = list(zip(*rows))
+            writer.add_rows("images", {
+                "image_id": np.arange(start, start + len(rows), dtype=np.int32), "source": list(columns[1]),
+                "key": list(columns[2]), "url": list(columns[3]), "caption": list(columns[4]),
+                "width": np.array(columns[5], dtype=np.int32), "height": np.array(columns[6], dtype=np.int32),
+                "thumbnail": list(columns[7]),
+            })
         timings["write"] = round(time.perf_counter() - tick, 3)
         timings["total"] = round(elapsed_before + timings["write"], 3)
         writer.put_meta(

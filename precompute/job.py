@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from precompute.accumulate import LayerAccumulator
+from precompute.encode import encode_pixels
 from precompute.labels import DocumentFrequency
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from precompute.sae import TopKSAE, explained_variance, load_saes, squared_error
@@ -188,6 +189,17 @@ def estimate_normalisation(components: Components, config: PrecomputeConfig, sta
 
 
 @torch.inference_mode()
+def raw_metrics(sae: TopKSAE, acts: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]):
+    """Per-token squared error and explained variance of the SAE on raw (unstandardised) input."""
+    sae.set_normalisation(None, None)
+    try:
+        raw_hat = sae.decode(sae.encode(acts))
+    finally:
+        sae.set_normalisation(*stats)
+    return squared_error(acts, raw_hat), explained_variance(acts, raw_hat)
+
+
+@torch.inference_mode()
 def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     """Run one batch through tower and SAEs into the accumulators; return images to keep."""
     state.progress[batch.shard] = batch.end
@@ -199,18 +211,12 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     if batch.pixels is None:
         return []
     state.captions.add(s.caption for s in batch.samples)
-    acts = components.tower.capture(batch.pixels, components.saes)
+    encoded = encode_pixels(components.tower, components.saes, batch.pixels)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
-        raw = None
-        if layer in state.normalisation:
-            raw_x = acts[layer]
-            sae.set_normalisation(None, None)
-            raw_hat = sae.decode(sae.encode(raw_x))
-            raw = (squared_error(raw_x, raw_hat), explained_variance(raw_x, raw_hat))
-            sae.set_normalisation(*state.normalisation[layer])
-        code = sae.encode(acts[layer])
-        x, x_hat = sae.prepare(acts[layer]), sae.decode(code)
+        acts, code = encoded[layer].acts, encoded[layer].code
+        raw = raw_metrics(sae, acts, state.normalisation[layer]) if layer in state.normalisation else None
+        x, x_hat = sae.prepare(acts), sae.decode(code)
         entered |= state.accumulators[layer].update(
             code, batch.ordinals, squared_error(x, x_hat), explained_variance(x, x_hat), raw
         )

@@ -75,17 +75,17 @@ class WorkDir:
     def keep_rows(self, rows: Iterable[tuple]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def image_rows(self, ordinals: list[int]) -> list[tuple]:
-        """Rows (ordinal, source, key, url, caption, width, height, thumbnail), by ordinal."""
+    def image_rows(self, ordinals: list[int], columns: str = "*") -> list[tuple]:
+        """Rows (ordinal, source, key, url, caption, width, height, thumbnail), sorted by ordinal."""
         rows = []
         for start in range(0, len(ordinals), 500):
             chunk = ordinals[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows += self.db.execute(f"SELECT * FROM images WHERE ordinal IN ({marks})", chunk).fetchall()
+            rows += self.db.execute(f"SELECT {columns} FROM images WHERE ordinal IN ({marks})", chunk).fetchall()
         return sorted(rows)
 
-    def captions(self, ordinals: Iterable[int]) -> dict[int, str | None]:
-        return {row[0]: row[4] for row in self.image_rows(sorted(set(ordinals)))}
+    def captions(self, ordinals: list[int]) -> dict[int, str | None]:
+        return dict(self.image_rows(ordinals, columns="ordinal, caption"))
 
     def save(self, state: dict) -> None:
         """Commit the image spill, then replace state.pt atomically."""

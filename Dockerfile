@@ -1,0 +1,21 @@
+# CLIP-Scope Explorer: one image for the precompute job (GPU) and the web server.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/cache/huggingface \
+    CLIPSCOPE_CACHE=/cache/clipscope
+
+WORKDIR /opt/clipscope
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY precompute ./precompute
+COPY templates ./templates
+COPY static ./static
+COPY docs ./docs
+# Editable install: the server finds templates/ and static/ beside the packages.
+RUN pip install -e '.[distributed]'
+
+EXPOSE 8000
+ENTRYPOINT ["clipscope-explorer"]
+CMD ["demo", "--host", "0.0.0.0", "--data", "/data/demo"]
