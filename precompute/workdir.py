@@ -33,6 +33,14 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _explain(error: Exception, folder: Path) -> str:
+    """torch.save reports a full disk as an opaque zip-writer error: say what it is."""
+    free = shutil.disk_usage(folder).free
+    if isinstance(error, RuntimeError) and free < 16 * 2**20:
+        return f"No space left on device ({free // 1024} KiB free)"
+    return str(error)
+
+
 class WorkDir:
     def __init__(self, out: Path, config: dict):
         self.path = out.with_name(out.name + ".work")
@@ -43,7 +51,10 @@ class WorkDir:
 
     def open(self) -> dict | None:
         """Create or reopen the folder; return the saved state to resume from, if any."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WorkDirError(f"cannot create {self.path}: {error}") from error
         stamp = self.path / "run.json"
         if stamp.is_file():
             saved = json.loads(stamp.read_text())
@@ -73,7 +84,10 @@ class WorkDir:
                        for s in samples)
 
     def keep_rows(self, rows: Iterable[tuple]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as error:
+            raise WorkDirError(f"cannot write {self.path / 'images.sqlite'}: {error}") from error
 
     def image_rows(self, ordinals: list[int], columns: str = "*") -> list[tuple]:
         """Rows (ordinal, source, key, url, caption, width, height, thumbnail), sorted by ordinal."""
@@ -97,15 +111,17 @@ class WorkDir:
                 handle.flush()
                 os.fsync(handle.fileno())
             partial.replace(self.state_file)
-        except OSError as error:
-            raise WorkDirError(f"cannot write checkpoint in {self.path}: {error}") from error
+        except (OSError, RuntimeError, sqlite3.Error) as error:
+            raise WorkDirError(f"cannot write checkpoint in {self.path}: {_explain(error, self.path)}") from error
 
     def prune_images(self, keep: set[int]) -> None:
         """Forget spilled images that no example list references any more."""
-        present = [row[0] for row in self.db.execute("SELECT ordinal FROM images")]
-        drop = [(o,) for o in present if o not in keep]
-        self.db.executemany("DELETE FROM images WHERE ordinal = ?", drop)
-        self.db.commit()
+        try:
+            present = [row[0] for row in self.db.execute("SELECT ordinal FROM images")]
+            self.db.executemany("DELETE FROM images WHERE ordinal = ?", [(o,) for o in present if o not in keep])
+            self.db.commit()
+        except sqlite3.Error as error:
+            raise WorkDirError(f"cannot update {self.path / 'images.sqlite'}: {error}") from error
 
     def close(self) -> None:
         if self._db is not None:
