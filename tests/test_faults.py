@@ -50,3 +50,90 @@ def test_disk_full_keeps_previous_index_and_resumes(small_disk, tmp_path, shard_
     reference = tmp_path / "reference.duckdb"
     assert main(cli(shard_dir, tiny_model_spec, tiny_sae_repo, reference)) == 0
     assert index_contents(out) == index_contents(reference)
+
+
+# ---------------------------------------------------------------- shards that fail while being read
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+import torch  # noqa: E402
+
+from precompute import sources  # noqa: E402
+from tests.fixtures import write_shards  # noqa: E402
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(sources, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(sources, "REMOTE_TIMEOUT_S", 1.0)
+
+
+def batches(shards, **kwargs):
+    dataset = sources.ShardBatches(shards, lambda image: torch.zeros(3, 2, 2), 4, thumb_size=16, **kwargs)
+    return list(dataset)
+
+
+def test_truncated_shard_keeps_what_was_read_and_is_reported(tmp_path, quick_retries):
+    paths = write_shards(tmp_path, 2, 10)
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: len(data) * 6 // 10])  # cut inside a later sample
+    result = batches(sources.resolve_sources([str(tmp_path / "*.tar")]))
+    failed = [b for b in result if b.failure]
+    assert len(failed) == 1 and failed[0].shard == 0 and failed[0].shard_done
+    assert "gave up after 4 attempts" in failed[0].failure and "00000.tar" in failed[0].failure
+    read = [s.key for b in result if b.shard == 0 for s in b.samples]
+    assert read == [f"00000{i:04d}" for i in range(len(read))] and 3 <= len(read) < 10
+    assert len([s for b in result if b.shard == 1 for s in b.samples]) == 10  # the next shard is unharmed
+
+
+def test_shard_that_disappears_mid_run_is_skipped_and_reported(tmp_path, quick_retries):
+    paths = write_shards(tmp_path, 3, 5)
+    shards = sources.resolve_sources([str(tmp_path / "*.tar")])
+    paths[1].unlink()  # gone after the sources were checked
+    result = batches(shards)
+    assert [b.shard for b in result if b.failure] == [1]
+    assert "FileNotFoundError" in next(b.failure for b in result if b.failure)
+    assert sum(len(b.samples) for b in result) == 10
+
+
+def test_folder_file_that_disappears_is_one_skipped_sample(tmp_path, quick_retries):
+    from tests.fixtures import write_folder
+
+    write_folder(tmp_path / "imgs", 5)
+    shards = sources.resolve_sources([str(tmp_path / "imgs")])
+    (tmp_path / "imgs" / "a" / "img001.png").unlink()
+    result = batches(shards)
+    skipped = [s for b in result for s in b.skipped]
+    assert [(s.key, s.error) for s in skipped] == [("a/img001.png", "unreadable file: FileNotFoundError")]
+    assert not any(b.failure for b in result)
+
+
+def test_remote_shard_that_times_out_is_retried_then_reported(quick_retries):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_hang():  # answers nothing, ever: a stalled server
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_hang, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/00000.tar"
+        result = batches(sources.resolve_sources([url]))
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert len(result) == 1 and result[0].failure and "gave up after 4 attempts" in result[0].failure
+    assert len(accepted) >= 4  # at least one connection per attempt
