@@ -151,7 +151,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(port: int, process) -> str:
+def wait_ready(port: int, process) -> None:
     deadline = time.time() + 180
     while time.time() < deadline:
         if process.poll() is not None:
@@ -163,7 +163,7 @@ def wait_ready(port: int, process) -> str:
                 while chunk := sock.recv(65536):
                     data += chunk
                 if data.startswith(b"HTTP/1.1 200"):
-                    return json.loads(data.split(b"\r\n\r\n", 1)[1])["index_id"] if b"index_id" in data else ""
+                    return
         except OSError:
             pass
         time.sleep(0.5)

@@ -88,7 +88,8 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             normalisation_stats={str(layer): {"mean": m.tolist(), "std": s.tolist()}
                                  for layer, (m, s) in state.normalisation.items()},
             sample={"sources": config.images, "n_images": state.n_images, "n_skipped": state.n_skipped,
-                    "skipped": state.skipped, "max_images": config.max_images},
+                    "skipped": state.skipped, "failed_shards": state.failed_shards,
+                    "max_images": config.max_images},
             top_n=config.top_n, band_count=config.band_count, band_size=config.band_size,
             active_threshold=ACTIVE_THRESHOLD,
             timings=timings,

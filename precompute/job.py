@@ -83,6 +83,7 @@ class RunState:
     captions: DocumentFrequency = field(default_factory=DocumentFrequency)
     skipped: list[dict] = field(default_factory=list)
     n_skipped: int = 0
+    failed_shards: list[dict] = field(default_factory=list)
     normalisation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     encode_seconds: float = 0.0
 
@@ -94,7 +95,8 @@ class RunState:
         return {
             "accumulators": {layer: acc.state_dict() for layer, acc in self.accumulators.items()},
             "progress": self.progress, "done": sorted(self.done), "captions": self.captions.state_dict(),
-            "skipped": self.skipped, "n_skipped": self.n_skipped, "encode_seconds": self.encode_seconds,
+            "skipped": self.skipped, "n_skipped": self.n_skipped, "failed_shards": self.failed_shards,
+            "encode_seconds": self.encode_seconds,
             "normalisation": self.normalisation,
         }
 
@@ -105,7 +107,7 @@ class RunState:
                           for layer, acc in state["accumulators"].items()},
             progress=dict(state["progress"]), done=set(state["done"]),
             captions=DocumentFrequency.from_state_dict(state["captions"]), skipped=list(state["skipped"]),
-            n_skipped=state["n_skipped"], normalisation=state["normalisation"],
+            n_skipped=state["n_skipped"], failed_shards=state["failed_shards"], normalisation=state["normalisation"],
             encode_seconds=state["encode_seconds"],
         )
 
@@ -118,6 +120,7 @@ class RunState:
         self.skipped = sorted(self.skipped + other.skipped, key=lambda s: (s["source"], s["key"]))
         self.skipped = self.skipped[:MAX_SKIPPED_LISTED]
         self.n_skipped += other.n_skipped
+        self.failed_shards = sorted(self.failed_shards + other.failed_shards, key=lambda f: f["shard"])
         self.encode_seconds += other.encode_seconds
 
 
@@ -205,6 +208,9 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     state.progress[batch.shard] = batch.end
     if batch.shard_done:
         state.done.add(batch.shard)
+    if batch.failure:
+        log.warning("shard skipped: %s", batch.failure)
+        state.failed_shards.append({"shard": batch.shard, "reason": batch.failure})
     state.n_skipped += len(batch.skipped)
     room = MAX_SKIPPED_LISTED - len(state.skipped)
     state.skipped += [{"source": s.source, "key": s.key, "reason": s.error} for s in batch.skipped[:max(room, 0)]]
@@ -291,4 +297,9 @@ def run(config: PrecomputeConfig) -> Path:
 
     out = write_index(components, config, state, workdir, time.perf_counter() - started)
     workdir.remove()
+    if config.progress:
+        elapsed = time.perf_counter() - started
+        tqdm.write(f"done: {state.n_images:,} images encoded ({state.n_skipped:,} skipped) on layers "
+                   f"{', '.join(map(str, sorted(components.saes)))} in {elapsed:,.0f} s "
+                   f"({state.n_images / max(state.encode_seconds, 1e-9):,.1f} images/s while encoding)")
     return out

@@ -11,21 +11,27 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import asyncio
 import glob
-import io
 import json
+import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image, ImageOps
+
+from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://")
 FOLDER_SHARD_SIZE = 1000
+READ_RETRIES = 3
+RETRY_BACKOFF_S = float(os.environ.get("CLIPSCOPE_RETRY_BACKOFF", 1.0))
+REMOTE_TIMEOUT_S = float(os.environ.get("CLIPSCOPE_REMOTE_TIMEOUT", 60))
 THUMBNAIL_QUALITY = 85
 
 
@@ -76,6 +82,7 @@ class Batch:
     ordinals: torch.Tensor  # [n] int64
     samples: list[Sample] = field(default_factory=list)  # decoded ones, pixels dropped
     skipped: list[Sample] = field(default_factory=list)
+    failure: str | None = None  # the shard could not be read to its end (retries exhausted)
 
 
 def ordinal(shard: int, position: int) -> int:
@@ -111,12 +118,22 @@ def _folder_shards(folder: Path, first_index: int) -> list[Shard]:
     return [Shard(first_index + n, str(folder), tuple(chunk)) for n, chunk in enumerate(chunks)]
 
 
+def _check_protocol(url: str) -> None:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(url.split("://", 1)[0])
+    except ImportError as error:  # s3:// needs s3fs, gs:// needs gcsfs
+        raise SourceError(f"{url}: {error} (for s3:// install clipscope-explorer[s3])") from error
+
+
 def resolve_sources(specs: list[str]) -> list[Shard]:
     """Shards for the given paths, globs, brace ranges, URLs and folders; errors before compute."""
     shards: list[Shard] = []
     for spec in specs:
         for item in expand_braces(spec):
             if item.startswith(REMOTE_PREFIXES):
+                _check_protocol(item)
                 shards.append(Shard(len(shards), item))
                 continue
             path = Path(item).expanduser()
@@ -144,7 +161,13 @@ def _open(location: str):
     if location.startswith(REMOTE_PREFIXES):
         import fsspec
 
-        return fsspec.open(location, "rb").open()
+        options = {}
+        if location.startswith(("http://", "https://")):
+            import aiohttp
+
+            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_TIMEOUT_S,
+                                                                         sock_read=REMOTE_TIMEOUT_S)}
+        return fsspec.open(location, "rb", **options).open()
     return open(location, "rb")
 
 
@@ -171,11 +194,47 @@ def _folder_groups(shard: Shard) -> Iterator[tuple[str, dict[str, bytes]]]:
     root = Path(shard.location)
     for relative in shard.members:
         path = root / relative
-        group = {"image": path.read_bytes()}
+        try:
+            group = {"image": path.read_bytes()}
+        except OSError as error:  # one file gone or unreadable: that sample is skipped, not the shard
+            yield relative, {"error": f"unreadable file: {type(error).__name__}"}
+            continue
         caption = path.with_suffix(".txt")
         if caption.is_file():
             group["txt"] = caption.read_bytes()
         yield relative, group
+
+
+class ShardReadError(OSError):
+    """A shard could not be read, even after retries."""
+
+
+def read_groups(shard: Shard, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(position, key, group) of a shard from `start` on.
+
+    A read error (shard gone, truncated, network timeout) is retried with
+    exponential backoff, resuming after the last sample delivered; after
+    READ_RETRIES failures the shard is given up with a ShardReadError.
+    """
+    wanted = start
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            groups = _folder_groups(shard) if shard.is_folder else _tar_groups(shard)
+            for position, (key, group) in enumerate(groups):
+                if position >= wanted:
+                    yield position, key, group
+                    wanted = position + 1
+            break
+        except (OSError, tarfile.TarError, EOFError, asyncio.TimeoutError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            if attempt < READ_RETRIES:
+                time.sleep(RETRY_BACKOFF_S * 2**attempt)
+    else:
+        raise ShardReadError(f"{shard.label}: gave up after {READ_RETRIES + 1} attempts, "
+                             f"{wanted} samples read ({reason})")
+    expected = known_size(shard)
+    if expected is not None and wanted < expected:  # a tar cut at a member boundary reads as a short tar
+        raise ShardReadError(f"{shard.label}: truncated, {wanted} of the {expected} samples its stats file lists")
 
 
 def count_samples(shard: Shard) -> int:
@@ -204,16 +263,6 @@ def _image_bytes(group: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def square_crop(image: Image.Image, size: int) -> Image.Image:
-    """The model's view: shortest side to `size` (bicubic), centre crop."""
-    scale = size / min(image.size)
-    resized = image.resize(
-        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
-    )
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
-
-
 def decode_sample(shard: Shard, position: int, key: str, group: dict[str, bytes],
                   preprocess: Callable, thumb_size: int) -> Sample:
     sample = Sample(ordinal(shard.index, position), shard.location, key)
@@ -230,20 +279,16 @@ def decode_sample(shard: Shard, position: int, key: str, group: dict[str, bytes]
         sample.caption = meta["caption"]
     data = _image_bytes(group)
     if data is None:
-        sample.error = "no image member"
+        sample.error = group.get("error", "no image member")
         return sample
     try:
-        with Image.open(io.BytesIO(data)) as raw:
-            raw.seek(0)
-            image = ImageOps.exif_transpose(raw).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-        sample.error = f"undecodable image: {type(error).__name__}"
+        image = open_rgb(data)
+    except ImageDecodeError as error:
+        sample.error = f"undecodable image: {error}"
         return sample
     sample.width, sample.height = image.size
     sample.pixels = preprocess(image)
-    buffer = io.BytesIO()
-    square_crop(image, thumb_size).save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
-    sample.thumbnail = buffer.getvalue()
+    sample.thumbnail = jpeg_bytes(square_crop(image, thumb_size), THUMBNAIL_QUALITY)
     return sample
 
 
@@ -275,25 +320,24 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _shard_batches(self, shard: Shard) -> Iterator[Batch]:
         start = self.progress.get(shard.index, 0)
         limit = self.quota.get(shard.index)
-        groups = _folder_groups(shard) if shard.is_folder else _tar_groups(shard)
         pending: list[Sample] = []
-        position = -1
-        for position, (key, group) in enumerate(groups):
-            if limit is not None and position >= limit:
-                position -= 1
-                break
-            if position < start:
-                continue
-            pending.append(decode_sample(shard, position, key, group, self.preprocess, self.thumb_size))
-            if len(pending) == self.batch_size:
-                yield self._collate(shard, pending, done=False)
-                pending = []
-        end = position + 1
-        if pending or end >= start:
-            yield self._collate(shard, pending, done=True, end=end)
+        end, failure = start, None
+        try:
+            for position, key, group in read_groups(shard, start):
+                if limit is not None and position >= limit:
+                    break
+                pending.append(decode_sample(shard, position, key, group, self.preprocess, self.thumb_size))
+                end = position + 1
+                if len(pending) == self.batch_size:
+                    yield self._collate(shard, pending, done=False)
+                    pending = []
+        except ShardReadError as error:
+            failure = str(error)
+        yield self._collate(shard, pending, done=True, end=end, failure=failure)
 
     @staticmethod
-    def _collate(shard: Shard, samples: list[Sample], done: bool, end: int | None = None) -> Batch:
+    def _collate(shard: Shard, samples: list[Sample], done: bool, end: int | None = None,
+                 failure: str | None = None) -> Batch:
         good = [s for s in samples if s.error is None]
         pixels = torch.stack([s.pixels for s in good]) if good else None
         for s in good:
@@ -303,5 +347,5 @@ class ShardBatches(torch.utils.data.IterableDataset):
         return Batch(
             shard=shard.index, start=first, end=end if end is not None else last, shard_done=done,
             pixels=pixels, ordinals=torch.tensor([s.ordinal for s in good], dtype=torch.long),
-            samples=good, skipped=[s for s in samples if s.error is not None],
+            samples=good, skipped=[s for s in samples if s.error is not None], failure=failure,
         )

@@ -87,6 +87,18 @@ def test_truncated_shard_keeps_what_was_read_and_is_reported(tmp_path, quick_ret
     assert len([s for b in result if b.shard == 1 for s in b.samples]) == 10  # the next shard is unharmed
 
 
+def test_shard_cut_at_a_member_boundary_is_caught_by_its_stats_file(tmp_path, quick_retries):
+    import tarfile
+
+    paths = write_shards(tmp_path, 1, 10)
+    with tarfile.open(paths[0]) as tar:
+        cut = tar.getmembers()[12].offset  # the header of the fifth sample's first member
+    paths[0].write_bytes(paths[0].read_bytes()[:cut])
+    result = batches(sources.resolve_sources([str(paths[0])]))
+    assert sum(len(b.samples) for b in result) == 4
+    assert "truncated, 4 of the 10 samples its stats file lists" in result[-1].failure
+
+
 def test_shard_that_disappears_mid_run_is_skipped_and_reported(tmp_path, quick_retries):
     paths = write_shards(tmp_path, 3, 5)
     shards = sources.resolve_sources([str(tmp_path / "*.tar")])
@@ -137,3 +149,23 @@ def test_remote_shard_that_times_out_is_retried_then_reported(quick_retries):
         listener.close()
     assert len(result) == 1 and result[0].failure and "gave up after 4 attempts" in result[0].failure
     assert len(accepted) >= 4  # at least one connection per attempt
+
+
+def test_job_completes_and_reports_a_truncated_shard(tmp_path, quick_retries, tiny_model_spec, tiny_sae_repo):
+    import json
+
+    import duckdb
+
+    from precompute.job import run
+    from tests.conftest import precompute_config
+
+    paths = write_shards(tmp_path / "shards", 2, 10)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2 + 100])
+    out = run(precompute_config(tmp_path / "shards", tiny_model_spec, tiny_sae_repo, tmp_path / "t.duckdb",
+                                images=[str(tmp_path / "shards" / "*.tar")]))
+    with duckdb.connect(str(out), read_only=True) as con:
+        sample = json.loads(con.execute("SELECT value FROM meta WHERE key = 'sample'").fetchone()[0])
+    assert [f["shard"] for f in sample["failed_shards"]] == [1]
+    assert "00001.tar" in sample["failed_shards"][0]["reason"]
+    assert 10 < sample["n_images"] < 20
