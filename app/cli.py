@@ -13,6 +13,18 @@ def _add_serve(sub) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
+    live = parser.add_argument_group("live encoding of uploaded images")
+    live.add_argument("--no-live", action="store_true", help="do not load a model: uploads are off")
+    live.add_argument("--live-model", metavar="MODEL", help="open_clip model for uploads (default: the index's): "
+                                                            "hf-hub:..., local-dir:..., or a built-in name")
+    live.add_argument("--live-pretrained", metavar="TAG", help="pretrained tag or file for a built-in --live-model")
+    live.add_argument("--live-sae", metavar="SAE", help="SAE hub repo, folder or file (default: the index's SAEs)")
+    live.add_argument("--live-layers", metavar="LAYERS", help="comma-separated layers (default: the index's)")
+    live.add_argument("--live-device", choices=("auto", "cpu", "cuda"), default=None, help="device for uploads")
+    live.add_argument("--upload-store", metavar="DIR", help="writable folder for stored uploads "
+                                                             "(default: ~/.cache/clipscope-explorer/uploads)")
+    live.add_argument("--no-store-uploads", action="store_true", help="keep nothing: results have no share link")
+    live.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest upload accepted (default 20)")
     parser.set_defaults(run=_run_serve)
 
 

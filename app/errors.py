@@ -33,7 +33,7 @@ def _kind(request: Request) -> str:
     path = request.url.path
     if path == "/api" or path.startswith("/api/") or path == "/openapi.json":
         return "json"
-    if path.startswith("/images/") or path.startswith("/static/"):
+    if path.startswith(("/images/", "/static/")) or (path.startswith("/uploads/") and path.endswith((".jpg", ".png"))):
         return "text"
     return "html"
 

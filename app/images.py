@@ -10,6 +10,7 @@ feature's `max_activation` before it is coloured.
 
 from __future__ import annotations
 
+import base64
 import io
 from functools import lru_cache
 
@@ -71,6 +72,56 @@ def grid_png(values: np.ndarray, grid: tuple[int, int]) -> bytes:
     fraction = (values - low) / (high - low) if high > low else np.zeros_like(values)
     rgb = viridis()[np.round(np.clip(fraction, 0, 1) * 255).astype(np.intp)].reshape(grid[0], grid[1], 3)
     return _encode(Image.fromarray(rgb, "RGB"), "PNG")
+
+
+# Categorical colours for the winning-feature map (Tableau 10); features beyond them are grey.
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+           "#9c755f", "#bab0ac"]
+OTHER = "#7f7f7f"
+
+
+def palette_hex(rank: int) -> str:
+    """Colour of the rank-th winning feature (by patches won), grey beyond the palette."""
+    return PALETTE[rank] if 0 <= rank < len(PALETTE) else OTHER
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def overlay_data_url(values, vmax: float | None, grid) -> str:
+    """`overlay_png` as a data: URL (upload results are not in the index, so their overlays travel inline)."""
+    return _data_url(overlay_png(np.asarray(values, dtype=np.float32), tuple(grid), vmax))
+
+
+def winner_data_url(winners: list[int | None], ranked: list[int], grid) -> str:
+    """One RGBA pixel per patch: the colour of the patch's strongest feature, transparent where none fires.
+    `ranked`: the winning features by patches won (the palette order)."""
+    colour = {feature: palette_hex(rank) for rank, feature in enumerate(ranked)}
+    rgba = np.zeros((len(winners), 4), dtype=np.uint8)
+    for patch, feature in enumerate(winners):
+        if feature is not None:
+            hex_colour = colour.get(feature, OTHER)
+            rgba[patch] = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)] + [235]
+    return _data_url(_encode(Image.fromarray(rgba.reshape(grid[0], grid[1], 4), "RGBA"), "PNG"))
+
+
+def upload_preview_jpeg(view_jpeg: bytes, tiles: list[tuple[list[float], float]], grid: tuple[int, int]) -> bytes:
+    """The OpenGraph card of an upload, 1200 x 630: the image, then up to 7 of its features' overlays."""
+    canvas = Image.new("RGB", PREVIEW_SIZE, (24, 24, 32))
+    top = (PREVIEW_SIZE[1] - 2 * PREVIEW_TILE) // 2
+    with Image.open(io.BytesIO(view_jpeg)) as source:
+        base = source.convert("RGBA").resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.BICUBIC)
+    canvas.paste(base.convert("RGB"), (0, top))
+    for slot, (values, vmax) in enumerate(tiles[:7], start=1):
+        tile = base.copy()
+        heat = Image.fromarray(overlay_rgba(np.asarray(values, dtype=np.float32), grid, vmax), "RGBA")
+        heat = heat.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.NEAREST)
+        alpha = np.asarray(heat.getchannel("A"), dtype=np.float32) * 0.6
+        heat.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
+        tile.alpha_composite(heat)
+        canvas.paste(tile.convert("RGB"), ((slot % 4) * PREVIEW_TILE, top + (slot // 4) * PREVIEW_TILE))
+    return _encode(canvas, "JPEG", quality=82)
 
 
 def preview_jpeg(tiles: list[tuple[bytes, np.ndarray]], grid: tuple[int, int], vmax: float | None) -> bytes:

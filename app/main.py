@@ -5,7 +5,9 @@ security headers and static files; the lifespan opens the index (read-only)
 when the server starts and closes it when it stops. The module attribute
 `app` is built on first access from `get_settings()` (environment variables
 `CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
-`clipscope-explorer serve` (which sets `CLIPSCOPE_INDEX`) start.
+`clipscope-explorer serve` (which sets `CLIPSCOPE_INDEX`) start. The lifespan
+also opens the upload store and starts loading the live encoder in the
+background (`app/live.py`), so the index is served while the model loads.
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
 
+import anyio
 import duckdb
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from app.errors import install_error_handlers
+from app.live import LiveEncoder, LiveService, LiveSpec
 from app.queries import Index, IndexOpenError, check_index, open_index
 from app.routes import register
 from app.security import SecurityHeadersMiddleware
 from app.settings import Settings, get_settings
 from app.templating import SiteInfo, make_templates
+from app.upload_store import UploadStore
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+DECODE_THREADS = 2  # uploads decoded at once (each may be up to Pillow's pixel limit)
 
 
 def app_version() -> str:
@@ -52,6 +58,26 @@ def _warm(index: Index) -> None:
         log.debug("cache warm-up stopped: %s", error)
 
 
+def _upload_store(settings: Settings) -> UploadStore | None:
+    if not settings.store_uploads:
+        return None
+    try:
+        return UploadStore(settings.upload_store, settings.upload_store_max_bytes)
+    except OSError as error:
+        log.warning("uploads will not be stored: %s is not writable (%s)", settings.upload_store, error)
+        return None
+
+
+def _live_service(app: FastAPI, index: Index) -> LiveService:
+    settings: Settings = app.state.settings
+    encoder = app.state.live_encoder
+    if encoder is not None:
+        return LiveService(encoder.spec, settings, encoder=encoder)
+    if not settings.live:
+        return LiveService(None, settings)
+    return LiveService(LiveSpec.from_index(index.meta, index.layers, settings), settings)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
@@ -61,22 +87,29 @@ async def lifespan(app: FastAPI):
     app.state.index = index
     app.state.site = SiteInfo(index_id=index.index_id, layers=sorted(index.layers),
                               model=str(model.get("name") or "unknown model"), public_url=settings.public_url)
+    app.state.uploads = _upload_store(settings)
+    app.state.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
+    app.state.live = _live_service(app, index)
+    app.state.live.start()
     warm = threading.Thread(target=_warm, args=(index,), name="clipscope-warm", daemon=True)
     warm.start()
     try:
         yield
     finally:
         warm.join(timeout=10)
+        app.state.live.close()
         index.close()
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> FastAPI:
+    """The app for `settings`; `live_encoder` supplies an already loaded encoder (tests, benchmarks)."""
     application = FastAPI(
         title="CLIP-Scope Explorer", version=app_version(), lifespan=lifespan,
         description="Feature explorer for sparse autoencoders on CLIP ViT-L/14. Every page has a JSON twin "
                     "under /api; see docs/API.md.",
         docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     application.state.settings = settings
+    application.state.live_encoder = live_encoder
     application.state.templates = make_templates()
     install_error_handlers(application)
     application.add_middleware(SecurityHeadersMiddleware)

@@ -222,6 +222,15 @@ class Index:
             "ORDER BY e.band LIMIT 1", {"layer": layer, "feature": feature, "image": image_id})
         return rows[0] if rows else None
 
+    def top_example_ids(self, layer: int, features: list[int], per_feature: int) -> dict[int, list[int]]:
+        """The first `per_feature` top images of each of some features, by rank."""
+        found: dict[int, list[int]] = {}
+        for feature, image_id in self._cursor().execute(
+                "SELECT feature, image_id FROM examples WHERE layer = ? AND feature = ANY(?) AND kind = 'top' "
+                "AND rank <= ? ORDER BY feature, rank", [layer, list(features), per_feature]).fetchall():
+            found.setdefault(feature, []).append(image_id)
+        return found
+
     def first_top_images(self, layer: int) -> np.ndarray:
         """Per feature of `layer`, the image_id of its top example (-1 if none); cached."""
         def build() -> np.ndarray:

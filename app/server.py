@@ -1,7 +1,8 @@
 """`clipscope-explorer serve`: check the index, then run uvicorn on `app.main:app`.
 
 Settings travel to the (possibly several) worker processes through the
-environment (`CLIPSCOPE_INDEX`), so the command and a plain
+environment (`CLIPSCOPE_INDEX`, and `CLIPSCOPE_LIVE_*` etc. for the live-encoding
+options), so the command and a plain
 `uvicorn app.main:app` take one path. A bad index is refused here, before any
 worker starts, with one line and exit code 2.
 """
@@ -23,10 +24,29 @@ def _fail(message: str) -> int:
     return 2
 
 
+def live_environment(args) -> dict[str, str]:
+    """The `CLIPSCOPE_*` variables for the live-encoding options given on the command line."""
+    env = {}
+    if getattr(args, "no_live", False):
+        env["CLIPSCOPE_LIVE"] = "false"
+    for option in ("live_model", "live_pretrained", "live_sae", "live_layers", "live_device"):
+        value = getattr(args, option, None)
+        if value is not None:
+            env[f"CLIPSCOPE_{option.upper()}"] = str(value)
+    if getattr(args, "upload_store", None):
+        env["CLIPSCOPE_UPLOAD_STORE"] = str(Path(args.upload_store).expanduser().resolve())
+    if getattr(args, "no_store_uploads", False):
+        env["CLIPSCOPE_STORE_UPLOADS"] = "false"
+    if getattr(args, "max_upload_mb", None) is not None:
+        env["CLIPSCOPE_MAX_UPLOAD_BYTES"] = str(int(args.max_upload_mb * 1_000_000))
+    return env
+
+
 def serve(args) -> int:
     if args.workers < 1:
         return _fail("--workers must be at least 1")
     os.environ["CLIPSCOPE_INDEX"] = str(Path(args.index).expanduser().resolve())
+    os.environ.update(live_environment(args))
     get_settings.cache_clear()
     try:
         settings = get_settings()

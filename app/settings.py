@@ -7,11 +7,19 @@ Every field is documented in docs/API.md (a test checks it).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_upload_store() -> Path:
+    """``$XDG_CACHE_HOME/clipscope-explorer/uploads`` (``~/.cache/...`` when unset)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "clipscope-explorer" / "uploads"
 
 
 class Settings(BaseSettings):
@@ -26,6 +34,27 @@ class Settings(BaseSettings):
     duckdb_memory_limit: str | None = Field(None, description="DuckDB memory_limit per process, e.g. '2GB' (DuckDB's default when unset)")
     image_cache_size: int = Field(100_000, ge=0, description="image captions/keys kept in memory per process (0 disables)")
     public_url: str | None = Field(None, description="absolute base URL for OpenGraph links, e.g. https://explorer.example.org (the request's own base URL when unset)")
+    # live encoding of uploaded images
+    live: bool = Field(True, description="load the model and SAEs at start so images can be uploaded (false: uploads off)")
+    live_model: str | None = Field(None, description="open_clip model for uploads (default: the index's model)")
+    live_pretrained: str | None = Field(None, description="pretrained tag or file for a built-in live_model name")
+    live_sae: str | None = Field(None, description="SAE hub repo, folder or file for uploads (default: the index's SAEs)")
+    live_layers: Annotated[list[int] | None, NoDecode] = Field(None, description="layers encoded for uploads, e.g. 20,22 (default: the index's)")
+    live_device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="device for live encoding: auto, cpu or cuda")
+    live_batch_size: int = Field(8, ge=1, le=256, description="most uploads encoded together in one micro-batch")
+    live_queue_size: int = Field(16, ge=1, le=10_000, description="uploads in progress at once; more are answered 503 with Retry-After")
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="largest upload accepted (bytes); larger bodies get 413 while being read")
+    store_uploads: bool = Field(True, description="keep uploads (downscaled, re-encoded) so /uploads/{id} can show them again")
+    upload_store: Path = Field(default_factory=default_upload_store, description="writable folder for stored uploads, apart from the index")
+    upload_store_max_bytes: int = Field(1_000_000_000, ge=0, description="size cap of the upload store; least recently used uploads are evicted beyond it")
+
+    @field_validator("live_layers", mode="before")
+    @classmethod
+    def _layer_list(cls, value):
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            return parts or None
+        return value
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,9 @@ Template context (the same for every page template and partial):
 - `site`: `SiteInfo` (index id, layers, model name) for the header and footer;
 - `urls`: `app.urls.Urls` for this index (page, image and API URLs);
 - `twin`: this page's JSON URL (advertised with <link rel="alternate">);
-- `canonical`: this page's absolute URL (OpenGraph, copy-link).
+- `canonical`: this page's absolute URL (OpenGraph, copy-link);
+- upload pages add `result` (the `UploadResult`) and `image_src` (its image URL,
+  or a data: URL when uploads are not stored).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
 from app import htmx
-from app.images import colour_hex
+from app.images import colour_hex, overlay_data_url, palette_hex, winner_data_url
 from app.urls import Urls, twin
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -59,7 +61,8 @@ def thousands(value) -> str:
 def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     env = templates.env
-    env.filters.update(sig=sig, percent=percent, thousands=thousands, colour=colour_hex)
+    env.filters.update(sig=sig, percent=percent, thousands=thousands, colour=colour_hex, overlay_src=overlay_data_url,
+                       winner_src=winner_data_url, palette=palette_hex)
     env.globals.update(min=min, max=max)
     env.trim_blocks = True
     env.lstrip_blocks = True
@@ -71,8 +74,9 @@ def absolute_base(request: Request, site: SiteInfo) -> str:
 
 
 def render_page(request: Request, template: str, page: BaseModel, *, fragments: dict[str, str] | None = None,
-                status_code: int = 200) -> HTMLResponse:
-    """Render `page` with `template`, or only one of its `fragments` when htmx asks for it."""
+                status_code: int = 200, extra: dict | None = None) -> HTMLResponse:
+    """Render `page` with `template`, or only one of its `fragments` when htmx asks for it.
+    `extra` adds page-specific names to the context (the upload result and its image source)."""
     state = request.app.state
     site: SiteInfo = state.site
     name = htmx.choose_template(request, template, fragments or {})
@@ -84,6 +88,7 @@ def render_page(request: Request, template: str, page: BaseModel, *, fragments: 
         "twin": twin(request.url.path, query),
         "canonical": absolute_base(request, site) + request.url.path + (f"?{query}" if query else ""),
         "base": absolute_base(request, site),
+        **(extra or {}),
     }
     response = state.templates.TemplateResponse(request, name, context, status_code=status_code)
     return htmx.add_vary(response)

@@ -53,7 +53,8 @@ def baseline_seconds(model_dir, sae_dir, images) -> float:
 
     tower = load_tower(f"local-dir:{model_dir}", device="cpu")
     sae = load_sae(str(sae_dir), LAYER)
-    batches = [b.pixels for b in ShardBatches(resolve_sources([str(images)]), tower.preprocess, BATCH, 224)]
+    dataset = ShardBatches(resolve_sources([str(images)]), tower.preprocess, BATCH, 224)
+    batches = [b.pixels for b in dataset if b.pixels is not None]
     start = time.perf_counter()
     for pixels in batches:
         acts = tower.capture(pixels, [LAYER])[LAYER]

@@ -180,7 +180,7 @@ def main() -> None:
         print(f"  generated in {time.perf_counter() - start:.0f} s, {index.stat().st_size / 2**30:.1f} GiB")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port),
-                               "--workers", "2"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "--workers", "2", "--no-live"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(port, server)
         rng = random.Random(0)

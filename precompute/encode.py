@@ -14,7 +14,7 @@ the definitions of docs/schema.md are computed here for a single image by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import torch
 
@@ -41,21 +41,36 @@ def encode_pixels(tower: VisionTower, saes: Mapping[int, TopKSAE], pixels_bchw: 
     return {layer: LayerCodes(acts[layer], sae.encode(acts[layer])) for layer, sae in saes.items()}
 
 
-class ImageFeatures(NamedTuple):
+@dataclass(frozen=True)
+class ImageFeatures:
     """The features that fire anywhere in one image, strongest first (ties: lower feature first).
 
-    features:       [U] int64
-    activation:     [U] float32, max firing value over all tokens (CLS included)
-    cls_activation: [U] float32, firing value on CLS (0 if it does not fire there)
-    mean_activation:[U] float32, mean firing value over the patches (0 where it does not fire)
-    heatmap:        [U, P] float32, firing value per patch (CLS excluded), row-major
+    features:        [U] int64
+    activation:      [U] float32, max firing value over all tokens (CLS included)
+    cls_activation:  [U] float32, firing value on CLS (0 if it does not fire there)
+    mean_activation: [U] float32, mean firing value over the patches (0 where it does not fire)
+    `heatmaps(rows)` gives the per-patch values of some of them (dense only for those asked for).
     """
 
     features: torch.Tensor
     activation: torch.Tensor
     cls_activation: torch.Tensor
     mean_activation: torch.Tensor
-    heatmap: torch.Tensor
+    n_tokens: int
+    _row: torch.Tensor  # per firing (token, slot): the feature's row in the lists above
+    _token: torch.Tensor
+    _value: torch.Tensor
+
+    def heatmaps(self, rows) -> torch.Tensor:
+        """[len(rows), P] firing values per patch (CLS excluded, row-major) of the features at `rows`."""
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        where = torch.full((len(self.features),), -1, dtype=torch.long)
+        where[rows] = torch.arange(len(rows))
+        target = where[self._row]
+        keep = target >= 0
+        dense = torch.zeros(len(rows), self.n_tokens)
+        dense[target[keep], self._token[keep]] = self._value[keep]
+        return dense[:, 1:]
 
 
 @torch.inference_mode()
@@ -64,14 +79,18 @@ def image_features(values_tk: torch.Tensor, indices_tk: torch.Tensor) -> ImageFe
     values, indices = values_tk.float().cpu(), indices_tk.long().cpu()
     tokens = values.shape[0]
     fires = values > 0
-    token_idx, _ = torch.nonzero(fires, as_tuple=True)
+    token, _ = torch.nonzero(fires, as_tuple=True)
     fired, fired_values = indices[fires], values[fires]
-    features, slot = torch.unique(fired, return_inverse=True)
-    dense = torch.zeros(len(features), tokens)
-    dense[slot, token_idx] = fired_values  # a token keeps each feature at most once (top-k indices are distinct)
-    activation = dense.max(dim=1).values if len(features) else torch.zeros(0)
+    features, slot = torch.unique(fired, return_inverse=True)  # a token keeps each feature at most once
+    n = len(features)
+    activation = torch.zeros(n).scatter_reduce_(0, slot, fired_values, reduce="amax")
+    on_cls = token == 0
+    cls = torch.zeros(n)
+    cls[slot[on_cls]] = fired_values[on_cls]
+    patch_sum = torch.zeros(n).index_add_(0, slot[~on_cls], fired_values[~on_cls])
+    mean = patch_sum / max(tokens - 1, 1)
     order = torch.argsort(activation, descending=True, stable=True)  # unique() sorted features ascending
-    dense = dense[order]
-    heatmap = dense[:, 1:]
-    return ImageFeatures(features[order], activation[order], dense[:, 0].clone(),
-                         heatmap.mean(dim=1) if tokens > 1 else torch.zeros(len(features)), heatmap.contiguous())
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    return ImageFeatures(features[order], activation[order], cls[order], mean[order], tokens, rank[slot], token,
+                         fired_values)

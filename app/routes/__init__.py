@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.routes import docs, features, images, layers, overview, search
+from app.routes import docs, features, images, layers, overview, search, uploads
 
 
 def register(app: FastAPI) -> None:
-    for module in (overview, layers, features, search, images, docs):
+    for module in (overview, layers, features, search, uploads, images, docs):
         app.include_router(module.router)

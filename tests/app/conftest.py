@@ -210,10 +210,11 @@ def index_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def settings(index_path):
+def settings(index_path, tmp_path_factory):
+    """The synthetic index names the real ViT-L/14 release, which cannot load offline: live encoding off."""
     from app.settings import Settings
 
-    return Settings(index=index_path)
+    return Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("uploads"))
 
 
 @pytest.fixture(scope="session")
@@ -228,3 +229,40 @@ def client(settings):
 def index(client):
     """The app's open `Index` (for choosing URLs in tests)."""
     return client.app.state.index
+
+
+# ---------------------------------------------------------------- live encoding (a real precompute index)
+
+
+def live_app_client(tiny_index: Path, store: Path | None, **overrides):
+    """A TestClient context over `tiny_index` with live encoding loaded (waits for it)."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None)
+    if store is None:
+        options.pop("upload_store")
+    settings = Settings(**{**options, **overrides})
+    return TestClient(create_app(settings), follow_redirects=False)
+
+
+def wait_live(client: TestClient, state: str = "ready") -> None:
+    assert client.app.state.live.wait(120), "live encoder did not finish loading"
+    assert client.app.state.live.state == state, client.app.state.live.message
+
+
+@pytest.fixture(scope="session")
+def live_index(tiny_index, tmp_path_factory) -> Path:
+    """A copy of the precompute job's tiny index for the app (DuckDB refuses a second connection to one
+    file with another configuration, and the precompute tests read `tiny_index` directly)."""
+    import shutil
+
+    return Path(shutil.copy(tiny_index, tmp_path_factory.mktemp("live_index") / "tiny.duckdb"))
+
+
+@pytest.fixture(scope="session")
+def live_client(live_index, tmp_path_factory):
+    """Live encoding with the index's own model and SAEs, uploads stored."""
+    with live_app_client(live_index, tmp_path_factory.mktemp("live_store"), max_upload_bytes=3_000_000) as client:
+        wait_live(client)
+        yield client

@@ -32,19 +32,18 @@ def e2e_index(tmp_path_factory) -> Path:
     return build_index(tmp_path_factory.mktemp("e2e") / "index.duckdb")
 
 
-@pytest.fixture(scope="session")
-def server(e2e_index):
-    """Base URL of a running server (the CLI path, two workers sharing the read-only index)."""
+def run_server(index: Path, *options: str, ready: str = "/"):
+    """Start `clipscope-explorer serve INDEX` on a free port; yield its base URL; stop it."""
     port = _free_port()
-    log = open(tmp_log := e2e_index.with_suffix(".log"), "w")
+    log = open(tmp_log := index.with_suffix(".log"), "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", str(e2e_index), "--port", str(port), "--workers", "2"],
+        [sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port), *options],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if httpx.get(base + "/", timeout=2).status_code == 200:
+            if httpx.get(base + ready, timeout=2).status_code == 200:
                 break
         except httpx.TransportError:
             pass
@@ -52,13 +51,41 @@ def server(e2e_index):
             process.kill()
             pytest.fail(f"server did not start:\n{tmp_log.read_text()}")
         time.sleep(0.2)
-    yield base
-    process.terminate()
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(e2e_index, tmp_path_factory):
+    """Base URL of a running server (the CLI path, two workers sharing the read-only index). The synthetic
+    index names the real ViT-L/14 release, which cannot load offline, so live encoding is off."""
+    yield from run_server(e2e_index, "--workers", "2", "--no-live",
+                          "--upload-store", str(tmp_path_factory.mktemp("e2e_uploads")))
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_index, tmp_path_factory):
+    """A server over an index built by the real precompute job, with live encoding of its own model and SAEs."""
+    import shutil
+
+    index = Path(shutil.copy(tiny_index, tmp_path_factory.mktemp("e2e_live") / "tiny.duckdb"))
+    running = run_server(index, "--upload-store", str(tmp_path_factory.mktemp("e2e_live_uploads")))
+    base = next(running)
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(base + "/api/upload", timeout=5).json()["live"]["state"] == "loading":
+            assert time.monotonic() < deadline, "live encoder did not load"
+            time.sleep(0.2)
+        yield base
+    finally:
+        running.close()
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +100,8 @@ def browser():
         instance.close()
 
 
-@pytest.fixture()
-def page(browser, server):
-    """A fresh page that records console errors and failed same-origin requests."""
+def new_tab(browser, server: str):
+    """A fresh page that records console errors and failed same-origin requests (close its context after)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server)
     tab = context.new_page()
     tab.problems = []
@@ -84,8 +110,21 @@ def page(browser, server):
     tab.on("response", lambda r: tab.problems.append(f"{r.status} {r.url}")
            if r.status >= 400 and r.url.startswith(server) else None)
     ARTIFACTS.mkdir(exist_ok=True)
+    return tab
+
+
+@pytest.fixture()
+def page(browser, server):
+    tab = new_tab(browser, server)
     yield tab
-    context.close()
+    tab.context.close()
+
+
+@pytest.fixture()
+def live_page(browser, live_server):
+    tab = new_tab(browser, live_server)
+    yield tab
+    tab.context.close()
 
 
 def shot(page, name: str) -> None:

@@ -1,0 +1,127 @@
+"""Reading an upload: the body under a size limit, the multipart form, its options, the image.
+
+Every refusal is an `UploadRejected` with an HTTP status and a one-line reason
+(the routes turn it into JSON or HTML); nothing here can produce a 500:
+- the size limit is enforced while the body is read (413), before it is parsed;
+- a body that is not multipart/form-data is 415, a malformed one 400;
+- the image goes through `precompute.imageio.open_rgb`, the decoder of the
+  precompute job: empty, truncated or corrupt files are 400, SVG and other
+  non-images 415, decompression bombs 413;
+- `layers`, `sort` and `top` are validated (422).
+The client's file name is ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
+from starlette.datastructures import UploadFile
+
+from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields on top of the file
+SORTS = ("max", "cls", "mean")
+DEFAULT_TOP, MAX_TOP = 16, 1000
+DECODE_STATUS = {"empty": 400, "truncated": 400, "corrupt": 400, "svg": 415, "not_image": 415, "too_large": 413}
+
+
+class UploadRejected(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1_000_000:.3g} MB"
+
+
+async def read_form(request: Request, max_bytes: int) -> tuple[bytes, dict[str, list[str]]]:
+    """(file bytes, other fields) of a multipart upload, refusing bodies over the limit as they arrive."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UploadRejected(415, "send the image as multipart/form-data in a field named `file`")
+    too_large = UploadRejected(413, f"the upload is larger than the {_megabytes(max_bytes)} limit")
+    limit = max_bytes + FORM_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise UploadRejected(400, "the client disconnected during the upload") from None
+
+    async def replay():
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=32, max_part_size=64 * 1024)
+    except MultiPartException as error:
+        raise UploadRejected(400, f"malformed multipart body: {error.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise UploadRejected(400, "no file: send the image in the multipart field `file`")
+        data = await upload.read()
+        fields = {key: [v for v in form.getlist(key) if isinstance(v, str)] for key in form.keys() if key != "file"}
+    finally:
+        await form.close()
+    if len(data) > max_bytes:
+        raise too_large
+    return data, fields
+
+
+@dataclass(frozen=True)
+class Options:
+    layers: list[int]
+    sort: str
+    top: int
+
+
+def parse_layers(values: list[str], available: list[int]) -> list[int]:
+    """`20,22` or repeated `layers` fields; empty means every available layer."""
+    parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if not parts:
+        return list(available)
+    layers = []
+    for part in parts:
+        if not part.isdigit() or len(part) > 6:
+            raise UploadRejected(422, f"layers: {part[:20]!r} is not a layer number (use e.g. layers=20,22)")
+        layers.append(int(part))
+    missing = sorted(set(layers) - set(available))
+    if missing:
+        raise UploadRejected(422, f"layers: {', '.join(map(str, missing))} not encoded here; "
+                                  f"available: {', '.join(map(str, available))}")
+    return sorted(set(layers))
+
+
+def parse_options(fields: dict[str, list[str]], available: list[int]) -> Options:
+    layers = parse_layers(fields.get("layers", []), available)
+    sort = (fields.get("sort") or ["max"])[-1] or "max"
+    if sort not in SORTS:
+        raise UploadRejected(422, f"sort must be one of {', '.join(SORTS)}")
+    top_text = ((fields.get("top") or [""])[-1] or str(DEFAULT_TOP)).strip()
+    if not top_text.isdigit() or int(top_text) < 1:
+        raise UploadRejected(422, "top must be a whole number of at least 1")
+    return Options(layers, sort, min(int(top_text), MAX_TOP))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    width: int
+    height: int
+    pixels: object  # torch.Tensor [3, H, W], the model's preprocessing
+    view_jpeg: bytes  # the model's view, re-encoded without metadata
+
+
+def decode(data: bytes, preprocess, view_size: int) -> Decoded:
+    """Decode exactly as the precompute job does (`open_rgb` + the model's preprocess); runs in a thread."""
+    try:
+        image = open_rgb(data)
+    except ImageDecodeError as error:
+        raise UploadRejected(DECODE_STATUS.get(error.kind, 400), str(error)) from None
+    return Decoded(image.width, image.height, preprocess(image), jpeg_bytes(square_crop(image, view_size)))

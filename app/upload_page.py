@@ -1,0 +1,158 @@
+"""The data of an upload's result (`POST /api/encode`, `/uploads/{id}` and its JSON twin).
+
+Built from the upload's sparse codes with `precompute.encode.image_features`,
+the definitions of docs/schema.md, so an image that is also in the index gets
+the activations and heatmaps the index holds for it. Features of layers whose
+SAE is the index's carry their label terms, four top images and a link to
+their feature page.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from app.queries import Index
+from app.urls import Urls
+from precompute.encode import image_features
+
+EXAMPLES_PER_FEATURE = 4
+
+
+def round_sig(value: float, digits: int = 7) -> float:
+    """A float32-born value without float32 noise in its decimal form."""
+    return float(f"{value:.{digits}g}")
+
+
+class IndexImage(BaseModel):
+    image_id: int
+    thumbnail_url: str
+    page_url: str
+
+
+class UploadFeature(BaseModel):
+    """A feature firing on the upload; `heatmap` per patch in activation units (CLS excluded)."""
+
+    feature: int
+    activation: float
+    cls_activation: float
+    mean_activation: float
+    heatmap: list[float]
+    label: str | None = None
+    label_terms: list[str] = []
+    max_activation: float | None = None
+    top_images: list[IndexImage] = []
+    url: str | None = None
+
+
+class WinnerCount(BaseModel):
+    feature: int
+    patches: int
+
+
+class UploadLayer(BaseModel):
+    layer: int
+    n_firing: int
+    in_index: bool
+    features: list[UploadFeature]
+    winners: list[int | None]
+    winner_counts: list[WinnerCount]
+    patches: list[list[tuple[int, float]]] | None = None
+
+
+class UploadResult(BaseModel):
+    upload_id: str
+    url: str | None
+    stored: bool
+    width: int
+    height: int
+    grid: list[int]
+    image_url: str | None
+    preview_url: str | None
+    json_url: str | None
+    sort: str
+    top: int
+    layers: dict[str, UploadLayer]
+
+
+def upload_urls(upload_id: str) -> dict[str, str]:
+    return {"url": f"/uploads/{upload_id}", "image_url": f"/uploads/{upload_id}/image.jpg",
+            "preview_url": f"/uploads/{upload_id}/preview.jpg", "json_url": f"/api/uploads/{upload_id}"}
+
+
+def _winners(values: np.ndarray, indices: np.ndarray) -> tuple[list[int | None], list[WinnerCount]]:
+    """The strongest firing feature on each patch (None where nothing fires), and patches won per feature."""
+    patch_values, patch_indices = values[1:], indices[1:]
+    masked = np.where(patch_values > 0, patch_values, -np.inf)
+    best = masked.argmax(axis=1)
+    any_fires = (patch_values > 0).any(axis=1)
+    winner = np.where(any_fires, patch_indices[np.arange(len(best)), best], -1)
+    features, counts = np.unique(winner[winner >= 0], return_counts=True)
+    order = np.lexsort((features, -counts))
+    return ([int(w) if w >= 0 else None for w in winner],
+            [WinnerCount(feature=int(features[i]), patches=int(counts[i])) for i in order])
+
+
+def _patch_lists(values: np.ndarray, indices: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per patch, the features firing there with their values, strongest first."""
+    out = []
+    for row_values, row_indices in zip(values[1:], indices[1:]):
+        order = np.argsort(-row_values, kind="stable")
+        out.append([(int(row_indices[j]), round_sig(float(row_values[j]), 4)) for j in order if row_values[j] > 0])
+    return out
+
+
+def _rank(features, sort: str) -> np.ndarray:
+    key = {"max": features.activation, "cls": features.cls_activation, "mean": features.mean_activation}[sort]
+    return np.argsort(-key.numpy(), kind="stable")  # ties keep activation order
+
+
+def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarray, in_index: bool, sort: str,
+                 top: int, patches: bool) -> UploadLayer:
+    summary = image_features(torch.from_numpy(values), torch.from_numpy(indices.astype(np.int64)))
+    chosen = _rank(summary, sort)[:top]
+    feature_ids = [int(summary.features[i]) for i in chosen]
+    known = in_index and layer in index.layers
+    n_index = index.layers[layer]["n_features"] if known else 0
+    listed = [f for f in feature_ids if f < n_index]
+    rows = index.summaries(layer, listed) if listed else {}
+    examples = index.top_example_ids(layer, listed, EXAMPLES_PER_FEATURE) if listed else {}
+    urls = Urls(index.index_id)
+    heatmaps = summary.heatmaps(torch.from_numpy(chosen)).numpy() if len(chosen) else np.zeros((0, 0))
+    features = []
+    for n, (i, feature) in enumerate(zip(chosen, feature_ids)):
+        row = rows.get(feature, {})
+        features.append(UploadFeature(
+            feature=feature, activation=round_sig(float(summary.activation[i])),
+            cls_activation=round_sig(float(summary.cls_activation[i])),
+            mean_activation=round_sig(float(summary.mean_activation[i])),
+            heatmap=_float_list(heatmaps[n]),
+            label=row.get("label"), label_terms=list(row.get("label_terms") or []),
+            max_activation=row.get("max_activation"),
+            top_images=[IndexImage(image_id=image_id, thumbnail_url=urls.thumbnail(image_id),
+                                   page_url=Urls.example(layer, feature, image_id))
+                        for image_id in examples.get(feature, [])],
+            url=Urls.feature(layer, feature) if feature in rows else None))
+    winners, counts = _winners(values, indices)
+    return UploadLayer(layer=layer, n_firing=len(summary.features), in_index=known, features=features,
+                       winners=winners, winner_counts=counts,
+                       patches=_patch_lists(values, indices) if patches else None)
+
+
+def _float_list(values: np.ndarray) -> list[float]:
+    """float32 values without float32 noise in their decimal form (7 significant digits of the peak)."""
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0:
+        return values.astype(np.float64).tolist()
+    decimals = max(0, 7 - int(np.ceil(np.log10(peak))))
+    return np.round(values.astype(np.float64), decimals).tolist()
+
+
+def upload_result(index: Index, upload_id: str, width: int, height: int, grid: tuple[int, int], codes: dict,
+                  index_layers: tuple[int, ...], stored: bool, sort: str, top: int, patches: bool) -> UploadResult:
+    layers = {str(layer): upload_layer(index, layer, values, indices, layer in index_layers, sort, top, patches)
+              for layer, (values, indices) in sorted(codes.items())}
+    links = upload_urls(upload_id) if stored else dict.fromkeys(("url", "image_url", "preview_url", "json_url"))
+    return UploadResult(upload_id=upload_id, stored=stored, width=width, height=height, grid=list(grid),
+                        sort=sort, top=top, layers=layers, **links)
