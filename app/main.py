@@ -86,7 +86,8 @@ async def lifespan(app: FastAPI):
     model = index.meta.get("model") or {}
     app.state.index = index
     app.state.site = SiteInfo(index_id=index.index_id, layers=sorted(index.layers),
-                              model=str(model.get("name") or "unknown model"), public_url=settings.public_url)
+                              model=str(model.get("name") or "unknown model"), public_url=settings.public_url,
+                              demo=bool(index.meta.get("demo")))
     app.state.uploads = _upload_store(settings)
     app.state.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
     app.state.live = _live_service(app, index)

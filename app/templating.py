@@ -35,6 +35,7 @@ class SiteInfo:
     layers: list[int]
     model: str
     public_url: str | None
+    demo: bool = False
 
 
 def sig(value, digits: int = 3) -> str:
