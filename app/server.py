@@ -60,5 +60,6 @@ def serve(args) -> int:
 
     verbose = bool(getattr(args, "verbose", False))
     uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers,
+                http="app.transport:NoDelayHTTPProtocol",
                 log_level="debug" if verbose else "info", access_log=verbose, server_header=False)
     return 0
