@@ -54,6 +54,8 @@ def _warm(index: Index) -> None:
             index.first_top_images(layer)
             index.alive_features(layer)
             index.density(layer)
+            index.summaries(layer, [])
+        index.warm_images()
     except duckdb.Error as error:  # the index was closed under us (shutdown): nothing to warm
         log.debug("cache warm-up stopped: %s", error)
 

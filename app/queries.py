@@ -199,12 +199,32 @@ class Index:
         return row[0] if row else None
 
     def summaries(self, layer: int, features: list[int]) -> dict[int, dict]:
-        """Label and headline numbers of some features of one layer, by feature."""
-        if not features:
-            return {}
-        rows = self._dicts(f"SELECT {SUMMARY_COLUMNS} FROM features WHERE layer = ? AND feature = ANY(?)",
-                           [layer, list(features)])
-        return {row["feature"]: row for row in rows}
+        """Label and headline numbers of some features of one layer, by feature (from a per-layer cache)."""
+        table = self._summary_table(layer)
+        names = SUMMARY_COLUMNS.split(", ")
+        return {int(f): {name: table[name][f] for name in names} for f in features
+                if 0 <= f < self.layers[layer]["n_features"]}
+
+    def _summary_table(self, layer: int) -> dict[str, list]:
+        """SUMMARY_COLUMNS of every feature of `layer`, as columns indexed by feature; cached.
+
+        Similar-feature cards need these for ten features per page; one columnar
+        scan per layer replaces a query per page (the index never changes).
+        """
+        def build() -> dict[str, list]:
+            rows = self._cursor().execute(
+                f"SELECT {SUMMARY_COLUMNS} FROM features WHERE layer = ? ORDER BY feature", [layer]).fetchall()
+            return {name: list(values) for name, values in zip(SUMMARY_COLUMNS.split(", "), zip(*rows))}
+        return self._cached(("summaries", layer), build)
+
+    def warm_images(self) -> None:
+        """Fill the image cache (up to its size) in one scan, so pages need no image query."""
+        if not self._image_cache_size:
+            return
+        rows = self._dicts(f"SELECT {IMAGE_COLUMNS} FROM images ORDER BY image_id LIMIT ?", [self._image_cache_size])
+        with self._lock:
+            for row in rows:
+                self._image_cache.setdefault(row["image_id"], row)
 
     def examples(self, layer: int, feature: int, heatmaps: bool) -> list[dict]:
         """All example rows of a feature (top, then bands), ordered by band and rank."""
