@@ -114,13 +114,7 @@ def upload_preview_jpeg(view_jpeg: bytes, tiles: list[tuple[list[float], float]]
         base = source.convert("RGBA").resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.BICUBIC)
     canvas.paste(base.convert("RGB"), (0, top))
     for slot, (values, vmax) in enumerate(tiles[:7], start=1):
-        tile = base.copy()
-        heat = Image.fromarray(overlay_rgba(np.asarray(values, dtype=np.float32), grid, vmax), "RGBA")
-        heat = heat.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.NEAREST)
-        alpha = np.asarray(heat.getchannel("A"), dtype=np.float32) * 0.6
-        heat.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
-        tile.alpha_composite(heat)
-        canvas.paste(tile.convert("RGB"), ((slot % 4) * PREVIEW_TILE, top + (slot // 4) * PREVIEW_TILE))
+        _paste_tile(canvas, slot, top, base.copy(), np.asarray(values, dtype=np.float32), grid, vmax)
     return _encode(canvas, "JPEG", quality=82)
 
 
@@ -131,10 +125,16 @@ def preview_jpeg(tiles: list[tuple[bytes, np.ndarray]], grid: tuple[int, int], v
     for slot, (thumbnail, values) in enumerate(tiles[:8]):
         with Image.open(io.BytesIO(thumbnail)) as source:
             tile = source.convert("RGBA").resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.BICUBIC)
-        heat = Image.fromarray(overlay_rgba(values, grid, vmax), "RGBA")
-        heat = heat.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.NEAREST)
-        alpha = np.asarray(heat.getchannel("A"), dtype=np.float32) * 0.6
-        heat.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
-        tile.alpha_composite(heat)
-        canvas.paste(tile.convert("RGB"), ((slot % 4) * PREVIEW_TILE, top + (slot // 4) * PREVIEW_TILE))
+        _paste_tile(canvas, slot, top, tile, values, grid, vmax)
     return _encode(canvas, "JPEG", quality=82)
+
+
+def _paste_tile(canvas: Image.Image, slot: int, top: int, tile: Image.Image, values: np.ndarray,
+                grid: tuple[int, int], vmax: float | None) -> None:
+    """One preview-card tile: the image with its heatmap at 60 % opacity, in grid slot `slot` (4 per row)."""
+    heat = Image.fromarray(overlay_rgba(values, grid, vmax), "RGBA")
+    heat = heat.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.NEAREST)
+    alpha = np.asarray(heat.getchannel("A"), dtype=np.float32) * 0.6
+    heat.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
+    tile.alpha_composite(heat)
+    canvas.paste(tile.convert("RGB"), ((slot % 4) * PREVIEW_TILE, top + (slot // 4) * PREVIEW_TILE))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from precompute.synthetic import OBJECT_COLOURS
-from tests.e2e.conftest import REPO, _free_port, new_tab, shot
+from tests.e2e.conftest import REPO, _free_port, new_tab, shot, stop_process
 
 N_IMAGES = 600
 
@@ -43,11 +43,7 @@ def demo_server(tmp_path_factory):
             time.sleep(0.5)
         yield base, data
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def object_feature(base: str) -> tuple[int, int]:
