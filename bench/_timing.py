@@ -42,8 +42,10 @@ def _own_seconds() -> float:
     return times.user + times.system
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn; calls interleaved, start rotated each round."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median seconds per call of each fn, all per-round times); calls interleaved, start rotated each round."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -63,7 +65,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 5, 
         print(f"  other processes used {others:.2f} of {os.cpu_count()} cores while timing{note}")
     for name in names:
         print(f"  {name}: " + " ".join(f"{t:.3f}" for t in times[name]) + f" s (median {statistics.median(times[name]):.3f})")
-    return {name: statistics.median(times[name]) for name in names}
+    return {name: statistics.median(times[name]) for name in names}, times
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of num/den within the same round: steadier when load comes and goes."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def passes(measured: float, op: str, target: float) -> bool:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which a
 
 import torch  # noqa: E402
 
-from _timing import interleaved_medians, result_line  # noqa: E402
+from _timing import interleaved_medians, paired_ratio, result_line  # noqa: E402
 from precompute.vision import load_tower  # noqa: E402
 
 BATCH, LAYER = 4, 20
@@ -61,7 +61,7 @@ def main() -> None:
     assert captured.shape == (BATCH, tower.n_tokens, tower.width)
     assert torch.allclose(captured, reference, atol=1e-4, rtol=1e-4)
 
-    medians = interleaved_medians(
+    medians, times = interleaved_medians(
         {
             "capture [20]": lambda: tower.capture(pixels, [LAYER]),
             f"full forward ({n_blocks} blocks)": lambda: plain_forward(visual, pixels, n_blocks),
@@ -69,11 +69,12 @@ def main() -> None:
         },
         repeats=REPEATS,
     )
-    t_cap = medians["capture [20]"]
-    t_full = medians[f"full forward ({n_blocks} blocks)"]
-    t_plain = medians[f"plain forward ({LAYER + 1} blocks)"]
+    cap, full, plain = "capture [20]", f"full forward ({n_blocks} blocks)", f"plain forward ({LAYER + 1} blocks)"
+    t_cap, t_full, t_plain = medians[cap], medians[full], medians[plain]
     print(f"capture {t_cap:.3f} s, full {t_full:.3f} s, plain-21 {t_plain:.3f} s "
           f"(ideal capture/full = {(LAYER + 1) / n_blocks:.3f}); capture {BATCH / t_cap:.2f} img/s")
+    print(f"(for reference, medians of per-round ratios: capture/full {paired_ratio(times, cap, full):.3f}, "
+          f"capture/plain-21 {paired_ratio(times, cap, plain):.3f})")
 
     results = []
     for name, measured in (("vision_capture_vs_full", t_cap / t_full), ("vision_capture_overhead", t_cap / t_plain)):
