@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import htmx
+from app.security import SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ async def _invalid(request: Request, exc: RequestValidationError) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    """500 without details. Starlette sends this from outside every middleware, so the security headers
+    are added here."""
     log.exception("unhandled error on %s", request.url.path)
-    return error_response(request, 500, "Server error", "Something went wrong on our side; it has been logged.")
+    response = error_response(request, 500, "Server error", "Something went wrong on our side; it has been logged.")
+    for name, value in SECURITY_HEADERS:
+        response.headers[name.decode()] = value.decode()
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:

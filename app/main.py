@@ -1,7 +1,7 @@
 """The ASGI application: `create_app(settings)`, and `app` for `uvicorn app.main:app`.
 
 Nothing is built at import time. `create_app` wires routers, error handlers,
-security headers and static files; the lifespan opens the index (read-only)
+cross-origin rules, security headers and static files; the lifespan opens the index (read-only)
 when the server starts and closes it when it stops. The module attribute
 `app` is built on first access from `get_settings()` (environment variables
 `CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
@@ -25,9 +25,11 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from app.cors import CrossOriginMiddleware
 from app.errors import install_error_handlers
 from app.live import LiveEncoder, LiveService, LiveSpec
 from app.queries import Index, IndexOpenError, check_index, open_index
+from app.ratelimit import upload_limiter
 from app.routes import register
 from app.security import SecurityHeadersMiddleware
 from app.settings import Settings, get_settings
@@ -114,8 +116,11 @@ def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> F
     application.state.settings = settings
     application.state.live_encoder = live_encoder
     application.state.templates = make_templates()
+    application.state.upload_limiter = upload_limiter(settings)
     install_error_handlers(application)
-    application.add_middleware(SecurityHeadersMiddleware)
+    application.add_middleware(CrossOriginMiddleware, allowed_origins=settings.cors_origins,
+                               public_url=settings.public_url)
+    application.add_middleware(SecurityHeadersMiddleware)  # outermost: its headers go on every response
     application.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     register(application)
     return application

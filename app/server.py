@@ -9,6 +9,7 @@ worker starts, with one line and exit code 2.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,23 @@ def live_environment(args) -> dict[str, str]:
     return env
 
 
+def log_config(verbose: bool) -> dict:
+    """uvicorn's logging plus the app's own loggers (`app`, `precompute`): with `--workers N` each worker is a
+    fresh process that applies this dict, so its warnings read like the parent's. Quiet by default:
+    warnings and errors (every unexpected 500 with its traceback), uvicorn's start/stop lines; `-v` adds
+    the app's info lines and uvicorn's access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["named"] = {"()": "uvicorn.logging.DefaultFormatter",
+                                     "fmt": "%(levelprefix)s %(name)s: %(message)s", "use_colors": None}
+    config["handlers"]["named"] = {"formatter": "named", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    for name in ("app", "precompute"):
+        config["loggers"][name] = {"handlers": ["named"], "level": "INFO" if verbose else "WARNING",
+                                   "propagate": False}
+    return config
+
+
 def serve(args) -> int:
     if args.workers < 1:
         return _fail("--workers must be at least 1")
@@ -61,5 +79,6 @@ def serve(args) -> int:
     verbose = bool(getattr(args, "verbose", False))
     uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers,
                 http="app.transport:NoDelayHTTPProtocol",
-                log_level="debug" if verbose else "info", access_log=verbose, server_header=False)
+                log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
+                log_config=log_config(verbose))
     return 0

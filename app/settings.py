@@ -8,12 +8,15 @@ Every field is documented in docs/API.md (a test checks it).
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ORIGIN = re.compile(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
 
 
 def default_upload_store() -> Path:
@@ -47,6 +50,25 @@ class Settings(BaseSettings):
     store_uploads: bool = Field(True, description="keep uploads (downscaled, re-encoded) so /uploads/{id} can show them again")
     upload_store: Path = Field(default_factory=default_upload_store, description="writable folder for stored uploads, apart from the index")
     upload_store_max_bytes: int = Field(1_000_000_000, ge=0, description="size cap of the upload store; least recently used uploads are evicted beyond it")
+    upload_rate_limit: int = Field(30, ge=0, description="uploads per client address per minute, per server process (0: no limit); more are answered 429 with Retry-After")
+    upload_rate_burst: int = Field(10, ge=1, description="uploads a client may start at once before upload_rate_limit applies")
+    # cross-origin requests (browsers): GET /api/... is open to every origin; POSTs only to these
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        origins = []
+        for item in value or []:
+            origin = str(item).strip().rstrip("/").lower()
+            if not origin:
+                continue
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+            origins.append(origin)
+        return origins
 
     @field_validator("live_layers", mode="before")
     @classmethod

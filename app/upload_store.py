@@ -33,7 +33,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # always used with fullmatch (`$` would accept a trailing newline)
 VIEW_SIZE = 448
 RESCAN_EVERY = 64  # saves between full rescans (other processes write too)
 
@@ -96,12 +96,13 @@ class UploadStore:
         self._estimate = self._scan_total()
 
     def _folder(self, upload_id: str) -> Path:
-        if not UPLOAD_ID.match(upload_id):
-            raise ValueError(f"not an upload id: {upload_id!r}")
+        """`<root>/<id[:2]>/<id>`; anything but 32 lower-case hex digits is refused, so no path leaves the root."""
+        if not isinstance(upload_id, str) or not UPLOAD_ID.fullmatch(upload_id):
+            raise ValueError(f"not an upload id: {upload_id[:80] if isinstance(upload_id, str) else upload_id!r}")
         return self.root / upload_id[:2] / upload_id
 
     def get(self, upload_id: str, touch: bool = True) -> StoredUpload | None:
-        if not UPLOAD_ID.match(upload_id):
+        if not isinstance(upload_id, str) or not UPLOAD_ID.fullmatch(upload_id):
             return None
         folder = self._folder(upload_id)
         try:

@@ -32,7 +32,7 @@ from app.upload_store import UPLOAD_ID, VIEW_SIZE, StoredUpload
 log = logging.getLogger(__name__)
 router = APIRouter()
 IMMUTABLE = "public, max-age=31536000, immutable"
-UploadId = Annotated[str, Path(pattern=UPLOAD_ID.pattern, description="an upload id (32 hex digits)")]
+UploadId = Annotated[str, Path(pattern=f"^{UPLOAD_ID.pattern}$", max_length=32, description="an upload id (32 hex digits)")]
 
 
 class LiveInfo(BaseModel):
@@ -82,9 +82,22 @@ def _encoder(request: Request) -> LiveEncoder:
     return service.encoder
 
 
+def _check_rate(request: Request) -> None:
+    """429 when this client has used up its uploads (`CLIPSCOPE_UPLOAD_RATE_LIMIT`), before the body is read."""
+    limiter = request.app.state.upload_limiter
+    if limiter is None:
+        return
+    wait = limiter.acquire(request.client.host if request.client else "unknown")
+    if wait:
+        per_minute = request.app.state.settings.upload_rate_limit
+        raise UploadRejected(429, f"too many uploads from your address (at most {per_minute} a minute); "
+                                  f"try again in {wait} s", {"Retry-After": str(wait)})
+
+
 async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadResult, bytes | None]:
     """Read, decode, encode (or find in the store) and describe one upload: (result, view JPEG if not stored)."""
     encoder = _encoder(request)
+    _check_rate(request)
     state = request.app.state
     store = state.uploads
     view_jpeg = None
@@ -166,6 +179,7 @@ def upload_form_html(request: Request):
                         413: {"description": "body over the size limit, or too many pixels"},
                         415: {"description": "not an image (SVG included), or not multipart"},
                         422: {"description": "bad layers, sort or top"},
+                        429: {"description": "too many uploads from this client (Retry-After)"},
                         503: {"description": "busy (Retry-After) or live encoding unavailable"}})
 async def encode_json(request: Request):
     try:

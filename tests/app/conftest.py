@@ -235,11 +235,12 @@ def index(client):
 
 
 def live_app_client(tiny_index: Path, store: Path | None, **overrides):
-    """A TestClient context over `tiny_index` with live encoding loaded (waits for it)."""
+    """A TestClient context over `tiny_index` with live encoding loaded (waits for it). Every request comes
+    from one client address, so the per-client upload rate limit is off unless `overrides` set it."""
     from app.main import create_app
     from app.settings import Settings
 
-    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None)
+    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None, upload_rate_limit=0)
     if store is None:
         options.pop("upload_store")
     settings = Settings(**{**options, **overrides})

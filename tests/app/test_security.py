@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.security import CONTENT_SECURITY_POLICY
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from tests.app.route_walk import endpoints, fill
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
@@ -20,6 +24,63 @@ def test_security_headers(client, url):
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["referrer-policy"] == "strict-origin-when-cross-origin"
     assert headers["x-frame-options"] == "DENY"
+
+
+def assert_secured(response, what) -> None:
+    for name, value in SECURITY_HEADERS:
+        assert response.headers.get(name.decode()) == value.decode(), (what, response.status_code, name)
+
+
+def test_every_route_and_every_kind_of_answer_is_secured(client, index):
+    """Every route of the app (walked from app.routes) with good and bad values, and each status it can give."""
+    image_id = index.examples(20, 8, heatmaps=False)[0]["image_id"]
+    good = {"layer": "20", "feature": "8", "image_id": str(image_id), "index_id": index.index_id, "upload_id": "0" * 32}
+    bad = {name: "999999" if name != "index_id" else "x" for name in good}
+    seen = set()
+    for endpoint in endpoints(client.app):
+        for values in (good, bad):
+            url = fill(endpoint.path, values)
+            for method in sorted(endpoint.methods | {"HEAD", "DELETE"}):
+                response = client.request(method, url)
+                assert_secured(response, f"{method} {url}")
+                seen.add(response.status_code)
+    thumbnail = f"/images/{index.index_id}/{image_id}.jpg"
+    cached = client.get(thumbnail, headers={"If-None-Match": client.get(thumbnail).headers["etag"]})
+    extra = [cached, client.get("/search?q=20/8"), client.get("/layers/20?page=x"), client.get("/nowhere"),
+             client.options("/api/layers", headers={"Origin": "https://a.org", "Access-Control-Request-Method": "GET"}),
+             client.post("/api/encode", headers={"Origin": "https://a.org"}),
+             client.get("/static/style.css", headers={"Range": "bytes=0-9"}),
+             client.get("/static/style.css", headers={"Range": "bytes=999999-"})]
+    for response in extra:
+        assert_secured(response, response.url)
+        seen.add(response.status_code)
+    assert {200, 204, 206, 303, 304, 403, 404, 405, 416, 422, 503} <= seen, seen
+
+
+def test_upload_refusals_are_secured(live_client):
+    for response in (live_client.post("/api/encode", content=b"x", headers={"content-type": "text/plain"}),
+                     live_client.post("/api/encode", files={"file": ("a", b"")}),
+                     live_client.post("/upload", files={"file": ("a", b"")}),
+                     live_client.post("/api/encode", content=b"0" * 10,
+                                      headers={"content-type": "multipart/form-data; boundary=x",
+                                               "content-length": str(10**10)})):
+        assert response.status_code in (400, 413, 415)
+        assert_secured(response, response.status_code)
+
+
+def test_500_is_secured(settings):
+    application = create_app(settings)
+
+    def boom():
+        raise RuntimeError("boom")
+
+    application.add_api_route("/api/boom", boom)
+    application.add_api_route("/boom", boom)
+    with TestClient(application, raise_server_exceptions=False) as test_client:
+        for url in ("/boom", "/api/boom"):
+            response = test_client.get(url)
+            assert response.status_code == 500
+            assert_secured(response, url)
 
 
 def test_policy_allows_nothing_inline_or_remote():

@@ -32,13 +32,17 @@ def e2e_index(tmp_path_factory) -> Path:
     return build_index(tmp_path_factory.mktemp("e2e") / "index.duckdb")
 
 
-def run_server(index: Path, *options: str, ready: str = "/"):
-    """Start `clipscope-explorer serve INDEX` on a free port; yield its base URL; stop it."""
+def run_server(index: Path, *options: str, ready: str = "/", log_path: Path | None = None,
+               processes: list | None = None):
+    """Start `clipscope-explorer serve INDEX` on a free port; yield its base URL; stop it. Its output goes to
+    `log_path` (default INDEX.log); `processes`, when given, receives the server's `Popen`."""
     port = _free_port()
-    log = open(tmp_log := index.with_suffix(".log"), "w")
+    log = open(tmp_log := log_path or index.with_suffix(".log"), "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port), *options],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if processes is not None:
+        processes.append(process)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
