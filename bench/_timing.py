@@ -81,3 +81,12 @@ def result_line(name: str, measured: float, op: str, target: float, digits: int 
     """('RESULT <name> <measured> target <op><target> PASS|MISS', passed); judged on the unrounded value."""
     ok = passes(measured, op, target)
     return f"RESULT {name} {measured:.{digits}f} target {op}{target:.2f} {'PASS' if ok else 'MISS'}", ok
+
+
+def print_results(name: str, results: list[tuple[str, bool]]) -> None:
+    """Print each RESULT line, then the summary line: PASS only if every target passed."""
+    for line, _ in results:
+        print(line)
+    passed = sum(ok for _, ok in results)
+    print(f"RESULT {name} {passed}/{len(results)} target =={len(results)}/{len(results)} "
+          f"{'PASS' if passed == len(results) else 'MISS'}")

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _timing import REPO_ROOT, interleaved_medians, paired_ratio, result_line
+from _timing import REPO_ROOT, interleaved_medians, paired_ratio, result_line, print_results
 
 import numpy as np
 
@@ -338,11 +338,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    for line, _ in results:
-        print(line)
-    passed = sum(ok for _, ok in results)
-    print(f"RESULT live {passed}/{len(results)} target =={len(results)}/{len(results)} "
-          f"{'PASS' if passed == len(results) else 'MISS'}")
+    print_results("live", results)
 
 
 if __name__ == "__main__":

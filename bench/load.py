@@ -37,7 +37,7 @@ import time
 from collections import Counter, defaultdict
 
 from _procs import describe_processes, machine_busy, rss_and_cpu, server_tree
-from _timing import REPO_ROOT, result_line
+from _timing import REPO_ROOT, result_line, print_results
 from serve import free_port, wait_ready
 
 import numpy as np
@@ -293,11 +293,7 @@ def report(stats: Stats, samples: list, cpu: tuple[float, float]) -> None:
                result_line("load_connection_errors", len(stats.connection_errors), "<=", 0, 0),
                result_line("load_page_p99_ms", p99, "<=", 500, 1),
                result_line("load_rss_growth_pct", growth, "<=", 10, 1)]
-    for line, _ in results:
-        print(line)
-    passed = sum(ok for _, ok in results)
-    print(f"RESULT load {passed}/{len(results)} target =={len(results)}/{len(results)} "
-          f"{'PASS' if passed == len(results) else 'MISS'}")
+    print_results("load", results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from _timing import REPO_ROOT, result_line
+from _timing import REPO_ROOT, result_line, print_results
 
 import numpy as np
 
@@ -221,11 +221,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    for line, _ in results:
-        print(line)
-    passed = sum(ok for _, ok in results)
-    print(f"RESULT serve {passed}/{len(results)} target =={len(results)}/{len(results)} "
-          f"{'PASS' if passed == len(results) else 'MISS'}")
+    print_results("serve", results)
 
 
 if __name__ == "__main__":

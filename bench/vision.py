@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which a
 
 import torch  # noqa: E402
 
-from _timing import interleaved_medians, paired_ratio, result_line  # noqa: E402
+from _timing import interleaved_medians, paired_ratio, result_line, print_results  # noqa: E402
 from precompute.vision import load_tower  # noqa: E402
 
 BATCH, LAYER = 4, 20
@@ -76,14 +76,8 @@ def main() -> None:
     print(f"(for reference, medians of per-round ratios: capture/full {paired_ratio(times, cap, full):.3f}, "
           f"capture/plain-21 {paired_ratio(times, cap, plain):.3f})")
 
-    results = []
-    for name, measured in (("vision_capture_vs_full", t_cap / t_full), ("vision_capture_overhead", t_cap / t_plain)):
-        op, target = TARGETS[name]
-        line, ok = result_line(name, measured, op, target)
-        print(line)
-        results.append(ok)
-    n_pass, n_total = sum(results), len(results)
-    print(f"RESULT vision {n_pass}/{n_total} target =={n_total}/{n_total} {'PASS' if n_pass == n_total else 'MISS'}")
+    print_results("vision", [result_line(name, measured, *TARGETS[name]) for name, measured in
+                             (("vision_capture_vs_full", t_cap / t_full), ("vision_capture_overhead", t_cap / t_plain))])
 
 
 if __name__ == "__main__":
