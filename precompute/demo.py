@@ -35,7 +35,7 @@ def _has_checkpoint(folder: Path) -> bool:
 
 def build_demo(data: Path, n_images: int = 2000, fresh: bool = False, progress: bool = True) -> Path:
     """Make (or reuse) everything under `data` and return the demo index path."""
-    data = Path(data)
+    data = Path(data).resolve()  # the index records model and SAE paths: absolute, so any cwd can serve it
     index = data / f"demo-{n_images}.duckdb"
     if index.is_file() and not fresh:
         return index
