@@ -27,7 +27,8 @@ import torch
 
 from app.batcher import MicroBatcher
 from precompute.encode import encode_pixels
-from precompute.sae import SAELoadError, TopKSAE, load_checkpoint_file, load_sae
+from precompute.sae import SAELoadError, TopKSAE
+from precompute.checkpoints import load_checkpoint_file, load_sae
 from precompute.vision import ModelLoadError, ModelSpec, VisionTower, load_tower
 
 log = logging.getLogger(__name__)

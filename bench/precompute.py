@@ -29,7 +29,7 @@ def prepare_inputs():
     """A ViT-L-14 CLIP with random weights in the hub layout, a full-size SAE, 48 images (cached)."""
     import open_clip
 
-    from precompute.sae import save_checkpoint
+    from precompute.checkpoints import save_checkpoint
     from precompute.synthetic import save_tiny_clip, write_scenes
 
     model_dir = CACHE / "vit-l-14-random"
@@ -47,7 +47,7 @@ def prepare_inputs():
 
 
 def baseline_seconds(model_dir, sae_dir, images) -> float:
-    from precompute.sae import load_sae
+    from precompute.checkpoints import load_sae
     from precompute.sources import ShardBatches, resolve_sources
     from precompute.vision import load_tower
 
@@ -79,7 +79,7 @@ def precompute_seconds(model_dir, sae_dir, images) -> dict:
 
 
 def load_seconds(model_dir, sae_dir) -> float:
-    from precompute.sae import load_sae
+    from precompute.checkpoints import load_sae
     from precompute.vision import load_tower
 
     start = time.perf_counter()

@@ -34,7 +34,7 @@ def prepare() -> None:
     import torch
 
     from precompute.demo import DEMO_MODEL, DEMO_POSITION_SCALE
-    from precompute.sae import save_checkpoint
+    from precompute.checkpoints import save_checkpoint
     from precompute.synthetic import save_tiny_clip, tiny_clip_config, write_scenes
 
     write_scenes(CACHE / "images", max(SIZES))

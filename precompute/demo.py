@@ -14,7 +14,7 @@ from pathlib import Path
 
 from precompute.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
 from precompute.job import PrecomputeConfig, run
-from precompute.sae import CHECKPOINT_NAME
+from precompute.checkpoints import CHECKPOINT_NAME
 from precompute.sources import resolve_sources
 from precompute.synthetic import save_tiny_clip, tiny_clip_config, write_scenes
 from precompute.vision import load_tower

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from precompute.sae import save_checkpoint
+from precompute.checkpoints import save_checkpoint
 
 
 @dataclass(frozen=True)

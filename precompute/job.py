@@ -20,7 +20,8 @@ from precompute.accumulate import LayerAccumulator
 from precompute.encode import encode_pixels
 from precompute.labels import DocumentFrequency
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
-from precompute.sae import TopKSAE, explained_variance, load_saes, squared_error
+from precompute.sae import TopKSAE, explained_variance, squared_error
+from precompute.checkpoints import load_saes
 from precompute.sources import Batch, Shard, ShardBatches, count_samples, known_size, resolve_sources
 from precompute.tables import ExampleSettings
 from precompute.vision import ModelSpec, VisionTower, load_tower, resolve_device

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from precompute.sae import save_checkpoint
+from precompute.checkpoints import save_checkpoint
 from precompute.synthetic import save_tiny_clip
 
 TINY_LAYERS = (1, 2)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from precompute.accumulate import histogram_edges
-from precompute.sae import load_sae
+from precompute.checkpoints import load_sae
 from tests.conftest import TINY_LAYERS
 
 

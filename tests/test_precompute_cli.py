@@ -79,7 +79,7 @@ def test_bad_option_values(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, 
 def test_normalise_sample_reports_raw_and_standardised(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo,
                                                        tiny_index, tiny_tower):
     from tests.test_precompute import read_shards
-    from precompute.sae import load_sae
+    from precompute.checkpoints import load_sae
 
     out = run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "n.duckdb",
                                 normalise="sample", workers=2))

@@ -1,0 +1,221 @@
+"""SAE checkpoints of the CLIP-Scope release: find, read, validate, write.
+
+Sources: a hub repo (``{layer}_resid/{token_count}.pt``, online or from the
+local Hugging Face cache), a local folder with the same layout, one ``.pt``
+file in the released dict layout, or a ``.safetensors`` file with tensors
+``pre_b``, ``enc``, ``dec`` (``k`` in its metadata). The default checkpoint
+is the final one (the largest token count). Every error names the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from precompute.release import DEFAULT_SAE_REPO, RELEASED_K
+from precompute.sae import SAELoadError, SAESource, TopKSAE
+
+CHECKPOINT_NAME = re.compile(r"^(\d+)\.(pt|safetensors)$")
+
+RELEASED_KEYS = ("model_state_dict", "d_in", "n_features", "k")
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    tensors: dict
+    d_in: int | None
+    n_features: int | None
+    k: int
+    token_count: int | None
+
+
+def _read_checkpoint(path: Path) -> _Checkpoint:
+    """Tensors and header fields of a .pt or .safetensors file, with clear errors."""
+    if not path.is_file():
+        raise SAELoadError(f"SAE file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise SAELoadError(f"SAE file {path} is corrupt or not safetensors: {error}") from error
+        header = {key: int(meta[key]) for key in ("d_in", "n_features", "k", "token_count") if key in meta}
+        return _Checkpoint(tensors, header.get("d_in"), header.get("n_features"),
+                           header.get("k", RELEASED_K), header.get("token_count"))
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise SAELoadError(f"SAE file {path} is corrupt or not a torch checkpoint: {error}") from error
+    missing = [key for key in RELEASED_KEYS if not isinstance(blob, dict) or key not in blob]
+    if missing:
+        raise SAELoadError(f"SAE file {path} lacks key(s) {missing}")
+    token_count = blob.get("token_count")
+    return _Checkpoint(blob["model_state_dict"], int(blob["d_in"]), int(blob["n_features"]), int(blob["k"]),
+                       int(token_count) if token_count is not None else None)
+
+
+def _validate(ckpt: _Checkpoint, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = ckpt.tensors
+    missing = [name for name in ("pre_b", "enc", "dec") if name not in tensors]
+    if missing:
+        raise SAELoadError(f"SAE file {path} lacks tensor(s) {missing} in its state dict")
+    pre_b, enc, dec = tensors["pre_b"], tensors["enc"], tensors["dec"]
+    d_in = ckpt.d_in if ckpt.d_in is not None else (enc.shape[0] if enc.ndim == 2 else -1)
+    n_features = ckpt.n_features if ckpt.n_features is not None else (enc.shape[1] if enc.ndim == 2 else -1)
+    expected = {"pre_b": (d_in,), "enc": (d_in, n_features), "dec": (n_features, d_in)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise SAELoadError(
+                f"SAE file {path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                f"(d_in={d_in}, n_features={n_features})"
+            )
+    return pre_b, enc, dec
+
+
+def load_checkpoint_file(path: str | Path, source: str | None = None, layer: int | None = None) -> TopKSAE:
+    """Load one checkpoint file (.pt in the released layout, or .safetensors)."""
+    path = Path(path)
+    ckpt = _read_checkpoint(path)
+    pre_b, enc, dec = _validate(ckpt, path)
+    k, token_count = ckpt.k, ckpt.token_count
+    if not 0 < k <= enc.shape[1]:
+        raise SAELoadError(f"SAE file {path}: k={k} is not in 1..{enc.shape[1]}")
+    if token_count is None:
+        match = CHECKPOINT_NAME.match(path.name)
+        token_count = int(match.group(1)) if match else None
+    origin = SAESource(source or str(path), layer, int(token_count) if token_count is not None else None, str(path))
+    return TopKSAE(pre_b, enc, dec, k, origin)
+
+
+def _checkpoints_in(names: list[str]) -> dict[int, str]:
+    found = {}
+    for name in names:
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found[int(match.group(1))] = name
+    return found
+
+
+def _choose(found: dict[int, str], checkpoint: int | None, where: str) -> str:
+    if not found:
+        raise SAELoadError(f"no checkpoints ({{token_count}}.pt) in {where}")
+    if checkpoint is None:
+        return found[max(found)]
+    if checkpoint not in found:
+        listed = ", ".join(str(c) for c in sorted(found))
+        raise SAELoadError(f"checkpoint {checkpoint} does not exist in {where}; available: {listed}")
+    return found[checkpoint]
+
+
+def _layer_folder_error(where: str, layer: int, folders: list[str]) -> SAELoadError:
+    layers = sorted(int(f.split("_")[0]) for f in folders if re.match(r"^\d+_resid$", f))
+    return SAELoadError(
+        f"no folder {layer}_resid in {where}; layers available: {', '.join(map(str, layers)) or 'none'}"
+    )
+
+
+def _load_from_folder(root: Path, layer: int, checkpoint: int | None) -> TopKSAE:
+    folder = root / f"{layer}_resid"
+    if not folder.is_dir():
+        raise _layer_folder_error(str(root), layer, [p.name for p in root.iterdir() if p.is_dir()])
+    name = _choose(_checkpoints_in([p.name for p in folder.iterdir()]), checkpoint, str(folder))
+    return load_checkpoint_file(folder / name, source=str(root), layer=layer)
+
+
+def _hub_files(repo: str) -> list[str]:
+    """Files of a hub repo: listed online, or read from the local HF cache offline."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return HfApi().list_repo_files(repo)
+    except HFValidationError as error:
+        raise SAELoadError(f"--sae {repo!r} is neither an existing path nor a hub repo id") from error
+    except Exception:  # offline or unreachable: fall back to the cache
+        pass
+    try:
+        snapshot = Path(snapshot_download(repo, local_files_only=True, allow_patterns=["*_resid/*"]))
+    except Exception as error:
+        raise SAELoadError(
+            f"hub repo {repo} is not reachable and not in the local Hugging Face cache: {error}"
+        ) from error
+    return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+
+
+def _load_from_hub(repo: str, layer: int, checkpoint: int | None) -> TopKSAE:
+    from huggingface_hub import hf_hub_download
+
+    files = _hub_files(repo)
+    folders = sorted({f.split("/")[0] for f in files if "/" in f})
+    if f"{layer}_resid" not in folders:
+        raise _layer_folder_error(f"hub repo {repo}", layer, folders)
+    in_layer = [f.split("/", 1)[1] for f in files if f.startswith(f"{layer}_resid/")]
+    name = _choose(_checkpoints_in(in_layer), checkpoint, f"hub repo {repo}/{layer}_resid")
+    try:
+        path = hf_hub_download(repo, f"{layer}_resid/{name}")
+    except Exception as error:
+        raise SAELoadError(f"could not fetch {repo}/{layer}_resid/{name}: {error}") from error
+    return load_checkpoint_file(path, source=repo, layer=layer)
+
+
+def load_sae(source: str = DEFAULT_SAE_REPO, layer: int | None = None, checkpoint: int | None = None) -> TopKSAE:
+    """Load one layer's SAE from a file, a hub-layout folder, or a hub repo id.
+
+    The default checkpoint is the final one (the largest token count).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return load_checkpoint_file(path, layer=layer)
+    if not path.is_dir() and (path.suffix in (".pt", ".safetensors") or source.startswith((".", "/", "~"))):
+        raise SAELoadError(f"SAE file or folder {source} does not exist")
+    if layer is None:
+        raise SAELoadError(f"--sae {source} is a folder or repo: a layer is needed")
+    if path.is_dir():
+        return _load_from_folder(path, layer, checkpoint)
+    return _load_from_hub(source, layer, checkpoint)
+
+
+def load_saes(source: str, layers: list[int], checkpoint: int | None = None) -> dict[int, TopKSAE]:
+    """One SAE per layer; a single file serves only a single layer."""
+    if Path(source).expanduser().is_file() and len(layers) != 1:
+        raise SAELoadError(f"--sae {source} is one file, but {len(layers)} layers were asked for")
+    return {layer: load_sae(source, layer, checkpoint) for layer in layers}
+
+
+def save_checkpoint(
+    path: str | Path,
+    pre_b: torch.Tensor,
+    enc: torch.Tensor,
+    dec: torch.Tensor,
+    k: int,
+    token_count: int,
+    n_iter: int = 0,
+    dead_latents: torch.Tensor | None = None,
+) -> Path:
+    """Write a checkpoint in exactly the released dict layout (used by `fit` and tests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_features = enc.shape[1]
+    blob = {
+        "model_state_dict": {"pre_b": pre_b.detach().cpu().float(), "enc": enc.detach().cpu().float(),
+                             "dec": dec.detach().cpu().float()},
+        "d_in": enc.shape[0],
+        "n_features": n_features,
+        "k": int(k),
+        "token_count": int(token_count),
+        "n_iter": int(n_iter),
+        "dead_latents": dead_latents if dead_latents is not None else torch.zeros(n_features),
+        "log_id": path.stem,
+    }
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save(blob, partial)
+    partial.replace(path)
+    return path
