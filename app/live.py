@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from app.batcher import MicroBatcher
-from precompute.encode import encode_pixels
-from precompute.sae import SAELoadError, TopKSAE
-from precompute.checkpoints import load_checkpoint_file, load_sae
-from precompute.vision import ModelLoadError, ModelSpec, VisionTower, load_tower
+
+if TYPE_CHECKING:  # torch and the model code load with the encoder, so `--no-live` servers never import them
+    import torch
+
+    from precompute.sae import TopKSAE
+    from precompute.vision import VisionTower
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class LiveSpec:
 
 
 def _load_layer_sae(spec: LiveSpec, layer: int) -> TopKSAE:
+    from precompute.checkpoints import load_checkpoint_file, load_sae
+
     file = spec.sae_files.get(layer)
     if file and Path(file).is_file():  # the very file the index was built from
         return load_checkpoint_file(file, source=spec.sae, layer=layer)
@@ -84,6 +89,11 @@ def _load_layer_sae(spec: LiveSpec, layer: int) -> TopKSAE:
 
 def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncoder":
     """Load model and SAEs (ModelLoadError / SAELoadError / ValueError when impossible)."""
+    import torch
+
+    from precompute.sae import SAELoadError
+    from precompute.vision import ModelLoadError, ModelSpec, load_tower
+
     if not spec.model:
         raise ModelLoadError("the index records no model; pass --live-model")
     if not spec.sae:
@@ -119,6 +129,10 @@ class LiveEncoder:
         return self.tower.preprocess(image)
 
     def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Codes]:
+        import torch
+
+        from precompute.encode import encode_pixels
+
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])
         encoded = encode_pixels(self.tower, {n: self.saes[n] for n in wanted}, pixels)

@@ -10,12 +10,10 @@ their feature page.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import BaseModel
 
 from app.queries import Index
 from app.urls import Urls
-from precompute.encode import image_features
 
 EXAMPLES_PER_FEATURE = 4
 
@@ -110,6 +108,10 @@ def _rank(features, sort: str) -> np.ndarray:
 
 def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarray, in_index: bool, sort: str,
                  top: int, patches: bool) -> UploadLayer:
+    import torch  # only once a result is shown: a `--no-live` server never loads torch
+
+    from precompute.encode import image_features
+
     summary = image_features(torch.from_numpy(values), torch.from_numpy(indices.astype(np.int64)))
     chosen = _rank(summary, sort)[:top]
     feature_ids = [int(summary.features[i]) for i in chosen]

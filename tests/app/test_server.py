@@ -88,3 +88,24 @@ def test_importing_the_app_module_builds_nothing():
                             cwd=REPO, env={k: v for k, v in os.environ.items() if k != "CLIPSCOPE_INDEX"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+def test_a_server_without_live_encoding_never_imports_torch(index_path, tmp_path):
+    """--no-live workers stay small: torch and the model code load only with the encoder."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from app.main import create_app\n"
+        "from app.settings import Settings\n"
+        f"settings = Settings(index={str(index_path)!r}, live=False, upload_store={str(tmp_path)!r})\n"
+        "with TestClient(create_app(settings)) as client:\n"
+        "    assert client.get('/layers/20/features/8').status_code == 200\n"
+        "    assert client.get('/upload').status_code == 200\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('precompute.', 'open_clip'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['precompute.imageio']"
