@@ -23,7 +23,6 @@ class ExampleSettings:
 def layer_row(acc: LayerAccumulator, layer: int, sae, fired_images: np.ndarray) -> dict:
     c, s = acc.counts, acc.sums
     n_images, n_tokens = int(c["images"]), int(c["tokens"])
-    per_image_tokens = acc.n_tokens
     mse_by_position = (s["sq_error_by_position"] / max(n_images, 1)).cpu().numpy()
     mse = float(s["sq_error_by_position"].sum()) / max(n_tokens, 1)
     ev = float(s["explained_variance"]) / max(n_tokens, 1)
@@ -41,7 +40,7 @@ def layer_row(acc: LayerAccumulator, layer: int, sae, fired_images: np.ndarray) 
         "dead_fraction": float((c["fire_tokens"] == 0).float().mean()),
         "active_fraction": float((fired_images / max(n_images, 1) >= ACTIVE_THRESHOLD).mean()),
         "nonpositive_kept_fraction": int(c["nonpositive_kept"]) / max(kept, 1),
-        "mse_by_position": mse_by_position.tolist() if per_image_tokens else [],
+        "mse_by_position": mse_by_position.tolist(),
         "histogram_edges": acc.edges.cpu().tolist(),
     }
 
