@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from tests.app.conftest import N_FEATURES
+from tests.app.test_security import assert_secured
 
 
 @pytest.mark.parametrize("url", [
@@ -71,3 +72,4 @@ def test_unexpected_errors_are_500_without_details(settings):
             response = test_client.get(path)
             assert response.status_code == 500
             assert "secret internals" not in response.text and "Traceback" not in response.text
+            assert_secured(response, path)  # Starlette answers 500s outside every middleware

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from tests.app.route_walk import endpoints, fill
 
@@ -66,21 +64,6 @@ def test_upload_refusals_are_secured(live_client):
                                                "content-length": str(10**10)})):
         assert response.status_code in (400, 413, 415)
         assert_secured(response, response.status_code)
-
-
-def test_500_is_secured(settings):
-    application = create_app(settings)
-
-    def boom():
-        raise RuntimeError("boom")
-
-    application.add_api_route("/api/boom", boom)
-    application.add_api_route("/boom", boom)
-    with TestClient(application, raise_server_exceptions=False) as test_client:
-        for url in ("/boom", "/api/boom"):
-            response = test_client.get(url)
-            assert response.status_code == 500
-            assert_secured(response, url)
 
 
 def test_policy_allows_nothing_inline_or_remote():
