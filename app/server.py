@@ -1,4 +1,5 @@
-"""`clipscope-explorer serve`: check the index, then run uvicorn on `app.main:app`.
+"""`clipscope-explorer serve`: check the index, then run uvicorn on `app.main:app` (`--workers N > 1`: under
+`app.supervisor`, one listening socket per worker).
 
 Settings travel to the (possibly several) worker processes through the
 environment (`CLIPSCOPE_INDEX`, and `CLIPSCOPE_LIVE_*` etc. for the live-encoding
@@ -77,8 +78,17 @@ def serve(args) -> int:
     import uvicorn
 
     verbose = bool(getattr(args, "verbose", False))
-    uvicorn.run("app.main:app", host=args.host, port=args.port, workers=args.workers,
-                http="app.transport:NoDelayHTTPProtocol",
-                log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
-                log_config=log_config(verbose))
-    return 0
+    options = dict(host=args.host, port=args.port, workers=args.workers, http="app.transport:NoDelayHTTPProtocol",
+                   log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
+                   log_config=log_config(verbose))
+    if args.workers == 1:
+        uvicorn.run("app.main:app", **options)
+        return 0
+    from app.supervisor import Supervisor, listening_sockets
+
+    config = uvicorn.Config("app.main:app", **options)
+    try:
+        sockets = listening_sockets(args.host, args.port, args.workers, config.backlog)
+    except OSError as error:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}")
+    return Supervisor(config, sockets).run()

@@ -2,7 +2,7 @@
 
 Generates a synthetic index of the real size with the project's own writer
 (cached in bench/.cache/serve), starts a real uvicorn (`clipscope-explorer
-serve`, 4 workers on the 2 cores; BENCH_WORKERS to change), and drives it from a small keep-alive HTTP client:
+serve`, 2 workers, one per core; BENCH_WORKERS to change), and drives it from a small keep-alive HTTP client:
 1. one client, random feature pages, 30 s: p50 <= 15 ms, p99 <= 40 ms;
 2. 16 concurrent clients, random feature pages, 30 s: >= 300 pages/s, p99 <= 150 ms;
 3. 16 concurrent clients, random thumbnails, 15 s: >= 1,000 images/s.
@@ -32,7 +32,7 @@ CACHE = REPO_ROOT / "bench" / ".cache" / "serve"
 LAYERS = (2, 5, 8, 11, 14, 17, 20, 22)
 N_FEATURES, TOP_N, N_IMAGES, N_TOKENS = 65_536, 32, 50_000, 257
 SECONDS = float(os.environ.get("BENCH_SECONDS", 30))
-WORKERS = int(os.environ.get("BENCH_WORKERS", 4))  # two per core: a worker waiting on DuckDB leaves its core to another
+WORKERS = int(os.environ.get("BENCH_WORKERS", 2))  # one per core
 
 
 def thumbnails(count: int, rng) -> list[bytes]:
@@ -181,7 +181,7 @@ def main() -> None:
         print(f"  generated in {time.perf_counter() - start:.0f} s, {index.stat().st_size / 2**30:.1f} GiB")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port),
-                               "--workers", "2", "--no-live"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "--workers", str(WORKERS), "--no-live"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(port, server)
         rng = random.Random(0)
