@@ -22,7 +22,8 @@ from precompute.labels import DocumentFrequency
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from precompute.sae import TopKSAE, explained_variance, squared_error
 from precompute.checkpoints import load_saes
-from precompute.sources import Batch, Shard, ShardBatches, count_samples, known_size, resolve_sources
+from precompute.shard_reader import count_samples, known_size
+from precompute.sources import Batch, Shard, ShardBatches, resolve_sources
 from precompute.tables import ExampleSettings
 from precompute.vision import ModelSpec, VisionTower, load_tower, resolve_device
 from precompute.workdir import WorkDir

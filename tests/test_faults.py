@@ -59,14 +59,14 @@ import threading  # noqa: E402
 
 import torch  # noqa: E402
 
-from precompute import sources  # noqa: E402
+from precompute import shard_reader, sources  # noqa: E402
 from tests.fixtures import write_shards  # noqa: E402
 
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(sources, "RETRY_BACKOFF_S", 0.01)
-    monkeypatch.setattr(sources, "REMOTE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(shard_reader, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(shard_reader, "REMOTE_TIMEOUT_S", 1.0)
 
 
 def batches(shards, **kwargs):

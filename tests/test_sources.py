@@ -5,7 +5,8 @@ import threading
 import pytest
 import torch
 
-from precompute.sources import (SourceError, ShardBatches, expand_braces, known_size, resolve_sources)
+from precompute.shard_reader import known_size
+from precompute.sources import SourceError, ShardBatches, expand_braces, resolve_sources
 from tests.fixtures import write_folder, write_shards
 
 

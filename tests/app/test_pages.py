@@ -210,6 +210,29 @@ def test_feature_navigation_links(client):
     assert last["next"] is None
 
 
+def test_feature_page_unfurls_with_a_preview_image(client):
+    """OpenGraph and Twitter cards: absolute URLs, the title and numbers of the JSON, a 1200 x 630 preview."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = client.get(f"/api/layers/20/features/{ALIVE}").json()
+    page = client.get(f"/layers/20/features/{ALIVE}").text
+    meta = {key: html.unescape(value) for key, value in
+            re.findall(r'<meta (?:property|name)="((?:og|twitter):[a-z:]+)" content="([^"]*)"', page)}
+    title = f"Layer 20 · feature {ALIVE}" + (f": {data['label']}" if data["label"] else "")
+    assert meta["og:title"] == meta["twitter:title"] == title
+    assert meta["og:url"] == f"http://testserver/layers/20/features/{ALIVE}"
+    assert percent(data["image_frequency"], 3) in meta["og:description"]
+    assert sig(data["max_activation"], 3) in meta["og:description"]
+    assert meta["twitter:card"] == "summary_large_image"
+    assert meta["og:image"] == meta["twitter:image"] and meta["og:image"].startswith("http://testserver/images/")
+    preview = client.get(meta["og:image"].removeprefix("http://testserver"))
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+    assert Image.open(BytesIO(preview.content)).size == (int(meta["og:image:width"]), int(meta["og:image:height"])) \
+        == (1200, 630)
+
+
 def test_random_goes_to_a_feature_that_fires(client):
     for _ in range(10):
         response = client.get("/layers/20/random")
