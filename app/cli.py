@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from precompute.precision import PRECISIONS
+
 
 def _add_serve(sub) -> None:
     parser = sub.add_parser("serve", help="serve an index in the browser and as JSON")
@@ -21,6 +23,9 @@ def _add_serve(sub) -> None:
     live.add_argument("--live-sae", metavar="SAE", help="SAE hub repo, folder or file (default: the index's SAEs)")
     live.add_argument("--live-layers", metavar="LAYERS", help="comma-separated layers (default: the index's)")
     live.add_argument("--live-device", choices=("auto", "cpu", "cuda"), default=None, help="device for uploads")
+    live.add_argument("--live-precision", choices=PRECISIONS, default=None,
+                      help="fp32 or bf16 autocast (default auto: as the index was built, fp32 on a CPU without "
+                           "native bfloat16)")
     live.add_argument("--upload-store", metavar="DIR", help="writable folder for stored uploads "
                                                              "(default: ~/.cache/clipscope-explorer/uploads)")
     live.add_argument("--no-store-uploads", action="store_true", help="keep nothing: results have no share link")

@@ -52,6 +52,8 @@ class LiveSpec:
     normalisation: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
     index_layers: tuple[int, ...] = ()
     device: str = "auto"
+    precision: str = "auto"
+    index_precision: str | None = None  # meta.precision: what `auto` follows
 
     @classmethod
     def from_index(cls, meta: dict, layer_rows: dict[int, dict], settings) -> "LiveSpec":
@@ -69,12 +71,13 @@ class LiveSpec:
             sae_files={n: layer_rows[n]["sae_file"] for n in index_layers if layer_rows[n].get("sae_file")},
             checkpoints={n: layer_rows[n].get("checkpoint") for n in index_layers},
             normalisation={n: (stats[str(n)]["mean"], stats[str(n)]["std"]) for n in index_layers if str(n) in stats},
-            index_layers=index_layers, device=settings.live_device)
+            index_layers=index_layers, device=settings.live_device, precision=settings.live_precision,
+            index_precision=meta.get("precision"))
 
-    def identity(self) -> str:
+    def identity(self, precision: str) -> str:
         """A short hash of everything that decides an upload's codes (part of upload ids)."""
         blob = json.dumps([self.model, self.pretrained, self.sae, self.checkpoints,
-                           sorted(self.normalisation.items())], sort_keys=True, default=str)
+                           sorted(self.normalisation.items()), precision], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -91,6 +94,7 @@ def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncod
     """Load model and SAEs (ModelLoadError / SAELoadError / ValueError when impossible)."""
     import torch
 
+    from precompute.precision import resolve_precision
     from precompute.sae import SAELoadError
     from precompute.vision import ModelLoadError, ModelSpec, load_tower
 
@@ -109,17 +113,21 @@ def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncod
             mean, std = spec.normalisation[layer]
             sae.set_normalisation(torch.tensor(mean), torch.tensor(std))
         saes[layer] = sae
-    return LiveEncoder(tower, saes, spec, batch_size, queue_size)
+    return LiveEncoder(tower, saes, spec, batch_size, queue_size,
+                       resolve_precision(spec.precision, tower.device, spec.index_precision))
 
 
 class LiveEncoder:
     """The loaded model and SAEs, and the worker thread that runs them."""
 
     def __init__(self, tower: VisionTower, saes: dict[int, TopKSAE], spec: LiveSpec, batch_size: int = 8,
-                 queue_size: int = 16):
+                 queue_size: int = 16, precision: str | None = None):
+        from precompute.precision import resolve_precision
+
         self.tower, self.saes, self.spec = tower, saes, spec
+        self.precision = precision or resolve_precision("auto", tower.device)
         self.layers = sorted(saes)
-        self.identity = spec.identity()
+        self.identity = spec.identity(precision)
         self.grid = tower.grid
         self.image_size = int(tower.visual.image_size[0])
         self.batcher: MicroBatcher = MicroBatcher(self._run_batch, batch_size, queue_size)
@@ -135,7 +143,7 @@ class LiveEncoder:
 
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])
-        encoded = encode_pixels(self.tower, {n: self.saes[n] for n in wanted}, pixels)
+        encoded = encode_pixels(self.tower, {n: self.saes[n] for n in wanted}, pixels, self.precision)
         out = []
         for row, (_, layers) in enumerate(jobs):
             out.append({n: (encoded[n].code.values[row].float().cpu().numpy(),
@@ -187,7 +195,7 @@ class LiveService:
             log.warning("live encoding disabled: %s", first)
         else:
             self.encoder, self.state = encoder, "ready"
-            log.info("live encoding ready: %s, layers %s", self.spec.model, encoder.layers)
+            log.info("live encoding ready: %s, layers %s, %s", self.spec.model, encoder.layers, encoder.precision)
         finally:
             self._ready.set()
 

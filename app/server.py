@@ -31,7 +31,7 @@ def live_environment(args) -> dict[str, str]:
     env = {}
     if getattr(args, "no_live", False):
         env["CLIPSCOPE_LIVE"] = "false"
-    for option in ("live_model", "live_pretrained", "live_sae", "live_layers", "live_device"):
+    for option in ("live_model", "live_pretrained", "live_sae", "live_layers", "live_device", "live_precision"):
         value = getattr(args, option, None)
         if value is not None:
             env[f"CLIPSCOPE_{option.upper()}"] = str(value)

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     live_sae: str | None = Field(None, description="SAE hub repo, folder or file for uploads (default: the index's SAEs)")
     live_layers: Annotated[list[int] | None, NoDecode] = Field(None, description="layers encoded for uploads, e.g. 20,22 (default: the index's)")
     live_device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="device for live encoding: auto, cpu or cuda")
+    live_precision: str = Field("auto", pattern="^(auto|fp32|bf16)$", description="fp32 or bf16 autocast for uploads; auto: the precision the index was built in (meta.precision), fp32 on a CPU without native bfloat16 (AMX or AVX512-BF16)")
     live_batch_size: int = Field(8, ge=1, le=256, description="most uploads encoded together in one micro-batch")
     live_queue_size: int = Field(16, ge=1, le=10_000, description="uploads in progress at once; more are answered 503 with Retry-After")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest upload accepted (bytes); larger bodies get 413 while being read")

@@ -1,7 +1,11 @@
 """Live encoding: uploads through the real server against the bare model + SAE compute.
 
 ViT-L-14 architecture with random weights and one full-size SAE (1024 x 65,536,
-k 32, random) on layer 20, CPU (GPU when present). The server runs in its own
+k 32, random) on layer 20, CPU (GPU when present). The index records bf16, as
+one built on a GPU does, and the server encodes in the precision `auto` picks
+for it here (bf16 where the CPU has native bfloat16, else fp32;
+BENCH_PRECISION=fp32|bf16 overrides); the bare baseline runs in the same
+precision. The server runs in its own
 process (uvicorn, the app of `create_app` with that encoder injected, uploads
 stored, over a one-layer index of 65,536 features so results look up labels
 and top images); this process holds an identical model for the baseline.
@@ -38,6 +42,7 @@ import numpy as np
 CACHE = REPO_ROOT / "bench" / ".cache" / "live"
 LAYER, N_FEATURES, K, TOP_N, N_IMAGES = 20, 65_536, 32, 4, 2_000
 SECONDS = float(os.environ.get("BENCH_SECONDS", 30))
+INDEX_PRECISION = "bf16"  # as the precompute job records on CUDA
 
 
 def build_index(path: Path) -> None:
@@ -89,7 +94,7 @@ def build_index(path: Path) -> None:
                         released_suite=False, layers=[LAYER], n_tokens=257, grid=[16, 16], d_model=1024,
                         image_size=224, normalisation="none", sample={"sources": ["synthetic"], "n_images": N_IMAGES,
                         "n_skipped": 0, "skipped": []}, top_n=TOP_N, band_count=0, band_size=0,
-                        active_threshold=0.01, timings={}, versions={}, demo=False)
+                        active_threshold=0.01, timings={}, versions={}, demo=False, precision=INDEX_PRECISION)
         writer.finish()
 
 
@@ -108,6 +113,12 @@ def model_and_sae():
     return tower, sae
 
 
+def live_precision(device) -> str:
+    from precompute.precision import resolve_precision
+
+    return resolve_precision(os.environ.get("BENCH_PRECISION", "auto"), device, INDEX_PRECISION)
+
+
 def serve(port: int, index: Path, store: Path) -> None:
     """The server process: the app over `index` with the random encoder injected."""
     import uvicorn
@@ -119,8 +130,10 @@ def serve(port: int, index: Path, store: Path) -> None:
     tower, sae = model_and_sae()
     spec = LiveSpec(model="ViT-L-14 (random weights)", pretrained=None, sae="random", layers=(LAYER,),
                     index_layers=(LAYER,))
-    settings = Settings(index=index, upload_store=store, live_queue_size=16, live_batch_size=8)
-    app = create_app(settings, live_encoder=LiveEncoder(tower, {LAYER: sae}, spec, 8, 16))
+    settings = Settings(index=index, upload_store=store, live_queue_size=16, live_batch_size=8,
+                        upload_rate_limit=0)  # one client address sends every upload here
+    encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, live_precision(tower.device))
+    app = create_app(settings, live_encoder=encoder)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -254,14 +267,18 @@ def main() -> None:
     try:
         tower, sae = model_and_sae()
         on_gpu = tower.device.type == "cuda"
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {tower.device}; "
+        precision = live_precision(tower.device)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {tower.device}, {precision}; "
               f"ViT-L-14 (random) + SAE 1024 x {N_FEATURES}, k {K}, layer {LAYER}")
         wait_ready(base, server)
+        served = httpx_json(base + "/api/upload")["live"]["precision"]
+        if served != precision:
+            raise SystemExit(f"the server encodes in {served}, the baseline in {precision}")
         pixels = tower.preprocess(open_rgb(photos(1, 0)[0]))[None]
         one = Uploader(base, 1)
 
         def bare():
-            encode_pixels(tower, {LAYER: sae}, pixels)
+            encode_pixels(tower, {LAYER: sae}, pixels, precision)
             if on_gpu:
                 torch.cuda.synchronize()
 
@@ -288,7 +305,7 @@ def main() -> None:
         batch = pixels.expand(8, -1, -1, -1).contiguous()
 
         def bare_batch():
-            encode_pixels(tower, {LAYER: sae}, batch)
+            encode_pixels(tower, {LAYER: sae}, batch, precision)
             if on_gpu:
                 torch.cuda.synchronize()
 

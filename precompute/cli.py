@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from precompute.precision import PRECISIONS
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 
 
@@ -48,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     parser.add_argument("--normalise", choices=("none", "sample"), default="none",
                         help="raw activations (released default) or standardised with sample statistics")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="forward pass in fp32 or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--checkpoint-every", type=positive, default=20_000, help="images between checkpoints")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
     parser.add_argument("--skip-existing", action="store_true",
@@ -64,7 +67,7 @@ def config_from(args: argparse.Namespace):
         images=args.images, out=args.out, model=args.model, pretrained=args.pretrained, sae=args.sae,
         layers=args.layers, checkpoint=args.checkpoint, top_n=args.top_n, band_size=args.band_size,
         max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
-        normalise=args.normalise, checkpoint_every=args.checkpoint_every, fresh=args.fresh, ray=args.ray,
+        normalise=args.normalise, precision=args.precision, checkpoint_every=args.checkpoint_every, fresh=args.fresh, ray=args.ray,
         progress=not args.no_progress,
     )
 

@@ -16,7 +16,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+
+from precompute.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,9 @@ def encode_on_ray(components, config, state, workdir) -> None:
     n_workers, resources = _cluster_workers(ray, config.workers)
     todo = [s.index for s in components.shards if s.index not in state.done]
     groups = [todo[i::n_workers] for i in range(n_workers) if todo[i::n_workers]]
-    worker_config = replace(config, workers=0, device="cuda" if "num_gpus" in resources else "cpu")
+    device = "cuda" if "num_gpus" in resources else "cpu"
+    components.precision = resolve_precision(config.precision, torch.device(device))  # what meta.precision records
+    worker_config = replace(config, workers=0, device=device, precision=components.precision)
     Actor = ray.remote(**resources)(ShardWorker)
     actors = [Actor.remote(worker_config, state.normalisation) for _ in groups]
     pending = {actor.encode.remote(group): actor for actor, group in zip(actors, groups)}

@@ -35,10 +35,12 @@ class LayerCodes:
 
 
 @torch.inference_mode()
-def encode_pixels(tower: VisionTower, saes: Mapping[int, TopKSAE], pixels_bchw: torch.Tensor) -> dict[int, LayerCodes]:
-    """Run the tower once (up to the deepest layer asked for) and each layer's SAE on its output."""
-    acts = tower.capture(pixels_bchw, list(saes))
-    return {layer: LayerCodes(acts[layer], sae.encode(acts[layer])) for layer, sae in saes.items()}
+def encode_pixels(tower: VisionTower, saes: Mapping[int, TopKSAE], pixels_bchw: torch.Tensor,
+                  precision: str | None = None) -> dict[int, LayerCodes]:
+    """Run the tower once (up to the deepest layer asked for) and each layer's SAE on its output, both in
+    `precision` (`fp32`, `bf16`; None: the device's default)."""
+    acts = tower.capture(pixels_bchw, list(saes), precision)
+    return {layer: LayerCodes(acts[layer], sae.encode(acts[layer], precision=precision)) for layer, sae in saes.items()}
 
 
 @dataclass(frozen=True)

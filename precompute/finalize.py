@@ -85,6 +85,7 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             n_tokens=tower.n_tokens, grid=list(tower.grid), d_model=tower.width,
             image_size=int(tower.visual.image_size[0]),
             normalisation=config.normalise,
+            precision=components.precision,
             normalisation_stats={str(layer): {"mean": m.tolist(), "std": s.tolist()}
                                  for layer, (m, s) in state.normalisation.items()},
             sample={"sources": config.images, "n_images": state.n_images, "n_skipped": state.n_skipped,

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from precompute.accumulate import LayerAccumulator
 from precompute.encode import encode_pixels
+from precompute.precision import resolve_precision
 from precompute.labels import DocumentFrequency
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from precompute.sae import TopKSAE, explained_variance, squared_error
@@ -51,6 +52,7 @@ class PrecomputeConfig:
     device: str = "auto"
     workers: int = 2
     normalise: str = "none"
+    precision: str = "auto"
     checkpoint_every: int = 20_000
     fresh: bool = False
     ray: str | None = None
@@ -60,7 +62,7 @@ class PrecomputeConfig:
     def identity(self) -> dict:
         """What makes two runs the same run (resume is refused across different ones)."""
         keep = ("images", "model", "pretrained", "sae", "layers", "checkpoint", "top_n", "band_count",
-                "band_size", "band_samples", "max_images", "batch_size", "normalise", "demo")
+                "band_size", "band_samples", "max_images", "batch_size", "normalise", "precision", "demo")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
     @property
@@ -75,6 +77,7 @@ class Components:
     shards: list[Shard]
     quota: dict[int, int]
     device: torch.device
+    precision: str  # fp32 or bf16, resolved for the device
 
 
 @dataclass
@@ -132,6 +135,7 @@ def prepare(config: PrecomputeConfig) -> Components:
         raise ValueError(f"--normalise must be none or sample, not {config.normalise!r}")
     shards = resolve_sources(config.images)
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     tower = load_tower(ModelSpec(config.model, config.pretrained), device=device)
     layers = tower.check_layers(config.layers)
     saes = load_saes(config.sae, layers, config.checkpoint)
@@ -144,7 +148,7 @@ def prepare(config: PrecomputeConfig) -> Components:
         for shard in shards:
             quota[shard.index] = min(left, count_samples(shard)) if left > 0 else 0
             left -= quota[shard.index]
-    return Components(tower, saes, shards, quota, device)
+    return Components(tower, saes, shards, quota, device, precision)
 
 
 def new_state(components: Components, config: PrecomputeConfig) -> RunState:
@@ -219,7 +223,7 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     if batch.pixels is None:
         return []
     state.captions.add(s.caption for s in batch.samples)
-    encoded = encode_pixels(components.tower, components.saes, batch.pixels)
+    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
         acts, code = encoded[layer].acts, encoded[layer].code

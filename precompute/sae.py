@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from precompute.precision import effective
+
 # Tokens per encode chunk: peak extra memory is chunk x n_features x 4 bytes.
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -98,7 +100,8 @@ class TopKSAE(nn.Module):
         return (x - self.norm_mean) / self.norm_std
 
     @torch.inference_mode()
-    def encode(self, x: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseCode:
+    def encode(self, x: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               precision: str | None = None) -> SparseCode:
         """Sparse codes of raw x [..., d_in] -> SparseCode([..., k], [..., k]).
 
         x is standardised here when normalisation is set (see `prepare`); `decode`
@@ -106,16 +109,17 @@ class TopKSAE(nn.Module):
 
         Tokens are encoded in chunks, so the dense pre-activations never exceed
         chunk_tokens x n_features floats (256 MiB at the defaults, full size).
+        precision: `fp32` or `bf16` (None: bf16 on CUDA, fp32 on CPU).
         """
         lead = x.shape[:-1]
         flat = self.prepare(x).reshape(-1, self.d_in)
         values = torch.empty(flat.shape[0], self.k, device=flat.device)
         indices = torch.empty(flat.shape[0], self.k, device=flat.device, dtype=torch.long)
-        on_cuda = flat.device.type == "cuda"
+        # bf16 as autocast computes it (bf16 operands and product), with the encoder cast once per call
+        enc = self.enc.to(torch.bfloat16) if effective(precision, flat.device) == "bf16" else self.enc
         for start in range(0, flat.shape[0], chunk_tokens):
             chunk = flat[start : start + chunk_tokens] - self.pre_b
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                pre = chunk @ self.enc
+            pre = chunk.to(enc.dtype) @ enc
             top = torch.topk(pre.float(), self.k, dim=-1)
             values[start : start + chunk_tokens] = top.values
             indices[start : start + chunk_tokens] = top.indices

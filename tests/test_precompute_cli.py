@@ -20,9 +20,10 @@ def cli(shard_dir, model_spec, sae, out, *extra):
 
 def test_cli_builds_an_index(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, capsys):
     out = tmp_path / "cli.duckdb"
-    assert main(cli(shard_dir, tiny_model_spec, tiny_sae_repo, out, "--max-images", "10")) == 0
+    assert main(cli(shard_dir, tiny_model_spec, tiny_sae_repo, out, "--max-images", "10", "--precision", "bf16")) == 0
     assert f"index written: {out}" in capsys.readouterr().out
     con = duckdb.connect(str(out), read_only=True)
+    assert json.loads(con.execute("SELECT value FROM meta WHERE key = 'precision'").fetchone()[0]) == "bf16"
     assert con.execute("SELECT n_images FROM layers").fetchone()[0] == 9  # 10 samples, one corrupt
     keys = {k for (k,) in con.execute("SELECT key FROM images").fetchall()}
     assert keys <= {f"00000{i:04d}" for i in range(10)}
@@ -65,7 +66,7 @@ def test_sae_that_does_not_fit_the_model_is_refused(tmp_path, shard_dir, tiny_mo
 
 
 def test_bad_option_values(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, capsys):
-    for flag, value in (("--layers", "a,b"), ("--batch-size", "0"), ("--normalise", "zscore")):
+    for flag, value in (("--layers", "a,b"), ("--batch-size", "0"), ("--normalise", "zscore"), ("--precision", "fp16")):
         args = cli(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "o.duckdb")
         args += [flag, value] if flag not in args else []
         if flag in args[:-2]:

@@ -6,27 +6,31 @@ import torch
 from precompute.vision import ModelLoadError, load_tower
 
 
-def hooked_reference(tower, pixels, layers):
-    """Independent capture: forward hooks on open_clip's own blocks, full forward."""
+def hooked_reference(model_spec, pixels, layers):
+    """Independent capture: forward hooks on the blocks of open_clip's own model, as open_clip builds it
+    (batch-first), full forward."""
+    import open_clip
+
+    visual = open_clip.create_model_and_transforms(model_spec)[0].visual.eval()
     seen = {}
     handles = [
-        tower.visual.transformer.resblocks[n].register_forward_hook(
+        visual.transformer.resblocks[n].register_forward_hook(
             lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach().clone())
         )
         for n in layers
     ]
     with torch.no_grad():
-        tower.visual(pixels)
+        visual(pixels)
     for handle in handles:
         handle.remove()
     return seen
 
 
-def test_capture_equals_hooks_on_open_clip_blocks(tiny_tower):
+def test_capture_equals_hooks_on_open_clip_blocks(tiny_tower, tiny_model_spec):
     pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     layers = [0, 2]
     ours = tiny_tower.capture(pixels, layers)
-    reference = hooked_reference(tiny_tower, pixels, layers)
+    reference = hooked_reference(tiny_model_spec, pixels, layers)
     assert sorted(ours) == layers
     for layer in layers:
         assert ours[layer].shape == (3, 257, 64)

@@ -45,6 +45,7 @@ class LiveInfo(BaseModel):
     sae: str | None
     layers: list[int]
     index_layers: list[int]
+    precision: str | None  # fp32 or bf16 once the encoder is loaded
     max_upload_bytes: int
     store_uploads: bool
     in_progress: int
@@ -66,7 +67,8 @@ def live_info(request: Request) -> LiveInfo:
     return LiveInfo(state=service.state, message=service.message,
                     how_to_enable=HOW_TO_ENABLE if service.state in ("off", "failed") else None,
                     model=spec.model if spec else None, sae=spec.sae if spec else None, layers=layers,
-                    index_layers=list(spec.index_layers if spec else []), max_upload_bytes=settings.max_upload_bytes,
+                    index_layers=list(spec.index_layers if spec else []),
+                    precision=encoder.precision if encoder else None, max_upload_bytes=settings.max_upload_bytes,
                     store_uploads=request.app.state.uploads is not None,
                     in_progress=encoder.batcher.in_progress if encoder else 0,
                     batches=encoder.batcher.batches if encoder else 0,

@@ -29,6 +29,7 @@ def test_upload_page_offers_the_live_layers(live_client):
     live = live_client.get("/api/upload").json()["live"]
     assert live["state"] == "ready" and live["layers"] == [1, 2] and live["index_layers"] == [1, 2]
     assert live["model"].startswith("local-dir:") and live["store_uploads"]
+    assert live["precision"] == "fp32" and f"<code>{live['model']}</code>, fp32)" in text  # the tiny index: CPU, fp32
 
 
 def test_every_page_links_to_upload(client):

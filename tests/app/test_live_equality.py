@@ -1,9 +1,12 @@
 """An uploaded image that is also in the index gets the features, activations and heatmaps the
-index holds for it: the server runs the precompute job's own decoding, model and SAE code."""
+index holds for it: the server runs the precompute job's own decoding, model and SAE code. Both
+precisions: fp32 (the session's index), and an index built in bf16 autocast served in bf16."""
 
 from __future__ import annotations
 
+import json
 import tarfile
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -23,9 +26,30 @@ def shard_images(shard_dir) -> dict[str, bytes]:
     return found
 
 
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def served(request, tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo):
+    """(index path, live client encoding uploads in the index's precision)."""
+    if request.param == "fp32":
+        yield request.getfixturevalue("tiny_index"), request.getfixturevalue("live_client")
+        return
+    import shutil
+
+    from precompute.job import run
+    from tests.app.conftest import live_app_client, wait_live
+    from tests.conftest import precompute_config
+
+    folder = tmp_path_factory.mktemp("bf16")
+    index = run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, folder / "tiny.duckdb", precision="bf16"))
+    served_copy = Path(shutil.copy(index, folder / "served.duckdb"))
+    with live_app_client(served_copy, None, live_precision="bf16") as client:
+        wait_live(client)
+        assert client.get("/api/upload").json()["live"]["precision"] == "bf16"
+        yield index, client
+
+
 @pytest.fixture(scope="module")
-def index_rows(tiny_index):
-    con = duckdb.connect(str(tiny_index), read_only=True)  # the app serves a copy (live_index)
+def index_rows(served):
+    con = duckdb.connect(str(served[0]), read_only=True)  # the app serves a copy
     try:
         examples = con.execute(
             "SELECT e.layer, e.feature, e.kind, i.key, e.activation, e.cls_activation, e.heatmap_scale, e.heatmap "
@@ -34,21 +58,23 @@ def index_rows(tiny_index):
             "SELECT layer, feature, min(activation), count(*) FROM examples WHERE kind = 'top' "
             "GROUP BY layer, feature").fetchall() if n == 6)  # top_n of the tiny index: full lists only
         top_n = con.execute("SELECT value FROM meta WHERE key = 'top_n'").fetchone()[0]
+        precision = con.execute("SELECT value FROM meta WHERE key = 'precision'").fetchone()[0]
     finally:
         con.close()
     assert int(top_n) == 6
+    assert json.loads(precision) == served[1].get("/api/upload").json()["live"]["precision"]
     return examples, floors
 
 
 @pytest.fixture(scope="module")
-def uploads(live_client, shard_dir, index_rows):
+def uploads(served, shard_dir, index_rows):
     """The live result (all firing features) of every indexed image, by key."""
     examples, _ = index_rows
     images = shard_images(shard_dir)
     keys = sorted({row[3] for row in examples})
     results = {}
     for key in keys:
-        response = live_client.post("/api/encode", files={"file": (f"{key}.jpg", images[key], "image/jpeg")},
+        response = served[1].post("/api/encode", files={"file": (f"{key}.jpg", images[key], "image/jpeg")},
                                     data={"top": "1000"})
         assert response.status_code == 200, response.text
         results[key] = {int(layer): {f["feature"]: f for f in data["features"]}

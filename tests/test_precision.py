@@ -1,0 +1,59 @@
+"""Forward-pass precision: how `auto` resolves, and that bf16 really runs the matrix products in bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.live import LiveSpec
+from app.settings import Settings
+from precompute import precision as precision_module
+from precompute.checkpoints import load_sae
+from precompute.precision import resolve_precision
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_device_and_index(monkeypatch, native):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
+    assert resolve_precision("auto", CUDA) == "bf16"
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", CUDA, "fp32") == "fp32"
+    assert resolve_precision("auto", CPU, "bf16") == ("bf16" if native else "fp32")  # slow without AMX/AVX512-BF16
+    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CUDA) == "fp32"  # asked: honoured
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, not 'fp16'"):
+        resolve_precision("fp16", CPU)
+
+
+def test_live_spec_takes_the_index_precision(tmp_path):
+    meta = {"model": {"name": "m", "pretrained": None}, "sae": {"source": "s"}, "precision": "bf16"}
+    rows = {1: {"sae_file": "f", "checkpoint": None}}
+    spec = LiveSpec.from_index(meta, rows, Settings(index=tmp_path / "x.duckdb"))
+    assert (spec.precision, spec.index_precision) == ("auto", "bf16")
+    forced = LiveSpec.from_index(meta, rows, Settings(index=tmp_path / "x.duckdb", live_precision="fp32"))
+    assert forced.precision == "fp32"
+    assert spec.identity("bf16") != spec.identity("fp32")  # an upload's id names the codes it got
+
+
+def test_bf16_sae_encode_is_the_bfloat16_product(tiny_sae_repo):
+    sae = load_sae(str(tiny_sae_repo), layer=2)
+    x = torch.randn(2, 257, 64, generator=torch.Generator().manual_seed(1)) * 3
+    code = sae.encode(x, chunk_tokens=100, precision="bf16")
+    reference = torch.topk(((x - sae.pre_b).bfloat16() @ sae.enc.bfloat16()).float(), sae.k, dim=-1)
+    torch.testing.assert_close(code.values, reference.values, rtol=0, atol=0)
+    exact = sae.encode(x, precision="fp32")
+    assert (code.values - exact.values).abs().max() > 0  # bf16 really ran
+    torch.testing.assert_close(code.values, exact.values, rtol=3e-2, atol=3e-2)
+
+
+def test_bf16_capture_is_close_to_fp32_and_not_equal(tiny_tower):
+    tower = tiny_tower
+    pixels = torch.randn(2, 3, *tower.visual.image_size, generator=torch.Generator().manual_seed(2))
+    exact = tower.capture(pixels, [1, 3], precision="fp32")
+    bf16 = tower.capture(pixels, [1, 3], precision="bf16")
+    assert tower.capture(pixels, [3])[3].equal(exact[3])  # the CPU default is fp32
+    for layer in (1, 3):
+        assert bf16[layer].dtype == torch.float32 and not bf16[layer].equal(exact[layer])
+        relative = (bf16[layer] - exact[layer]).norm() / exact[layer].norm()
+        assert relative < 0.05, (layer, float(relative))
