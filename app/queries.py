@@ -178,10 +178,12 @@ class Index:
         return value
 
     def close(self) -> None:
+        # The closed cursors stay referenced here until the Index itself goes. Otherwise the last reference
+        # is a server thread's local, freed when that thread exits; if the interpreter is shutting down by
+        # then, DuckDB's destructor cannot retake the GIL and the process aborts (duckdb/duckdb#13904).
         with self._lock:
             for cursor in self._cursors:
                 cursor.close()
-            self._cursors.clear()
         self._con.close()
 
     def has_feature(self, layer: int, feature: int) -> bool:

@@ -109,3 +109,24 @@ def test_a_server_without_live_encoding_never_imports_torch(index_path, tmp_path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['precompute.imageio']"
+
+
+def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_path):
+    """A DuckDB connection object freed by a server thread that exits while the interpreter shuts down
+    aborts the process (duckdb/duckdb#13904: 5 of 60 `--no-live` server processes died so at exit). The
+    index keeps every thread's cursor, closed, so none is freed by the exiting thread."""
+    import shutil
+    import threading
+
+    from app.queries import open_index
+
+    index = open_index(shutil.copy(index_path, tmp_path / "index.duckdb"))
+    cursors = []
+    worker = threading.Thread(target=lambda: cursors.append(index._cursor()) or index.feature(20, 8))
+    worker.start()
+    worker.join()
+    cursor = cursors.pop()
+    index.close()
+    assert any(kept is cursor for kept in index._cursors)
+    with pytest.raises(duckdb.ConnectionException):
+        cursor.execute("SELECT 1")  # closed all the same
