@@ -113,8 +113,17 @@ def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncod
             mean, std = spec.normalisation[layer]
             sae.set_normalisation(torch.tensor(mean), torch.tensor(std))
         saes[layer] = sae
-    return LiveEncoder(tower, saes, spec, batch_size, queue_size,
-                       resolve_precision(spec.precision, tower.device, spec.index_precision))
+    precision = resolve_precision(spec.precision, tower.device, spec.index_precision)
+    keep_for_encoding(tower, saes, precision)
+    return LiveEncoder(tower, saes, spec, batch_size, queue_size, precision)
+
+
+def keep_for_encoding(tower: VisionTower, saes: dict[int, TopKSAE], precision: str) -> None:
+    """What live encoding keeps: no SAE decoders, and the matrix weights in the forward precision (bf16 halves
+    the tower and the encoders, and saves casting them on every upload; the codes stay the same)."""
+    tower.keep_weights_in(precision)
+    for sae in saes.values():
+        sae.keep_for_encoding(precision)
 
 
 class LiveEncoder:

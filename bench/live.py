@@ -123,7 +123,7 @@ def serve(port: int, index: Path, store: Path) -> None:
     """The server process: the app over `index` with the random encoder injected."""
     import uvicorn
 
-    from app.live import LiveEncoder, LiveSpec
+    from app.live import LiveEncoder, LiveSpec, keep_for_encoding
     from app.main import create_app
     from app.settings import Settings
 
@@ -132,7 +132,9 @@ def serve(port: int, index: Path, store: Path) -> None:
                     index_layers=(LAYER,))
     settings = Settings(index=index, upload_store=store, live_queue_size=16, live_batch_size=8,
                         upload_rate_limit=0)  # one client address sends every upload here
-    encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, live_precision(tower.device))
+    precision = live_precision(tower.device)
+    keep_for_encoding(tower, {LAYER: sae}, precision)  # as load_encoder does
+    encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, precision)
     app = create_app(settings, live_encoder=encoder)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -248,6 +250,8 @@ def wait_ready(base: str, process) -> None:
 def main() -> None:
     import torch
 
+    from app.live import keep_for_encoding
+
     from precompute.encode import encode_pixels
     from precompute.imageio import open_rgb
 
@@ -268,6 +272,7 @@ def main() -> None:
         tower, sae = model_and_sae()
         on_gpu = tower.device.type == "cuda"
         precision = live_precision(tower.device)
+        keep_for_encoding(tower, {LAYER: sae}, precision)  # the bare side computes as the server does
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {tower.device}, {precision}; "
               f"ViT-L-14 (random) + SAE 1024 x {N_FEATURES}, k {K}, layer {LAYER}")
         wait_ready(base, server)

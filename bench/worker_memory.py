@@ -5,9 +5,9 @@
 3. ViT-L-14 (random weights, the released architecture) and one full-size SAE (1024 x 65,536, k 32)
    over the 65,536-feature index of bench/live.py, served by its `--serve` mode (uvicorn, the app).
 Each worker gets 5 s of feature pages and thumbnails and 12 uploads of distinct images; its VmRSS
-and VmHWM (peak) are read from /proc. Printed beside the estimate from parameter counts (fp32):
-ViT-L-14's vision tower has 303,966,208 parameters (1.13 GiB), one SAE 134,218,752 (0.50 GiB), and the
-chunked encode holds 1,024 tokens x 65,536 floats (0.25 GiB) at a time.
+and VmHWM (peak) are read from /proc. Printed beside the estimate from parameter counts: ViT-L-14's
+vision tower has 303,966,208 parameters (1.13 GiB in fp32, half in bf16), the SAE encoder 67,108,864
+(live encoding keeps no decoder), and the chunked encode holds 1,024 tokens x 65,536 floats (0.25 GiB).
 Target: case 3 <= 3.0 GiB, so two such workers fit a machine with 8 GB.
 
 Run from the repo root: python bench/worker_memory.py
@@ -23,13 +23,15 @@ import tempfile
 import time
 
 from _timing import REPO_ROOT, result_line
+from live import live_precision
 from load import CACHE, photos
 from serve import free_port, wait_ready
 
 import httpx
+import torch
 
 GIB = 2**30
-VIT_L_VISION, SAE_PARAMS, CHUNK_BYTES = 303_966_208, 2 * 1024 * 65_536 + 1024, 1024 * 65_536 * 4
+VIT_L_VISION, SAE_ENCODER_PARAMS, CHUNK_BYTES = 303_966_208, 1024 * 65_536, 1024 * 65_536 * 4
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -95,8 +97,10 @@ def main() -> None:
         port = free_port()
         command = [sys.executable, str(REPO_ROOT / "bench" / "live.py"), "--serve", str(port), str(live_index), store]
         large = measure("65,536-feature index, live ViT-L-14 + one 65,536-feature SAE", command, port, True)
-    weights = (VIT_L_VISION + SAE_PARAMS) * 4
-    print(f"estimate for ViT-L-14 + one SAE: weights {weights / GIB:.2f} GiB + encode chunk {CHUNK_BYTES / GIB:.2f} GiB "
+    precision = live_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    weights = (VIT_L_VISION + SAE_ENCODER_PARAMS) * (2 if precision == "bf16" else 4)  # no decoder is kept
+    print(f"estimate for ViT-L-14 + one SAE encoder in {precision}: weights {weights / GIB:.2f} GiB + encode chunk "
+          f"{CHUNK_BYTES / GIB:.2f} GiB "
           f"+ a worker without live encoding ({bare / GIB:.2f} GiB here) = {(weights + CHUNK_BYTES + bare) / GIB:.2f} GiB; "
           f"measured {large / GIB:.2f} GiB; the tiny model adds {(tiny - bare) / 2**20:.0f} MiB")
     line, ok = result_line("worker_rss_vitl_gib", large / GIB, "<=", 3.0, 2)

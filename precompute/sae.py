@@ -116,7 +116,10 @@ class TopKSAE(nn.Module):
         values = torch.empty(flat.shape[0], self.k, device=flat.device)
         indices = torch.empty(flat.shape[0], self.k, device=flat.device, dtype=torch.long)
         # bf16 as autocast computes it (bf16 operands and product), with the encoder cast once per call
-        enc = self.enc.to(torch.bfloat16) if effective(precision, flat.device) == "bf16" else self.enc
+        wanted = torch.bfloat16 if effective(precision, flat.device) == "bf16" else torch.float32
+        if self.enc.dtype == torch.bfloat16 and wanted != torch.bfloat16:
+            raise ValueError("this SAE's encoder is stored in bf16: encode it in bf16")
+        enc = self.enc.to(wanted)
         for start in range(0, flat.shape[0], chunk_tokens):
             chunk = flat[start : start + chunk_tokens] - self.pre_b
             pre = chunk.to(enc.dtype) @ enc
@@ -125,9 +128,18 @@ class TopKSAE(nn.Module):
             indices[start : start + chunk_tokens] = top.indices
         return SparseCode(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
 
+    def keep_for_encoding(self, precision: str) -> None:
+        """Serving only encodes: free the decoder (half the SAE), and store the encoder in `precision` (bf16:
+        the operand `encode` would cast it to on every call, so codes stay the same; half again)."""
+        self.dec = None
+        if precision == "bf16":
+            self.enc = nn.Parameter(self.enc.data.to(torch.bfloat16), requires_grad=False)
+
     @torch.inference_mode()
     def decode(self, code: SparseCode) -> torch.Tensor:
         """Reconstruction [..., d_in] from k decoder rows per token (no dense latent)."""
+        if self.dec is None:
+            raise RuntimeError("this SAE was kept for encoding only: it has no decoder")
         lead = code.indices.shape[:-1]
         rows = F.embedding_bag(
             code.indices.reshape(-1, self.k),

@@ -57,3 +57,34 @@ def test_bf16_capture_is_close_to_fp32_and_not_equal(tiny_tower):
         assert bf16[layer].dtype == torch.float32 and not bf16[layer].equal(exact[layer])
         relative = (bf16[layer] - exact[layer]).norm() / exact[layer].norm()
         assert relative < 0.05, (layer, float(relative))
+
+
+def test_weights_kept_in_bf16_give_the_same_capture(tiny_model_spec):
+    from precompute.vision import load_tower
+
+    reference, kept = load_tower(tiny_model_spec, device="cpu"), load_tower(tiny_model_spec, device="cpu")
+    kept.keep_weights_in("bf16")
+    attention = kept.visual.transformer.resblocks[0].attn
+    assert attention.in_proj_weight.dtype == kept.visual.conv1.weight.dtype == torch.bfloat16
+    assert kept.visual.transformer.resblocks[0].ln_1.weight.dtype == torch.float32  # norms stay fp32
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    expected, got = reference.capture(pixels, [1, 3], "bf16"), kept.capture(pixels, [1, 3], "bf16")
+    for layer in (1, 3):
+        assert torch.equal(got[layer], expected[layer]), layer
+    with pytest.raises(ValueError, match="stored in bf16: capture in bf16"):
+        kept.capture(pixels, [1], "fp32")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_sae_kept_for_encoding_encodes_the_same(tiny_sae_repo, precision):
+    reference, kept = load_sae(str(tiny_sae_repo), layer=2), load_sae(str(tiny_sae_repo), layer=2)
+    kept.keep_for_encoding(precision)
+    assert kept.dec is None and kept.enc.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    x = torch.randn(2, 257, 64, generator=torch.Generator().manual_seed(4)) * 3
+    expected, got = reference.encode(x, precision=precision), kept.encode(x, precision=precision)
+    assert torch.equal(got.values, expected.values) and torch.equal(got.indices, expected.indices)
+    with pytest.raises(RuntimeError, match="no decoder"):
+        kept.decode(got)
+    if precision == "bf16":
+        with pytest.raises(ValueError, match="stored in bf16: encode it in bf16"):
+            kept.encode(x, precision="fp32")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import time
 from typing import Annotated, Literal
 
 import anyio
@@ -96,8 +97,26 @@ def _check_rate(request: Request) -> None:
                                   f"try again in {wait} s", {"Retry-After": str(wait)})
 
 
+class PhaseTimes:
+    """Wall time per phase of one upload, for the `Server-Timing` header (browser devtools show it)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{phase};dur={seconds * 1e3:.1f}" for phase, seconds in self.phases.items())
+
+
 async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadResult, bytes | None]:
-    """Read, decode, encode (or find in the store) and describe one upload: (result, view JPEG if not stored)."""
+    """Read, decode, encode (or find in the store) and describe one upload: (result, view JPEG if not stored).
+    The phases' times are left in `request.state.upload_times`."""
+    times = request.state.upload_times = PhaseTimes()
     encoder = _encoder(request)
     _check_rate(request)
     state = request.app.state
@@ -118,20 +137,25 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
                     width, height = stored.width, stored.height
                 except OSError:  # evicted meanwhile: encode it again
                     stored = None
+            times.lap("read")
             if codes is None:
                 decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, VIEW_SIZE,
                                                          limiter=state.decode_limiter)
+                times.lap("decode")
                 codes = await encoder.encode(decoded.pixels, options.layers, slot)
+                times.lap("encode")
                 width, height, view_jpeg = decoded.width, decoded.height, decoded.view_jpeg
                 if store is not None:
                     stored = await run_in_threadpool(_save, store, upload_id, decoded, codes,
                                                      encoder.spec.index_layers)
+                    times.lap("store")
     except Busy as busy:
         raise UploadRejected(503, "busy encoding other uploads; try again shortly",
                              {"Retry-After": str(busy.retry_after)}) from None
     result = await run_in_threadpool(
         upload_result, state.index, upload_id, width, height, encoder.grid, codes, encoder.spec.index_layers,
         stored is not None, options.sort, options.top, patches)
+    times.lap("describe")
     return result, (None if stored is not None else view_jpeg)
 
 
@@ -183,11 +207,12 @@ def upload_form_html(request: Request):
                         422: {"description": "bad layers, sort or top"},
                         429: {"description": "too many uploads from this client (Retry-After)"},
                         503: {"description": "busy (Retry-After) or live encoding unavailable"}})
-async def encode_json(request: Request):
+async def encode_json(request: Request, response: Response):
     try:
         result, _ = await encode_upload(request, patches=None)
     except UploadRejected as error:
         return _json_error(error)
+    response.headers["Server-Timing"] = request.state.upload_times.header()
     return result
 
 
@@ -205,6 +230,7 @@ async def encode_html(request: Request):
     if result.stored:
         response.headers["HX-Push-Url"] = f"{result.url}?sort={result.sort}"
     response.headers["Cache-Control"] = "no-store"
+    response.headers["Server-Timing"] = request.state.upload_times.header()
     return response
 
 

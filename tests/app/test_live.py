@@ -197,3 +197,19 @@ def test_while_loading_uploads_are_503_with_retry_after(live_index, tmp_path):
         response = upload(client, image(12))
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
         assert "still loading" in client.get("/upload").text
+
+
+def test_uploads_say_where_their_time_went(live_client):
+    """`Server-Timing` (shown by browser devtools): every phase of a fresh upload, none of a stored one."""
+    import time
+
+    start = time.perf_counter()
+    response = upload(live_client, image(41))
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    phases = dict(re.findall(r"(\w+);dur=([0-9.]+)", response.headers["server-timing"]))
+    assert list(phases) == ["read", "decode", "encode", "store", "describe"]
+    assert 0 < sum(map(float, phases.values())) <= elapsed_ms
+    again = upload(live_client, image(41))  # the same bytes: answered from the store
+    assert re.findall(r"(\w+);dur=", again.headers["server-timing"]) == ["read", "describe"]
+    html = upload(live_client, image(42), path="/upload", headers=HX)
+    assert "encode;dur=" in html.headers["server-timing"]
