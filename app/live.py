@@ -131,12 +131,12 @@ class LiveEncoder:
 
     def __init__(self, tower: VisionTower, saes: dict[int, TopKSAE], spec: LiveSpec, batch_size: int = 8,
                  queue_size: int = 16, precision: str | None = None):
-        from precompute.precision import resolve_precision
+        from precompute.precision import effective
 
         self.tower, self.saes, self.spec = tower, saes, spec
-        self.precision = precision or resolve_precision("auto", tower.device)
+        self.precision = effective(precision, tower.device)
         self.layers = sorted(saes)
-        self.identity = spec.identity(precision)
+        self.identity = spec.identity(self.precision)
         self.grid = tower.grid
         self.image_size = int(tower.visual.image_size[0])
         self.batcher: MicroBatcher = MicroBatcher(self._run_batch, batch_size, queue_size)

@@ -48,7 +48,6 @@ def listening_sockets(host: str, port: int, count: int, backlog: int) -> list[so
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             sock.listen(backlog)
-            sock.set_inheritable(True)
     except OSError:
         for sock in sockets:
             sock.close()
