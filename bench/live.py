@@ -5,7 +5,7 @@ k 32, random) on layer 20, CPU (GPU when present). The index records bf16, as
 one built on a GPU does, and the server encodes in the precision `auto` picks
 for it here (bf16 where the CPU has native bfloat16, else fp32;
 BENCH_PRECISION=fp32|bf16 overrides); the bare baseline runs in the same
-precision. The server runs in its own
+precision, on weights kept as the server keeps them (`keep_for_encoding`). The server runs in its own
 process (uvicorn, the app of `create_app` with that encoder injected, uploads
 stored, over a one-layer index of 65,536 features so results look up labels
 and top images); this process holds an identical model for the baseline.
