@@ -53,7 +53,7 @@ def _warm(index: Index) -> None:
     """Fill the per-layer caches in the background so first requests stay fast."""
     try:
         for layer in sorted(index.layers):
-            index.first_top_images(layer)
+            index.top_images(layer)
             index.alive_features(layer)
             index.density(layer)
             index.summaries(layer, [])

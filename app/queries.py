@@ -46,6 +46,7 @@ FEATURE_COLUMNS = ("feature, n_fired_tokens, n_fired_images, n_fired_cls, freque
 SUMMARY_COLUMNS = "layer, feature, label, label_terms, frequency, image_frequency, max_activation"
 EXAMPLE_COLUMNS = "kind, band, rank, image_id, activation, cls_activation"
 IMAGE_COLUMNS = "image_id, source, key, url, caption, width, height"
+TOP_IMAGES = 4  # top images per feature kept in memory (`Index.top_images`)
 
 
 class IndexOpenError(RuntimeError):
@@ -244,25 +245,22 @@ class Index:
             "ORDER BY e.band LIMIT 1", {"layer": layer, "feature": feature, "image": image_id})
         return rows[0] if rows else None
 
-    def top_example_ids(self, layer: int, features: list[int], per_feature: int) -> dict[int, list[int]]:
-        """The first `per_feature` top images of each of some features, by rank."""
-        found: dict[int, list[int]] = {}
-        for feature, image_id in self._cursor().execute(
-                "SELECT feature, image_id FROM examples WHERE layer = ? AND feature = ANY(?) AND kind = 'top' "
-                "AND rank <= ? ORDER BY feature, rank", [layer, list(features), per_feature]).fetchall():
-            found.setdefault(feature, []).append(image_id)
-        return found
+    def top_images(self, layer: int) -> np.ndarray:
+        """[n_features, TOP_IMAGES] image_ids of each feature's first top examples by rank (-1: none); cached.
+        Upload results show these for each feature they list, and feature cards show the first."""
+        def build() -> np.ndarray:
+            table = np.full((self.layers[layer]["n_features"], TOP_IMAGES), -1, dtype=np.int32)
+            rows = self._cursor().execute(
+                "SELECT feature, rank, image_id FROM examples "
+                "WHERE layer = ? AND kind = 'top' AND rank BETWEEN 1 AND ?", [layer, TOP_IMAGES]).fetchnumpy()
+            table[np.asarray(rows["feature"], dtype=np.int64), np.asarray(rows["rank"], dtype=np.int64) - 1] = \
+                np.asarray(rows["image_id"], dtype=np.int32)
+            return table
+        return self._cached(("top_images", layer), build)
 
     def first_top_images(self, layer: int) -> np.ndarray:
-        """Per feature of `layer`, the image_id of its top example (-1 if none); cached."""
-        def build() -> np.ndarray:
-            first = np.full(self.layers[layer]["n_features"], -1, dtype=np.int64)
-            rows = self._cursor().execute(
-                "SELECT feature, image_id FROM examples WHERE layer = ? AND kind = 'top' AND rank = 1",
-                [layer]).fetchnumpy()
-            first[np.asarray(rows["feature"], dtype=np.int64)] = np.asarray(rows["image_id"], dtype=np.int64)
-            return first
-        return self._cached(("first_top", layer), build)
+        """Per feature of `layer`, the image_id of its top example (-1 if none)."""
+        return self.top_images(layer)[:, 0]
 
     def alive_features(self, layer: int) -> np.ndarray:
         """Features of `layer` that fire at least once; cached."""

@@ -112,16 +112,19 @@ def parse_options(fields: dict[str, list[str]], available: list[int]) -> Options
 
 @dataclass(frozen=True)
 class Decoded:
-    width: int
-    height: int
+    image: object  # PIL.Image.Image, RGB
     pixels: object  # torch.Tensor [3, H, W], the model's preprocessing
-    view_jpeg: bytes  # the model's view, re-encoded without metadata
 
 
-def decode(data: bytes, preprocess, view_size: int) -> Decoded:
+def decode(data: bytes, preprocess) -> Decoded:
     """Decode exactly as the precompute job does (`open_rgb` + the model's preprocess); runs in a thread."""
     try:
         image = open_rgb(data)
     except ImageDecodeError as error:
         raise UploadRejected(DECODE_STATUS.get(error.kind, 400), str(error)) from None
-    return Decoded(image.width, image.height, preprocess(image), jpeg_bytes(square_crop(image, view_size)))
+    return Decoded(image, preprocess(image))
+
+
+def view_jpeg(image, size: int) -> bytes:
+    """The model's view of an upload (centre square) at `size`, re-encoded without metadata."""
+    return jpeg_bytes(square_crop(image, size))

@@ -15,9 +15,6 @@ from pydantic import BaseModel
 from app.queries import Index
 from app.urls import Urls
 
-EXAMPLES_PER_FEATURE = 4
-
-
 def round_sig(value: float, digits: int = 7) -> float:
     """A float32-born value without float32 noise in its decimal form."""
     return float(f"{value:.{digits}g}")
@@ -119,12 +116,13 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
     n_index = index.layers[layer]["n_features"] if known else 0
     listed = [f for f in feature_ids if f < n_index]
     rows = index.summaries(layer, listed) if listed else {}
-    examples = index.top_example_ids(layer, listed, EXAMPLES_PER_FEATURE) if listed else {}
+    top_images = index.top_images(layer) if listed else None
     urls = Urls(index.index_id)
     heatmaps = summary.heatmaps(torch.from_numpy(chosen)).numpy() if len(chosen) else np.zeros((0, 0))
     features = []
     for n, (i, feature) in enumerate(zip(chosen, feature_ids)):
         row = rows.get(feature, {})
+        image_ids = [image_id for image_id in top_images[feature].tolist() if image_id >= 0] if row else []
         features.append(UploadFeature(
             feature=feature, activation=round_sig(float(summary.activation[i])),
             cls_activation=round_sig(float(summary.cls_activation[i])),
@@ -134,7 +132,7 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
             max_activation=row.get("max_activation"),
             top_images=[IndexImage(image_id=image_id, thumbnail_url=urls.thumbnail(image_id),
                                    page_url=Urls.example(layer, feature, image_id))
-                        for image_id in examples.get(feature, [])],
+                        for image_id in image_ids],
             url=Urls.feature(layer, feature) if feature in rows else None))
     winners, counts = _winners(values, indices)
     return UploadLayer(layer=layer, n_firing=len(summary.features), in_index=known, features=features,

@@ -8,6 +8,7 @@ runs in a small thread pool; the event loop only moves bytes. Refusals are
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -26,7 +27,8 @@ from app.errors import NotFound
 from app.images import upload_preview_jpeg
 from app.live import HOW_TO_ENABLE, LiveEncoder, LiveService
 from app.templating import render_page
-from app.upload_input import DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options, read_form
+from app.upload_input import (DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options,
+                               read_form, view_jpeg)
 from app.upload_page import UploadResult, upload_result
 from app.upload_store import UPLOAD_ID, VIEW_SIZE, StoredUpload
 
@@ -121,7 +123,7 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
     _check_rate(request)
     state = request.app.state
     store = state.uploads
-    view_jpeg = None
+    view_bytes = None
     try:
         with encoder.batcher.admit() as slot:
             data, fields = await read_form(request, state.settings.max_upload_bytes)
@@ -139,14 +141,18 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
                     stored = None
             times.lap("read")
             if codes is None:
-                decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, VIEW_SIZE,
+                decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess,
                                                          limiter=state.decode_limiter)
                 times.lap("decode")
-                codes = await encoder.encode(decoded.pixels, options.layers, slot)
+                view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
+                try:  # the stored view is made while the model runs
+                    codes = await encoder.encode(decoded.pixels, options.layers, slot)
+                finally:
+                    view_bytes = await view
                 times.lap("encode")
-                width, height, view_jpeg = decoded.width, decoded.height, decoded.view_jpeg
+                width, height = decoded.image.width, decoded.image.height
                 if store is not None:
-                    stored = await run_in_threadpool(_save, store, upload_id, decoded, codes,
+                    stored = await run_in_threadpool(_save, store, upload_id, width, height, view_bytes, codes,
                                                      encoder.spec.index_layers)
                     times.lap("store")
     except Busy as busy:
@@ -156,7 +162,7 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
         upload_result, state.index, upload_id, width, height, encoder.grid, codes, encoder.spec.index_layers,
         stored is not None, options.sort, options.top, patches)
     times.lap("describe")
-    return result, (None if stored is not None else view_jpeg)
+    return result, (None if stored is not None else view_bytes)
 
 
 def _upload_id(identity: str, data: bytes) -> str:
@@ -164,9 +170,9 @@ def _upload_id(identity: str, data: bytes) -> str:
     return hashlib.sha256(identity.encode() + b"\0" + data).hexdigest()[:32]
 
 
-def _save(store, upload_id: str, decoded, codes, index_layers) -> StoredUpload | None:
+def _save(store, upload_id: str, width: int, height: int, view: bytes, codes, index_layers) -> StoredUpload | None:
     try:
-        return store.save(upload_id, decoded.width, decoded.height, decoded.view_jpeg, codes, list(index_layers))
+        return store.save(upload_id, width, height, view, codes, list(index_layers))
     except OSError as error:  # a full or read-only disk loses the share link, not the result
         log.warning("upload store: could not save %s: %s", upload_id, error)
         return None
@@ -219,14 +225,14 @@ async def encode_json(request: Request, response: Response):
 @router.post("/upload", response_class=HTMLResponse, include_in_schema=False)
 async def encode_html(request: Request):
     try:
-        result, view_jpeg = await encode_upload(request, patches=True)
+        result, view = await encode_upload(request, patches=True)
     except UploadRejected as error:
         return _html_error(request, error)
     if result.stored and not htmx.fragment_target(request):
         return RedirectResponse(f"{result.url}?sort={result.sort}", status_code=303)
     page = UploadFormPage(live=live_info(request), result=result)
     response = render_page(request, "upload.html", page, fragments={"upload-result": "_upload_result.html"},
-                           extra={"result": result, "image_src": result.image_url or _data_url(view_jpeg)})
+                           extra={"result": result, "image_src": result.image_url or _data_url(view)})
     if result.stored:
         response.headers["HX-Push-Url"] = f"{result.url}?sort={result.sort}"
     response.headers["Cache-Control"] = "no-store"

@@ -52,6 +52,16 @@ def test_json_result_follows_the_contract(live_client):
     assert winners == layer["winners"]
 
 
+def test_result_shows_each_features_first_top_images(live_client):
+    features = upload(live_client, image(4), layers="2", top="12").json()["layers"]["2"]["features"]
+    assert features and all(f["url"] for f in features) and any(f["top_images"] for f in features)
+    for feature in features:
+        page = live_client.get(f"/api{feature['url']}").json()
+        expected = [example["image_id"] for example in page["top_images"][:4]]
+        assert [image["image_id"] for image in feature["top_images"]] == expected
+        assert all(image["thumbnail_url"].endswith(f"/{image['image_id']}.jpg") for image in feature["top_images"])
+
+
 def test_html_upload_redirects_to_its_share_link(live_client):
     response = upload(live_client, image(2), path="/upload", sort="cls")
     assert response.status_code == 303
