@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from app.cors import CrossOriginMiddleware
 from app.errors import install_error_handlers
 from app.live import LiveEncoder, LiveService, LiveSpec
-from app.queries import Index, IndexOpenError, check_index, open_index
+from app.index_file import IndexOpenError, check_index
+from app.queries import Index, open_index
 from app.ratelimit import upload_limiter
 from app.routes import register
 from app.security import SecurityHeadersMiddleware

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.queries import IndexOpenError, check_index
+from app.index_file import IndexOpenError, check_index
 from app.settings import get_settings
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from app.queries import IndexOpenError, check_index
+from app.index_file import IndexOpenError, check_index
 from app.server import serve
 
 REPO = Path(__file__).resolve().parents[2]
