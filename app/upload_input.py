@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields on top of the file
-SORTS = ("max", "cls", "mean")
+SORTS = ("max", "patch", "cls", "mean")
 DEFAULT_TOP, MAX_TOP = 16, 1000
 DECODE_STATUS = {"empty": 400, "truncated": 400, "corrupt": 400, "svg": 415, "not_image": 415, "too_large": 413}
 
@@ -31,6 +31,12 @@ class UploadRejected(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def whole_number(text: str, max_digits: int = 12) -> int | None:
+    """`text` as a non-negative integer if it is one in ASCII digits (`"²".isdigit()` is true, yet `int`
+    refuses it; so does `int` past 4,300 digits), else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= max_digits else None
 
 
 def _megabytes(n: int) -> str:
@@ -43,8 +49,8 @@ async def read_form(request: Request, max_bytes: int) -> tuple[bytes, dict[str, 
         raise UploadRejected(415, "send the image as multipart/form-data in a field named `file`")
     too_large = UploadRejected(413, f"the upload is larger than the {_megabytes(max_bytes)} limit")
     limit = max_bytes + FORM_OVERHEAD
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length", ""), max_digits=20)
+    if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
     try:
@@ -89,9 +95,10 @@ def parse_layers(values: list[str], available: list[int]) -> list[int]:
         return list(available)
     layers = []
     for part in parts:
-        if not part.isdigit() or len(part) > 6:
+        layer = whole_number(part, max_digits=6)
+        if layer is None:
             raise UploadRejected(422, f"layers: {part[:20]!r} is not a layer number (use e.g. layers=20,22)")
-        layers.append(int(part))
+        layers.append(layer)
     missing = sorted(set(layers) - set(available))
     if missing:
         raise UploadRejected(422, f"layers: {', '.join(map(str, missing))} not encoded here; "
@@ -104,10 +111,10 @@ def parse_options(fields: dict[str, list[str]], available: list[int]) -> Options
     sort = (fields.get("sort") or ["max"])[-1] or "max"
     if sort not in SORTS:
         raise UploadRejected(422, f"sort must be one of {', '.join(SORTS)}")
-    top_text = ((fields.get("top") or [""])[-1] or str(DEFAULT_TOP)).strip()
-    if not top_text.isdigit() or int(top_text) < 1:
-        raise UploadRejected(422, "top must be a whole number of at least 1")
-    return Options(layers, sort, min(int(top_text), MAX_TOP))
+    top = whole_number(((fields.get("top") or [""])[-1] or str(DEFAULT_TOP)).strip(), max_digits=9)
+    if top is None or top < 1:
+        raise UploadRejected(422, "top must be a whole number of at least 1 (at most 9 digits)")
+    return Options(layers, sort, min(top, MAX_TOP))
 
 
 @dataclass(frozen=True)

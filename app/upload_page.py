@@ -32,6 +32,7 @@ class UploadFeature(BaseModel):
     feature: int
     activation: float
     cls_activation: float
+    patch_activation: float
     mean_activation: float
     heatmap: list[float]
     label: str | None = None
@@ -99,7 +100,8 @@ def _patch_lists(values: np.ndarray, indices: np.ndarray) -> list[list[tuple[int
 
 
 def _rank(features, sort: str) -> np.ndarray:
-    key = {"max": features.activation, "cls": features.cls_activation, "mean": features.mean_activation}[sort]
+    key = {"max": features.activation, "patch": features.patch_activation, "cls": features.cls_activation,
+           "mean": features.mean_activation}[sort]
     return np.argsort(-key.numpy(), kind="stable")  # ties keep activation order
 
 
@@ -126,6 +128,7 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
         features.append(UploadFeature(
             feature=feature, activation=round_sig(float(summary.activation[i])),
             cls_activation=round_sig(float(summary.cls_activation[i])),
+            patch_activation=round_sig(float(summary.patch_activation[i])),
             mean_activation=round_sig(float(summary.mean_activation[i])),
             heatmap=_float_list(heatmaps[n]),
             label=row.get("label"), label_terms=list(row.get("label_terms") or []),

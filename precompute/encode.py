@@ -7,7 +7,8 @@ the definitions of docs/schema.md are computed here for a single image by
 - a feature fires on a token when it is among the k kept latents AND its
   value is > 0;
 - an image's activation for a feature is its max firing value over all tokens,
-  CLS included; its CLS activation is its firing value on token 0;
+  CLS included; its CLS activation is its firing value on token 0; its patch
+  activation the max over the patches only (the peak of its heatmap);
 - its heatmap is its firing value on each patch token (CLS excluded), row-major.
 """
 
@@ -50,6 +51,7 @@ class ImageFeatures:
     features:        [U] int64
     activation:      [U] float32, max firing value over all tokens (CLS included)
     cls_activation:  [U] float32, firing value on CLS (0 if it does not fire there)
+    patch_activation:[U] float32, max firing value over the patches (0 if it fires on CLS only)
     mean_activation: [U] float32, mean firing value over the patches (0 where it does not fire)
     `heatmaps(rows)` gives the per-patch values of some of them (dense only for those asked for).
     """
@@ -57,6 +59,7 @@ class ImageFeatures:
     features: torch.Tensor
     activation: torch.Tensor
     cls_activation: torch.Tensor
+    patch_activation: torch.Tensor
     mean_activation: torch.Tensor
     n_tokens: int
     _row: torch.Tensor  # per firing (token, slot): the feature's row in the lists above
@@ -89,10 +92,11 @@ def image_features(values_tk: torch.Tensor, indices_tk: torch.Tensor) -> ImageFe
     on_cls = token == 0
     cls = torch.zeros(n)
     cls[slot[on_cls]] = fired_values[on_cls]
+    patch_max = torch.zeros(n).scatter_reduce_(0, slot[~on_cls], fired_values[~on_cls], reduce="amax")
     patch_sum = torch.zeros(n).index_add_(0, slot[~on_cls], fired_values[~on_cls])
     mean = patch_sum / max(tokens - 1, 1)
     order = torch.argsort(activation, descending=True, stable=True)  # unique() sorted features ascending
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n)
-    return ImageFeatures(features[order], activation[order], cls[order], mean[order], tokens, rank[slot], token,
-                         fired_values)
+    return ImageFeatures(features[order], activation[order], cls[order], patch_max[order], mean[order], tokens,
+                         rank[slot], token, fired_values)

@@ -10,6 +10,8 @@ def test_image_features_match_dense_definitions():
     tokens, k, n_features = 257, 8, 40
     indices = torch.stack([torch.randperm(n_features, generator=generator)[:k] for _ in range(tokens)])
     values = torch.randn(tokens, k, generator=generator)  # kept values may be <= 0: those do not fire
+    values[0, 0] = 9.0  # a feature on CLS only: its patch activation is 0
+    values[1:][indices[1:] == indices[0, 0]] = -1.0
     dense = torch.zeros(tokens, n_features)
     dense.scatter_(1, indices, values.clamp(min=0))
     summary = image_features(values, indices)
@@ -19,6 +21,7 @@ def test_image_features_match_dense_definitions():
     for row, feature in enumerate(summary.features.tolist()):
         assert summary.activation[row] == dense[:, feature].max()
         assert summary.cls_activation[row] == dense[0, feature]
+        assert summary.patch_activation[row] == dense[1:, feature].max()
         torch.testing.assert_close(summary.mean_activation[row], dense[1:, feature].mean())
         torch.testing.assert_close(heatmaps[row], dense[1:, feature])
     assert torch.all(summary.activation[:-1] >= summary.activation[1:])

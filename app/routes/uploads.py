@@ -249,7 +249,8 @@ def _stored(request: Request, upload_id: str) -> StoredUpload:
     return stored
 
 
-Sort = Annotated[Literal["max", "cls", "mean"], Query(description="rank features by max, CLS or mean activation")]
+Sort = Annotated[Literal["max", "patch", "cls", "mean"],
+                 Query(description="rank features by max (all tokens), max over patches, CLS or mean activation")]
 Top = Annotated[int, Query(ge=1, le=100_000, description=f"features per layer (capped at {MAX_TOP})")]
 Layers = Annotated[str | None, Query(max_length=200, description="comma-separated layers (default: all stored)")]
 

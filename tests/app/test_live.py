@@ -3,9 +3,11 @@ what the server does when live encoding is off or cannot load."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
+from PIL import Image
 
 from tests import image_cases as cases
 from tests.app.conftest import live_app_client, wait_live
@@ -97,7 +99,8 @@ def test_stored_images_and_preview_are_cacheable(live_client):
         assert "immutable" in first.headers["cache-control"]
         again = live_client.get(url, headers={"If-None-Match": first.headers["etag"]})
         assert again.status_code == 304
-    assert live_client.get(data["preview_url"]).content[:2] == b"\xff\xd8"
+    with Image.open(io.BytesIO(live_client.get(data["preview_url"]).content)) as preview:
+        assert (preview.format, preview.size) == ("JPEG", (1200, 630))  # the OpenGraph card size
 
 
 def test_a_repeated_upload_is_not_encoded_again(live_client):
@@ -123,6 +126,44 @@ def test_stored_result_with_bad_query_is_422(live_client):
     for query in ("layers=7", "layers=x", "sort=evil", "top=0"):
         for prefix in ("", "/api"):
             assert live_client.get(f"{prefix}/uploads/{upload_id}?{query}").status_code == 422, query
+
+
+def test_an_unwritable_store_loses_only_the_share_links(live_index, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"not a folder")
+    with live_app_client(live_index, blocker / "uploads") as client:
+        wait_live(client)
+        assert client.get("/api/upload").json()["live"]["store_uploads"] is False
+        data = upload(client, image(12)).json()
+        assert data["stored"] is False and data["url"] is None and data["layers"]["2"]["features"]
+
+
+@pytest.mark.parametrize("sort, key", [("max", "activation"), ("patch", "patch_activation"), ("cls", "cls_activation"),
+                                       ("mean", "mean_activation")])
+def test_each_ranking_lists_the_strongest_features_by_its_key(live_client, sort, key):
+    everything = upload(live_client, image(13), layers="2", top="1000").json()["layers"]["2"]
+    ranked = upload(live_client, image(13), layers="2", sort=sort, top="5").json()["layers"]["2"]["features"]
+    assert len(everything["features"]) == everything["n_firing"] > 5
+    values = [f[key] for f in ranked]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == max(f[key] for f in everything["features"])
+    assert values[-1] >= sorted((f[key] for f in everything["features"]), reverse=True)[4]
+    for feature in everything["features"]:  # the heatmap's peak and mean over its 256 patches, CLS excluded
+        assert feature["patch_activation"] == pytest.approx(max(feature["heatmap"]), rel=1e-6)
+        assert feature["mean_activation"] == pytest.approx(sum(feature["heatmap"]) / 256, rel=1e-5, abs=1e-6)
+
+
+def test_another_model_encodes_uploads_without_index_links(live_index, tmp_path):
+    from precompute.synthetic import save_tiny_clip
+
+    other = f"local-dir:{save_tiny_clip(tmp_path / 'other_clip', seed=7)}"
+    with live_app_client(live_index, tmp_path / "store", live_model=other) as client:
+        wait_live(client)
+        live = client.get("/api/upload").json()["live"]
+        assert live["model"] == other and live["index_layers"] == []
+        layer = upload(client, image(14), layers="2").json()["layers"]["2"]
+        assert not layer["in_index"] and layer["features"]
+        assert all(f["url"] is None and not f["top_images"] for f in layer["features"])
 
 
 def test_no_store_keeps_nothing(live_index, tmp_path):

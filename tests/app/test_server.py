@@ -130,3 +130,29 @@ def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_pa
     assert any(kept is cursor for kept in index._cursors)
     with pytest.raises(duckdb.ConnectionException):
         cursor.execute("SELECT 1")  # closed all the same
+
+
+def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
+    """`serve`'s live-encoding flags travel as CLIPSCOPE_* variables (so `--workers N` processes see them)."""
+    from app.cli import build_parser
+    from app.server import live_environment
+    from app.settings import Settings
+
+    args = build_parser().parse_args([
+        "serve", "index.duckdb", "--live-model", "local-dir:/models/vit", "--live-sae", "/saes/scope",
+        "--live-layers", "20,5", "--live-device", "cpu", "--live-precision", "bf16", "--no-store-uploads",
+        "--upload-store", str(tmp_path / "store"), "--max-upload-mb", "2.5"])
+    for name, value in live_environment(args).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(index=tmp_path / "index.duckdb")
+    assert (settings.live, settings.live_model, settings.live_sae) == (True, "local-dir:/models/vit", "/saes/scope")
+    assert (settings.live_layers, settings.live_device, settings.live_precision) == ([20, 5], "cpu", "bf16")
+    assert not settings.store_uploads and settings.upload_store == tmp_path / "store"
+    assert settings.max_upload_bytes == 2_500_000
+
+    monkeypatch.setenv("CLIPSCOPE_LIVE", live_environment(build_parser().parse_args(
+        ["serve", "index.duckdb", "--no-live"]))["CLIPSCOPE_LIVE"])
+    assert not Settings(index=tmp_path / "index.duckdb").live
+    for name in ("CLIPSCOPE_LIVE", "CLIPSCOPE_MAX_UPLOAD_BYTES"):
+        monkeypatch.delenv(name)
+    assert Settings(index=tmp_path / "index.duckdb").max_upload_bytes == 20_000_000  # 20 MB by default

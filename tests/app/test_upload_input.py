@@ -8,6 +8,7 @@ import io
 import pytest
 from PIL import Image
 
+from app.upload_input import whole_number
 from tests import image_cases as cases
 
 JPEG = cases.encode(cases.noisy((120, 90)), "JPEG")
@@ -66,14 +67,22 @@ def test_tiny_and_thin_images_work(live_client, size):
     assert (response.json()["width"], response.json()["height"]) == size
 
 
-@pytest.mark.parametrize("layers", ["abc", "99", "1;DROP TABLE features", "-1", "1,x", "9" * 40])
+@pytest.mark.parametrize("layers", ["abc", "99", "1;DROP TABLE features", "-1", "1,x", "9" * 40, "\u00b2", "\u0661",
+                                    "9" * 5000])
 def test_bad_layers_are_422(live_client, layers):
     check_refusal(post(live_client, JPEG, layers=layers), 422)
 
 
-@pytest.mark.parametrize("fields", [{"sort": "evil"}, {"top": "0"}, {"top": "many"}])
+@pytest.mark.parametrize("fields", [{"sort": "evil"}, {"top": "0"}, {"top": "many"}, {"top": "\u00b2"},
+                                    {"top": "9" * 5000}])
 def test_bad_options_are_422(live_client, fields):
     check_refusal(post(live_client, JPEG, **fields), 422)
+
+
+@pytest.mark.parametrize("text, number", [("0", 0), ("20", 20), (" 7", None), ("-1", None), ("\u00b2", None),
+                                          ("\u0661", None), ("1e3", None), ("", None), ("9" * 13, None)])
+def test_whole_numbers_are_ascii_digits_only(text, number):
+    assert whole_number(text) == number
 
 
 def test_layers_may_repeat_or_be_comma_separated(live_client):
