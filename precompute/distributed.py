@@ -63,7 +63,8 @@ def _cluster_workers(ray, fallback: int) -> tuple[int, dict]:
 def encode_on_ray(components, config, state, workdir) -> None:
     import ray
 
-    from precompute.job import RunState, checkpoint
+    from precompute.job import checkpoint
+    from precompute.run_state import RunState
 
     if not ray.is_initialized():
         address = None if config.ray in (None, "auto", "local") else config.ray

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from precompute.accumulate import LayerAccumulator
 from precompute.encode import encode_pixels
 from precompute.precision import resolve_precision
-from precompute.labels import DocumentFrequency
 from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from precompute.run_state import RunState
 from precompute.sae import TopKSAE, explained_variance, squared_error
 from precompute.checkpoints import load_saes
 from precompute.shard_reader import count_samples, known_size
@@ -31,7 +31,6 @@ from precompute.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 NORMALISE_IMAGES = 512
-MAX_SKIPPED_LISTED = 1000
 
 
 @dataclass
@@ -78,55 +77,6 @@ class Components:
     quota: dict[int, int]
     device: torch.device
     precision: str  # fp32 or bf16, resolved for the device
-
-
-@dataclass
-class RunState:
-    accumulators: dict[int, LayerAccumulator]
-    progress: dict[int, int] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
-    captions: DocumentFrequency = field(default_factory=DocumentFrequency)
-    skipped: list[dict] = field(default_factory=list)
-    n_skipped: int = 0
-    failed_shards: list[dict] = field(default_factory=list)
-    normalisation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    encode_seconds: float = 0.0
-
-    @property
-    def n_images(self) -> int:
-        return int(next(iter(self.accumulators.values())).counts["images"])
-
-    def state_dict(self) -> dict:
-        return {
-            "accumulators": {layer: acc.state_dict() for layer, acc in self.accumulators.items()},
-            "progress": self.progress, "done": sorted(self.done), "captions": self.captions.state_dict(),
-            "skipped": self.skipped, "n_skipped": self.n_skipped, "failed_shards": self.failed_shards,
-            "encode_seconds": self.encode_seconds,
-            "normalisation": self.normalisation,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict, device) -> "RunState":
-        return cls(
-            accumulators={int(layer): LayerAccumulator.from_state_dict(acc, device)
-                          for layer, acc in state["accumulators"].items()},
-            progress=dict(state["progress"]), done=set(state["done"]),
-            captions=DocumentFrequency.from_state_dict(state["captions"]), skipped=list(state["skipped"]),
-            n_skipped=state["n_skipped"], failed_shards=state["failed_shards"], normalisation=state["normalisation"],
-            encode_seconds=state["encode_seconds"],
-        )
-
-    def merge(self, other: "RunState") -> None:
-        for layer, acc in self.accumulators.items():
-            acc.merge(other.accumulators[layer])
-        self.progress.update(other.progress)
-        self.done |= other.done
-        self.captions.merge(other.captions)
-        self.skipped = sorted(self.skipped + other.skipped, key=lambda s: (s["source"], s["key"]))
-        self.skipped = self.skipped[:MAX_SKIPPED_LISTED]
-        self.n_skipped += other.n_skipped
-        self.failed_shards = sorted(self.failed_shards + other.failed_shards, key=lambda f: f["shard"])
-        self.encode_seconds += other.encode_seconds
 
 
 def prepare(config: PrecomputeConfig) -> Components:
@@ -211,18 +161,11 @@ def raw_metrics(sae: TopKSAE, acts: torch.Tensor, stats: tuple[torch.Tensor, tor
 @torch.inference_mode()
 def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     """Run one batch through tower and SAEs into the accumulators; return images to keep."""
-    state.progress[batch.shard] = batch.end
-    if batch.shard_done:
-        state.done.add(batch.shard)
     if batch.failure:
         log.warning("shard skipped: %s", batch.failure)
-        state.failed_shards.append({"shard": batch.shard, "reason": batch.failure})
-    state.n_skipped += len(batch.skipped)
-    room = MAX_SKIPPED_LISTED - len(state.skipped)
-    state.skipped += [{"source": s.source, "key": s.key, "reason": s.error} for s in batch.skipped[:max(room, 0)]]
+    state.record(batch)
     if batch.pixels is None:
         return []
-    state.captions.add(s.caption for s in batch.samples)
     encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
