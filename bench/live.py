@@ -9,9 +9,11 @@ BENCH_PRECISION=fp32|bf16 overrides). The server runs in its own process
 over a one-layer index of 65,536 features so results look up labels and top
 images). The bare baseline is `encode_pixels` on an already preprocessed
 image, run in that same process on the very model and SAE the server holds
-(a side thread, on request over a pipe, while the server is idle): two
-processes that each hold their own copy differ by up to +-10 % here
-(memory placement), which is not the server's overhead.
+(a side thread, on request over a pipe, while the server is idle). A copy
+in this process would be timed unfairly: interleaved with the server, each
+process's OpenMP threads keep spinning for a while after its compute, and
+here that made the bench's copy run 9 % faster than the server's (the same
+with OMP_WAIT_POLICY=PASSIVE in both).
 1. one upload's latency (distinct images, so no store hits) against the bare
    compute, interleaved rounds: median paired ratio <= 1.15;
 2. 8 concurrent uploads against 8 serial ones: throughput ratio >= 1.3;
