@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from app.queries import Index
 from app.urls import Urls
 
+
 def round_sig(value: float, digits: int = 7) -> float:
     """A float32-born value without float32 noise in its decimal form."""
     return float(f"{value:.{digits}g}")
