@@ -125,7 +125,7 @@ def live_precision(device) -> str:
 
 def serve(port: int, index: Path, store: Path, requests: int, replies: int) -> None:
     """The server process: the app over `index` with the random encoder injected, and a side thread that
-    times the bare compute on the same model when the bench asks (`bare_compute`)."""
+    times the bare compute on the same model when the bench asks (`answer_bare_requests`)."""
     import uvicorn
 
     from app.live import LiveEncoder, LiveSpec, keep_for_encoding
