@@ -123,9 +123,9 @@ def live_precision(device) -> str:
     return resolve_precision(os.environ.get("BENCH_PRECISION", "auto"), device, INDEX_PRECISION)
 
 
-def serve(port: int, index: Path, store: Path, requests: int, replies: int) -> None:
-    """The server process: the app over `index` with the random encoder injected, and a side thread that
-    times the bare compute on the same model when the bench asks (`answer_bare_requests`)."""
+def serve(port: int, index: Path, store: Path, pipes: tuple[int, int] | None = None) -> None:
+    """The server process: the app over `index` with the random encoder injected; given `pipes` (requests,
+    replies), a side thread that times the bare compute on the same model when asked (`answer_bare_requests`)."""
     import uvicorn
 
     from app.live import LiveEncoder, LiveSpec, keep_for_encoding
@@ -140,8 +140,8 @@ def serve(port: int, index: Path, store: Path, requests: int, replies: int) -> N
     precision = live_precision(tower.device)
     keep_for_encoding(tower, {LAYER: sae}, precision)  # as load_encoder does
     encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, precision)
-    threading.Thread(target=answer_bare_requests, args=(tower, sae, precision, requests, replies),
-                     daemon=True).start()
+    if pipes:
+        threading.Thread(target=answer_bare_requests, args=(tower, sae, precision, *pipes), daemon=True).start()
     app = create_app(settings, live_encoder=encoder)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -400,7 +400,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    if len(sys.argv) in (5, 7) and sys.argv[1] == "--serve":  # bench/worker_memory.py starts it without pipes
+        serve(int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), tuple(map(int, sys.argv[5:7])) or None)
     else:
         main()
