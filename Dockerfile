@@ -8,13 +8,14 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/clipscope
 COPY pyproject.toml README.md ./
+COPY clipscope_explorer ./clipscope_explorer
 COPY app ./app
 COPY precompute ./precompute
 COPY templates ./templates
 COPY static ./static
 COPY docs ./docs
-# Editable install: the server finds templates/ and static/ beside the packages.
-RUN pip install -e '.[distributed]'
+# A regular install: templates and static files are package data.
+RUN pip install '.[distributed]'
 
 EXPOSE 8000
 ENTRYPOINT ["clipscope-explorer"]

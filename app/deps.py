@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from app.errors import NotFound
-from app.queries import Index
-from app.settings import Settings
-from app.urls import Urls
+from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.settings import Settings
+from clipscope_explorer.app.urls import Urls
 
 INT32_MAX = 2**31 - 1
 

@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import htmx
-from app.security import SECURITY_HEADERS
+from clipscope_explorer.app import htmx
+from clipscope_explorer.app.serving.security import SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ when the server starts and closes it when it stops. The module attribute
 `CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
 `clipscope-explorer serve` (which sets `CLIPSCOPE_INDEX`) start. The lifespan
 also opens the upload store and starts loading the live encoder in the
-background (`app/live.py`), so the index is served while the model loads.
+background (`app/live/encoder.py`), so the index is served while the model loads.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from app.cors import CrossOriginMiddleware
-from app.errors import install_error_handlers
-from app.live import LiveEncoder, LiveService, LiveSpec
-from app.index_file import IndexOpenError, check_index
-from app.queries import Index, open_index
-from app.ratelimit import upload_limiter
-from app.routes import register
-from app.security import SecurityHeadersMiddleware
-from app.settings import Settings, get_settings
-from app.templating import SiteInfo, make_templates
-from app.upload_store import UploadStore
+from clipscope_explorer.app.serving.cors import CrossOriginMiddleware
+from clipscope_explorer.app.errors import install_error_handlers
+from clipscope_explorer.app.live.encoder import LiveEncoder, LiveService, LiveSpec
+from clipscope_explorer.app.index_file import IndexOpenError, check_index
+from clipscope_explorer.app.queries import Index, open_index
+from clipscope_explorer.app.serving.ratelimit import upload_limiter
+from clipscope_explorer.app.pages import register
+from clipscope_explorer.app.serving.security import SecurityHeadersMiddleware
+from clipscope_explorer.app.settings import Settings, get_settings
+from clipscope_explorer.app.templating import SiteInfo, make_templates
+from clipscope_explorer.app.live.store import UploadStore
 
 log = logging.getLogger(__name__)
 

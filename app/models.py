@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from app.model_card import ModelCardRow, model_card_row
-from app.queries import Index
-from app.urls import Urls
+from clipscope_explorer.app.model_card import ModelCardRow, model_card_row
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.urls import Urls
 
 
 class LayerInfo(BaseModel):

@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from app.index_file import IndexOpenError, connect, validate
+from clipscope_explorer.app.index_file import IndexOpenError, connect, validate
 
 SORT_COLUMNS = {name: name for name in
                 ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")}

@@ -1,6 +1,6 @@
 """Server configuration: environment variables prefixed ``CLIPSCOPE_`` (pydantic-settings).
 
-`get_settings()` is cached and is what `app.main` and `clipscope-explorer serve`
+`get_settings()` is cached and is what `clipscope_explorer.app.main` and `clipscope-explorer serve`
 use; tests build a `Settings(...)` themselves and pass it to `create_app`.
 Every field is documented in docs/API.md (a test checks it).
 """

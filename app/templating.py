@@ -4,7 +4,7 @@ Template context (the same for every page template and partial):
 - `page`: the page's data model, exactly what its JSON twin serialises;
 - `request`: the Starlette request;
 - `site`: `SiteInfo` (index id, layers, model name) for the header and footer;
-- `urls`: `app.urls.Urls` for this index (page, image and API URLs);
+- `urls`: `clipscope_explorer.app.urls.Urls` for this index (page, image and API URLs);
 - `twin`: this page's JSON URL (advertised with <link rel="alternate">);
 - `canonical`: this page's absolute URL (OpenGraph, copy-link);
 - upload pages add `result` (the `UploadResult`) and `image_src` (its image URL,
@@ -22,9 +22,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
-from app import htmx
-from app.images import colour_hex, overlay_data_url, palette_hex, winner_data_url
-from app.urls import Urls, twin
+from clipscope_explorer.app import htmx
+from clipscope_explorer.app.images import colour_hex, overlay_data_url, palette_hex, winner_data_url
+from clipscope_explorer.app.urls import Urls, twin
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 

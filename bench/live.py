@@ -53,8 +53,8 @@ def build_index(path: Path) -> None:
     """One layer of N_FEATURES features with labels and TOP_N top images each (project writer)."""
     from PIL import Image
 
-    from precompute.accumulate import histogram_edges
-    from precompute.store import IndexWriter, blob_column
+    from clipscope_explorer.precompute.accumulate import histogram_edges
+    from clipscope_explorer.precompute.index.store import IndexWriter, blob_column
 
     rng = np.random.default_rng(0)
     edges = histogram_edges().numpy()
@@ -106,8 +106,8 @@ def model_and_sae():
     """ViT-L-14 with random weights and one random full-size SAE, identical in every process (seeded)."""
     import torch
 
-    from precompute.sae import TopKSAE
-    from precompute.vision import load_tower
+    from clipscope_explorer.precompute.model.sae import TopKSAE
+    from clipscope_explorer.precompute.model.vision import load_tower
 
     torch.manual_seed(0)
     tower = load_tower("ViT-L-14", random_weights=True)
@@ -118,7 +118,7 @@ def model_and_sae():
 
 
 def live_precision(device) -> str:
-    from precompute.precision import resolve_precision
+    from clipscope_explorer.precompute.model.precision import resolve_precision
 
     return resolve_precision(os.environ.get("BENCH_PRECISION", "auto"), device, INDEX_PRECISION)
 
@@ -128,9 +128,9 @@ def serve(port: int, index: Path, store: Path, pipes: tuple[int, int] | None = N
     replies), a side thread that times the bare compute on the same model when asked (`answer_bare_requests`)."""
     import uvicorn
 
-    from app.live import LiveEncoder, LiveSpec, keep_for_encoding
-    from app.main import create_app
-    from app.settings import Settings
+    from clipscope_explorer.app.live.encoder import LiveEncoder, LiveSpec, keep_for_encoding
+    from clipscope_explorer.app.main import create_app
+    from clipscope_explorer.app.settings import Settings
 
     tower, sae = model_and_sae()
     spec = LiveSpec(model="ViT-L-14 (random weights)", pretrained=None, sae="random", layers=(LAYER,),
@@ -151,8 +151,8 @@ def answer_bare_requests(tower, sae, precision: str, requests: int, replies: int
     time that bare compute (`encode_pixels` on preprocessed pixels) and write the seconds to `replies`."""
     import torch
 
-    from precompute.encode import encode_pixels
-    from precompute.imageio import open_rgb
+    from clipscope_explorer.precompute.model.encode import encode_pixels
+    from clipscope_explorer.precompute.model.imageio import open_rgb
 
     pixels = tower.preprocess(open_rgb(photos(1, 0)[0]))[None]
     batch = pixels.expand(8, -1, -1, -1).contiguous()

@@ -1,6 +1,6 @@
 """Load: 32 concurrent clients for 60 s against a real `clipscope-explorer serve --workers 2`.
 
-The demo-size index (`precompute.demo.build_demo`, 2,000 images, built once and
+The demo-size index (`clipscope_explorer.precompute.demo.build.build_demo`, 2,000 images, built once and
 cached in bench/.cache/load/demo) is served with live encoding on (the demo's own
 model and SAEs) and a fresh upload store. Each client keeps one connection alive
 and sends, back to back, a mix of feature pages (HTML and JSON), layer tables,
@@ -211,7 +211,7 @@ def percentiles_ms(values: list[float]) -> str:
 
 
 def main() -> None:
-    from precompute.demo import build_demo
+    from clipscope_explorer.precompute.demo.build import build_demo
 
     started = time.perf_counter()
     index = build_demo(CACHE / "demo", 2000, progress=False)
@@ -219,7 +219,7 @@ def main() -> None:
     store = tempfile.mkdtemp(prefix="store-", dir=CACHE)
     port = free_port()
     log = open(CACHE / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port),
                                "--workers", "2", "--upload-store", store],
                               cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:

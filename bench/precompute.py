@@ -29,8 +29,8 @@ def prepare_inputs():
     """A ViT-L-14 CLIP with random weights in the hub layout, a full-size SAE, 48 images (cached)."""
     import open_clip
 
-    from precompute.checkpoints import save_checkpoint
-    from precompute.synthetic import save_tiny_clip, write_scenes
+    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
+    from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, write_scenes
 
     model_dir = CACHE / "vit-l-14-random"
     if not (model_dir / "open_clip_pytorch_model.bin").is_file():
@@ -47,9 +47,9 @@ def prepare_inputs():
 
 
 def baseline_seconds(model_dir, sae_dir, images) -> float:
-    from precompute.checkpoints import load_sae
-    from precompute.sources import ShardBatches, resolve_sources
-    from precompute.vision import load_tower
+    from clipscope_explorer.precompute.model.checkpoints import load_sae
+    from clipscope_explorer.precompute.sources import ShardBatches, resolve_sources
+    from clipscope_explorer.precompute.model.vision import load_tower
 
     tower = load_tower(f"local-dir:{model_dir}", device="cpu")
     sae = load_sae(str(sae_dir), LAYER)
@@ -63,7 +63,7 @@ def baseline_seconds(model_dir, sae_dir, images) -> float:
 
 
 def precompute_seconds(model_dir, sae_dir, images) -> dict:
-    from precompute.job import PrecomputeConfig, run
+    from clipscope_explorer.precompute.job import PrecomputeConfig, run
 
     out = CACHE / "bench.duckdb"
     for leftover in (out, out.with_name(out.name + ".work")):
@@ -79,8 +79,8 @@ def precompute_seconds(model_dir, sae_dir, images) -> dict:
 
 
 def load_seconds(model_dir, sae_dir) -> float:
-    from precompute.checkpoints import load_sae
-    from precompute.vision import load_tower
+    from clipscope_explorer.precompute.model.checkpoints import load_sae
+    from clipscope_explorer.precompute.model.vision import load_tower
 
     start = time.perf_counter()
     load_tower(f"local-dir:{model_dir}", device="cpu")

@@ -19,7 +19,7 @@ SIZES, TARGET = (1000, 4000), 1.10
 CHILD = """
 import resource, sys
 from pathlib import Path
-from precompute.job import PrecomputeConfig, run
+from clipscope_explorer.precompute.job import PrecomputeConfig, run
 cache, n = Path(sys.argv[1]), int(sys.argv[2])
 out = cache / f"mem-{n}.duckdb"
 run(PrecomputeConfig(images=[str(cache / "images")], out=out, model=f"local-dir:{cache / 'model'}",
@@ -33,9 +33,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def prepare() -> None:
     import torch
 
-    from precompute.demo import DEMO_MODEL, DEMO_POSITION_SCALE
-    from precompute.checkpoints import save_checkpoint
-    from precompute.synthetic import save_tiny_clip, tiny_clip_config, write_scenes
+    from clipscope_explorer.precompute.demo.build import DEMO_MODEL, DEMO_POSITION_SCALE
+    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
+    from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
 
     write_scenes(CACHE / "images", max(SIZES))
     if not (CACHE / "model" / "open_clip_pytorch_model.bin").is_file():

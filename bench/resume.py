@@ -30,9 +30,9 @@ N_IMAGES, TRIALS = 600, 3
 def prepare() -> None:
     import torch
 
-    from precompute.demo import DEMO_MODEL, DEMO_POSITION_SCALE
-    from precompute.checkpoints import save_checkpoint
-    from precompute.synthetic import save_tiny_clip, tiny_clip_config, write_scenes
+    from clipscope_explorer.precompute.demo.build import DEMO_MODEL, DEMO_POSITION_SCALE
+    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
+    from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
 
     write_scenes(CACHE / "images", N_IMAGES)
     if not (CACHE / "model" / "open_clip_pytorch_model.bin").is_file():

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which a
 import torch  # noqa: E402
 
 from _timing import interleaved_medians, paired_ratio, result_line  # noqa: E402
-from precompute.sae import TopKSAE  # noqa: E402
+from clipscope_explorer.precompute.model.sae import TopKSAE  # noqa: E402
 
 D_IN, N_FEATURES, K, TOKENS = 1024, 65_536, 32, 2_056
 REPEATS = 7

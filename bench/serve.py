@@ -49,8 +49,8 @@ def thumbnails(count: int, rng) -> list[bytes]:
 
 
 def build_index(path) -> None:
-    from precompute.accumulate import histogram_edges
-    from precompute.store import IndexWriter, blob_column
+    from clipscope_explorer.precompute.accumulate import histogram_edges
+    from clipscope_explorer.precompute.index.store import IndexWriter, blob_column
 
     rng = np.random.default_rng(0)
     edges = histogram_edges().numpy()
@@ -180,7 +180,7 @@ def main() -> None:
         build_index(index)
         print(f"  generated in {time.perf_counter() - start:.0f} s, {index.stat().st_size / 2**30:.1f} GiB")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port),
                                "--workers", str(WORKERS), "--no-live"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_ready(port, server)

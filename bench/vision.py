@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which a
 import torch  # noqa: E402
 
 from _timing import interleaved_medians, paired_ratio, result_line, print_results  # noqa: E402
-from precompute.vision import load_tower  # noqa: E402
+from clipscope_explorer.precompute.model.vision import load_tower  # noqa: E402
 
 BATCH, LAYER = 4, 20
 REPEATS = 7
@@ -36,7 +36,7 @@ def plain_forward(visual, pixels, n_blocks):
     with torch.inference_mode():
         x = visual._embeds(pixels)
         batch_first = getattr(visual.transformer, "batch_first", True)
-        if not batch_first:  # load_tower runs the blocks sequence-first (see precompute/vision.py)
+        if not batch_first:  # load_tower runs the blocks sequence-first (see precompute/model/vision.py)
             x = x.transpose(0, 1).contiguous()
         for block in visual.transformer.resblocks[:n_blocks]:
             x = block(x)

@@ -79,11 +79,11 @@ def measure(name: str, command: list[str], port: int, uploads: bool) -> int:
 
 
 def main() -> None:
-    from precompute.demo import build_demo
+    from clipscope_explorer.precompute.demo.build import build_demo
 
     demo = build_demo(CACHE / "demo", 2000, progress=False)
     with tempfile.TemporaryDirectory(dir=CACHE) as store:
-        serve = [sys.executable, "-m", "app.cli", "serve", str(demo), "--upload-store", store, "--port"]
+        serve = [sys.executable, "-m", "clipscope_explorer.cli", "serve", str(demo), "--upload-store", store, "--port"]
         port = free_port()
         bare = measure("demo index, --no-live (baseline)", [*serve, str(port), "--no-live"], port, False)
         port = free_port()

@@ -1,5 +1,5 @@
 import sys
 
-from precompute.cli import main
+from clipscope_explorer.precompute.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from precompute.sae import SparseCode
+from clipscope_explorer.precompute.model.sae import SparseCode
 
 HIST_LOW, HIST_HIGH, HIST_BINS = 1e-4, 1e4, 64
 NO_ORDINAL = torch.iinfo(torch.long).max

@@ -1,4 +1,4 @@
-"""Commands of the precompute half: `precompute` (also `python -m precompute`), `fit`, `demo`."""
+"""Commands of the precompute half: `precompute` (also `python -m clipscope_explorer.precompute`), `fit`, `demo`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from precompute.precision import PRECISIONS
-from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from clipscope_explorer.precompute.model.precision import PRECISIONS
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 
 
 def layer_list(text: str) -> list[int]:
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace):
-    from precompute.job import PrecomputeConfig
+    from clipscope_explorer.precompute.job import PrecomputeConfig
 
     return PrecomputeConfig(
         images=args.images, out=args.out, model=args.model, pretrained=args.pretrained, sae=args.sae,
@@ -73,12 +73,12 @@ def config_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from precompute.job import run as run_job
-    from precompute.sae import SAELoadError
-    from precompute.sources import SourceError
-    from precompute.store import IndexWriteError
-    from precompute.vision import ModelLoadError
-    from precompute.workdir import WorkDirError
+    from clipscope_explorer.precompute.job import run as run_job
+    from clipscope_explorer.precompute.model.sae import SAELoadError
+    from clipscope_explorer.precompute.sources import SourceError
+    from clipscope_explorer.precompute.index.store import IndexWriteError
+    from clipscope_explorer.precompute.model.vision import ModelLoadError
+    from clipscope_explorer.precompute.workdir import WorkDirError
 
     if args.skip_existing and args.out.is_file():
         print(f"index exists, nothing to do: {args.out}")
@@ -108,9 +108,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from precompute.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
-    from precompute.sources import SourceError, resolve_sources
-    from precompute.vision import ModelLoadError, ModelSpec, load_tower
+    from clipscope_explorer.precompute.demo.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
+    from clipscope_explorer.precompute.sources import SourceError, resolve_sources
+    from clipscope_explorer.precompute.model.vision import ModelLoadError, ModelSpec, load_tower
 
     try:
         shards = resolve_sources(args.images)
@@ -138,19 +138,19 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from precompute.demo import build_demo
+    from clipscope_explorer.precompute.demo.build import build_demo
 
     index = build_demo(args.data, args.images, fresh=args.fresh)
     print(f"demo index: {index} (data cached in {args.data})")
     if args.build_only:
         return 0
-    from app.server import serve
+    from clipscope_explorer.app.serving.server import serve
 
     return serve(argparse.Namespace(index=index, host=args.host, port=args.port, workers=1,
                                     verbose=getattr(args, "verbose", False)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m precompute", description="Build a feature index.")
+    parser = argparse.ArgumentParser(prog="python -m clipscope_explorer.precompute", description="Build a feature index.")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from precompute.precision import resolve_precision
+from clipscope_explorer.precompute.model.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class ShardWorker:
     """Runs inside a Ray actor: encodes a group of shards into a fresh state."""
 
     def __init__(self, config, normalisation: dict):
-        from precompute.job import prepare
+        from clipscope_explorer.precompute.job import prepare
 
         self.config = replace(config, progress=False, ray=None)
         self.components = prepare(self.config)
@@ -37,8 +37,8 @@ class ShardWorker:
             self.components.saes[layer].set_normalisation(*stats)
 
     def encode(self, shard_indices: list[int]) -> tuple[dict, list[tuple]]:
-        from precompute.job import encode_all, new_state
-        from precompute.workdir import WorkDir
+        from clipscope_explorer.precompute.job import encode_all, new_state
+        from clipscope_explorer.precompute.workdir import WorkDir
 
         state = new_state(self.components, self.config)
         state.normalisation = self.normalisation
@@ -63,8 +63,8 @@ def _cluster_workers(ray, fallback: int) -> tuple[int, dict]:
 def encode_on_ray(components, config, state, workdir) -> None:
     import ray
 
-    from precompute.job import checkpoint
-    from precompute.run_state import RunState
+    from clipscope_explorer.precompute.job import checkpoint
+    from clipscope_explorer.precompute.run_state import RunState
 
     if not ray.is_initialized():
         address = None if config.ray in (None, "auto", "local") else config.ray

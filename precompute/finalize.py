@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.neighbours import cached_neighbours
-from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
-from precompute.store import IndexWriter, SCHEMA_VERSION
-from precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
+from clipscope_explorer.precompute.neighbours import cached_neighbours
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from clipscope_explorer.precompute.index.store import IndexWriter, SCHEMA_VERSION
+from clipscope_explorer.precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
 
 
 IMAGE_CHUNK = 2000

@@ -16,18 +16,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from precompute.accumulate import LayerAccumulator
-from precompute.encode import encode_pixels
-from precompute.precision import resolve_precision
-from precompute.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
-from precompute.run_state import RunState
-from precompute.sae import TopKSAE, explained_variance, squared_error
-from precompute.checkpoints import load_saes
-from precompute.shard_reader import count_samples, known_size
-from precompute.sources import Batch, Shard, ShardBatches, resolve_sources
-from precompute.tables import ExampleSettings
-from precompute.vision import ModelSpec, VisionTower, load_tower, resolve_device
-from precompute.workdir import WorkDir
+from clipscope_explorer.precompute.accumulate import LayerAccumulator
+from clipscope_explorer.precompute.model.encode import encode_pixels
+from clipscope_explorer.precompute.model.precision import resolve_precision
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from clipscope_explorer.precompute.run_state import RunState
+from clipscope_explorer.precompute.model.sae import TopKSAE, explained_variance, squared_error
+from clipscope_explorer.precompute.model.checkpoints import load_saes
+from clipscope_explorer.precompute.shard_reader import count_samples, known_size
+from clipscope_explorer.precompute.sources import Batch, Shard, ShardBatches, resolve_sources
+from clipscope_explorer.precompute.tables import ExampleSettings
+from clipscope_explorer.precompute.model.vision import ModelSpec, VisionTower, load_tower, resolve_device
+from clipscope_explorer.precompute.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 NORMALISE_IMAGES = 512
@@ -236,13 +236,13 @@ def run(config: PrecomputeConfig) -> Path:
     for layer, stats in state.normalisation.items():
         components.saes[layer].set_normalisation(*stats)
     if config.ray is not None:
-        from precompute.distributed import encode_on_ray
+        from clipscope_explorer.precompute.distributed import encode_on_ray
 
         encode_on_ray(components, config, state, workdir)
     else:
         encode_all(components, config, state, workdir)
     checkpoint(workdir, state)
-    from precompute.finalize import write_index
+    from clipscope_explorer.precompute.finalize import write_index
 
     out = write_index(components, config, state, workdir, time.perf_counter() - started)
     workdir.remove()

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from precompute.accumulate import LayerAccumulator
-from precompute.labels import DocumentFrequency
-from precompute.sources import Batch
+from clipscope_explorer.precompute.accumulate import LayerAccumulator
+from clipscope_explorer.precompute.labels import DocumentFrequency
+from clipscope_explorer.precompute.sources import Batch
 
 MAX_SKIPPED_LISTED = 1000  # skipped images listed by name in the index (all are counted)
 

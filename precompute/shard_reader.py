@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
-    from precompute.sources import Shard
+    from clipscope_explorer.precompute.sources import Shard
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://")
 READ_RETRIES = 3

@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
-from precompute.shard_reader import REMOTE_PREFIXES, ShardReadError, read_groups
+from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+from clipscope_explorer.precompute.shard_reader import REMOTE_PREFIXES, ShardReadError, read_groups
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_SHARD_SIZE = 1000

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from precompute.accumulate import NO_ORDINAL, LayerAccumulator
+from clipscope_explorer.precompute.accumulate import NO_ORDINAL, LayerAccumulator
 
 ACTIVE_THRESHOLD = 0.01
 
@@ -125,7 +125,7 @@ def chosen_examples(acc: LayerAccumulator, settings: ExampleSettings) -> dict:
 
 
 def examples_columns(layer: int, chosen: dict, image_id: dict[int, int]) -> dict:
-    from precompute.store import blob_column
+    from clipscope_explorer.precompute.index.store import blob_column
 
     ids = np.array([image_id[int(o)] for o in chosen["ordinal"]], dtype=np.int32)
     order = np.lexsort((chosen["rank"], chosen["band"], chosen["feature"]))

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from precompute.sources import Sample
+from clipscope_explorer.precompute.sources import Sample
 
 
 class WorkDirError(RuntimeError):

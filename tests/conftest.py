@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from precompute.checkpoints import save_checkpoint
-from precompute.synthetic import save_tiny_clip
+from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
+from clipscope_explorer.precompute.demo.scenes import save_tiny_clip
 
 TINY_LAYERS = (1, 2)
 TINY_FEATURES = 256
@@ -53,7 +53,7 @@ def tiny_sae_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tower(tiny_model_spec):
-    from precompute.vision import load_tower
+    from clipscope_explorer.precompute.model.vision import load_tower
 
     return load_tower(tiny_model_spec, device="cpu")
 
@@ -68,7 +68,7 @@ def shard_dir(tmp_path_factory) -> Path:
 
 
 def precompute_config(shard_dir: Path, model_spec: str, sae_repo: Path, out: Path, **overrides):
-    from precompute.job import PrecomputeConfig
+    from clipscope_explorer.precompute.job import PrecomputeConfig
 
     settings = dict(
         images=[f"{shard_dir}/{{00000..00002}}.tar"], out=out, model=model_spec, sae=str(sae_repo),
@@ -82,7 +82,7 @@ def precompute_config(shard_dir: Path, model_spec: str, sae_repo: Path, out: Pat
 @pytest.fixture(scope="session")
 def tiny_index(tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo) -> Path:
     """An index built by the real precompute job on the tiny fixtures."""
-    from precompute.job import run
+    from clipscope_explorer.precompute.job import run
 
     out = tmp_path_factory.mktemp("index") / "tiny.duckdb"
     return run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, workers=2))

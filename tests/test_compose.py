@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.cli import build_parser
+from clipscope_explorer.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def test_commands_exist_in_the_cli(compose, service):
 
 
 def test_precompute_does_nothing_when_the_index_exists(compose, tmp_path, capsys):
-    from app.cli import main
+    from clipscope_explorer.cli import main
 
     command = list(compose["services"]["precompute"]["command"])
     out = tmp_path / "existing.duckdb"

@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from precompute.synthetic import OBJECT_COLOURS, PLURALS, SHAPES
+from clipscope_explorer.precompute.demo.scenes import OBJECT_COLOURS, PLURALS, SHAPES
 
 OBJECT_WORDS = set(OBJECT_COLOURS) | set(SHAPES) | set(PLURALS.values())
 LOCALISATION_TARGET = 0.80
@@ -41,7 +41,7 @@ def localisation(index: Path, images: Path) -> dict[int, dict]:
 @pytest.fixture(scope="session")
 def demo_index(tmp_path_factory):
     """The demo exactly as `clipscope-explorer demo` builds it (2,000 images)."""
-    from precompute.demo import build_demo
+    from clipscope_explorer.precompute.demo.build import build_demo
 
     data = tmp_path_factory.mktemp("demo")
     return build_demo(data, 2000, progress=False), data / "images"

@@ -1,8 +1,8 @@
-"""`precompute.encode.image_features` against the schema's definitions written out densely."""
+"""`clipscope_explorer.precompute.model.encode.image_features` against the schema's definitions written out densely."""
 
 import torch
 
-from precompute.encode import image_features
+from clipscope_explorer.precompute.model.encode import image_features
 
 
 def test_image_features_match_dense_definitions():

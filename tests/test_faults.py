@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from app.cli import main
+from clipscope_explorer.cli import main
 from tests.fixtures import index_contents
 
 
@@ -59,7 +59,7 @@ import threading  # noqa: E402
 
 import torch  # noqa: E402
 
-from precompute import shard_reader, sources  # noqa: E402
+from clipscope_explorer.precompute import shard_reader, sources  # noqa: E402
 from tests.fixtures import write_shards  # noqa: E402
 
 
@@ -156,7 +156,7 @@ def test_job_completes_and_reports_a_truncated_shard(tmp_path, quick_retries, ti
 
     import duckdb
 
-    from precompute.job import run
+    from clipscope_explorer.precompute.job import run
     from tests.conftest import precompute_config
 
     paths = write_shards(tmp_path / "shards", 2, 10)

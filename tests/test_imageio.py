@@ -1,4 +1,4 @@
-"""`precompute.imageio.open_rgb`, the one decoder of the job and of uploads."""
+"""`clipscope_explorer.precompute.model.imageio.open_rgb`, the one decoder of the job and of uploads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
 from tests import image_cases as cases
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.live import LiveSpec
-from app.settings import Settings
-from precompute import precision as precision_module
-from precompute.checkpoints import load_sae
-from precompute.precision import resolve_precision
+from clipscope_explorer.app.live.encoder import LiveSpec
+from clipscope_explorer.app.settings import Settings
+from clipscope_explorer.precompute.model import precision as precision_module
+from clipscope_explorer.precompute.model.checkpoints import load_sae
+from clipscope_explorer.precompute.model.precision import resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -60,7 +60,7 @@ def test_bf16_capture_is_close_to_fp32_and_not_equal(tiny_tower):
 
 
 def test_weights_kept_in_bf16_give_the_same_capture(tiny_model_spec):
-    from precompute.vision import load_tower
+    from clipscope_explorer.precompute.model.vision import load_tower
 
     reference, kept = load_tower(tiny_model_spec, device="cpu"), load_tower(tiny_model_spec, device="cpu")
     kept.keep_weights_in("bf16")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from precompute.accumulate import histogram_edges
-from precompute.checkpoints import load_sae
+from clipscope_explorer.precompute.accumulate import histogram_edges
+from clipscope_explorer.precompute.model.checkpoints import load_sae
 from tests.conftest import TINY_LAYERS
 
 

@@ -7,8 +7,8 @@ import duckdb
 import pytest
 import torch
 
-from app.cli import main
-from precompute.job import run
+from clipscope_explorer.cli import main
+from clipscope_explorer.precompute.job import run
 from tests.conftest import precompute_config, write_sae_repo
 
 
@@ -80,7 +80,7 @@ def test_bad_option_values(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, 
 def test_normalise_sample_reports_raw_and_standardised(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo,
                                                        tiny_index, tiny_tower):
     from tests.test_precompute import read_shards
-    from precompute.checkpoints import load_sae
+    from clipscope_explorer.precompute.model.checkpoints import load_sae
 
     out = run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "n.duckdb",
                                 normalise="sample", workers=2))

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from precompute.job import run
+from clipscope_explorer.precompute.job import run
 from tests.conftest import precompute_config
 from tests.fixtures import index_contents
 
 
 def cli_args(config) -> list[str]:
     return [
-        sys.executable, "-m", "precompute", "--images", *config.images, "--out", str(config.out),
+        sys.executable, "-m", "clipscope_explorer.precompute", "--images", *config.images, "--out", str(config.out),
         "--model", config.model, "--sae", config.sae, "--layers", ",".join(map(str, config.layers)),
         "--top-n", str(config.top_n), "--band-size", str(config.band_size), "--batch-size",
         str(config.batch_size), "--device", "cpu", "--workers", "0", "--checkpoint-every",
@@ -71,7 +71,7 @@ def test_kill_and_resume_gives_identical_index(tmp_path, shard_dir, tiny_model_s
 
 
 def test_different_command_refuses_unfinished_work(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo):
-    from precompute.workdir import WorkDir, WorkDirError
+    from clipscope_explorer.precompute.workdir import WorkDir, WorkDirError
 
     out = tmp_path / "x.duckdb"
     WorkDir(out, {"some": "other run"}).open()

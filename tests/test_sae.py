@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from precompute.sae import SAELoadError, SparseCode, explained_variance, squared_error
-from precompute.checkpoints import save_checkpoint, load_sae, load_saes
+from clipscope_explorer.precompute.model.sae import SAELoadError, SparseCode, explained_variance, squared_error
+from clipscope_explorer.precompute.model.checkpoints import save_checkpoint, load_sae, load_saes
 from tests.conftest import TINY_K, random_sae_tensors, write_sae_repo
 
 
@@ -153,7 +153,7 @@ def test_hub_repo_loads_offline_from_cache(tmp_path, tiny_sae_repo):
     cache = tmp_path / "hub"
     populate_hf_cache(cache, "lewington/CLIP-ViT-L-scope", tiny_sae_repo)
     code = (
-        "from precompute.checkpoints import load_sae\nfrom precompute.sae import SAELoadError\n"
+        "from clipscope_explorer.precompute.model.checkpoints import load_sae\nfrom clipscope_explorer.precompute.model.sae import SAELoadError\n"
         "sae = load_sae('lewington/CLIP-ViT-L-scope', layer=2)\n"
         "print(sae.origin.checkpoint, sae.origin.source, sae.k)\n"
         "try:\n    load_sae('lewington/CLIP-ViT-L-scope', layer=3)\n"

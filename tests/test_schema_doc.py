@@ -6,7 +6,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from precompute.store import DDL, SCHEMA_VERSION, TABLE_COLUMNS
+from clipscope_explorer.precompute.index.store import DDL, SCHEMA_VERSION, TABLE_COLUMNS
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
 

@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from precompute.shard_reader import known_size
-from precompute.sources import SourceError, ShardBatches, expand_braces, resolve_sources
+from clipscope_explorer.precompute.shard_reader import known_size
+from clipscope_explorer.precompute.sources import SourceError, ShardBatches, expand_braces, resolve_sources
 from tests.fixtures import write_folder, write_shards
 
 

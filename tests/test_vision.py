@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from precompute.vision import ModelLoadError, load_tower
+from clipscope_explorer.precompute.model.vision import ModelLoadError, load_tower
 
 
 def hooked_reference(model_spec, pixels, layers):

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from precompute.store import IndexWriter, blob_column
+from clipscope_explorer.precompute.index.store import IndexWriter, blob_column
 
 LAYERS = (11, 20)
 N_FEATURES = 64
@@ -212,14 +212,14 @@ def index_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def settings(index_path, tmp_path_factory):
     """The synthetic index names the real ViT-L/14 release, which cannot load offline: live encoding off."""
-    from app.settings import Settings
+    from clipscope_explorer.app.settings import Settings
 
     return Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("uploads"))
 
 
 @pytest.fixture(scope="session")
 def client(settings):
-    from app.main import create_app
+    from clipscope_explorer.app.main import create_app
 
     with TestClient(create_app(settings), follow_redirects=False) as test_client:
         yield test_client
@@ -237,8 +237,8 @@ def index(client):
 def live_app_client(tiny_index: Path, store: Path | None, **overrides):
     """A TestClient context over `tiny_index` with live encoding loaded (waits for it). Every request comes
     from one client address, so the per-client upload rate limit is off unless `overrides` set it."""
-    from app.main import create_app
-    from app.settings import Settings
+    from clipscope_explorer.app.main import create_app
+    from clipscope_explorer.app.settings import Settings
 
     options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None, upload_rate_limit=0)
     if store is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from clipscope_explorer.app.main import create_app
+from clipscope_explorer.app.settings import Settings
 from tests import image_cases as cases
 
 NOTEBOOK = "https://notebook.example.org"

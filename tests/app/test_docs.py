@@ -7,7 +7,7 @@ from pathlib import Path
 
 from starlette.routing import Mount
 
-from app.settings import Settings
+from clipscope_explorer.app.settings import Settings
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
 

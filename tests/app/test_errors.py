@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+from clipscope_explorer.app.main import create_app
 from tests.app.conftest import N_FEATURES
 from tests.app.test_security import assert_secured
 

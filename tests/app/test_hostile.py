@@ -1,4 +1,4 @@
-"""Hostile requests against every real route (walked from `app.routes`, so new routes are covered):
+"""Hostile requests against every real route (walked from `clipscope_explorer.app.pages`, so new routes are covered):
 path traversal and junk in every path parameter, SQL metacharacters and over-long or huge values in
 every query parameter, CRLF meant to be reflected into headers, odd methods. Every answer is a 4xx
 or a safe 200/303; never a 500, never a traceback, never a file from outside the app's folders."""
@@ -164,8 +164,8 @@ def test_public_url_keeps_a_forged_host_out_of_pages(index_path, tmp_path):
     """Absolute URLs (OpenGraph, copy-link) come from CLIPSCOPE_PUBLIC_URL when set, never from `Host`."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-    from app.settings import Settings
+    from clipscope_explorer.app.main import create_app
+    from clipscope_explorer.app.settings import Settings
 
     settings = Settings(index=index_path, live=False, upload_store=tmp_path, public_url="https://explorer.example.org")
     with TestClient(create_app(settings)) as test_client:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from app.upload_store import UploadStore
+from clipscope_explorer.app.live.store import UploadStore
 from tests import image_cases as cases
 from tests.app.route_walk import endpoints, fill
 from tests.app.test_hostile import QUERY_VALUES, check_safe

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from app.images import viridis
-from app.queries import dequantise
+from clipscope_explorer.app.images import viridis
+from clipscope_explorer.app.queries import dequantise
 
 
 def _open(response) -> Image.Image:

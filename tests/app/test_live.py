@@ -154,7 +154,7 @@ def test_each_ranking_lists_the_strongest_features_by_its_key(live_client, sort,
 
 
 def test_another_model_encodes_uploads_without_index_links(live_index, tmp_path):
-    from precompute.synthetic import save_tiny_clip
+    from clipscope_explorer.precompute.demo.scenes import save_tiny_clip
 
     other = f"local-dir:{save_tiny_clip(tmp_path / 'other_clip', seed=7)}"
     with live_app_client(live_index, tmp_path / "store", live_model=other) as client:
@@ -224,7 +224,7 @@ def test_store_evicts_the_least_recently_used(tmp_path):
 
     import numpy as np
 
-    from app.upload_store import UploadStore
+    from clipscope_explorer.app.live.store import UploadStore
 
     store = UploadStore(tmp_path, max_bytes=10**9)
     codes = {1: (np.ones((257, 8), np.float32), np.ones((257, 8), np.int32))}

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from app.batcher import Busy, MicroBatcher
+from clipscope_explorer.app.live.batcher import Busy, MicroBatcher
 from tests import image_cases as cases
 from tests.app.conftest import live_app_client, wait_live
 

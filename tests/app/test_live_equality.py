@@ -12,7 +12,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from app.queries import dequantise
+from clipscope_explorer.app.queries import dequantise
 
 
 def shard_images(shard_dir) -> dict[str, bytes]:
@@ -34,7 +34,7 @@ def served(request, tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo)
         return
     import shutil
 
-    from precompute.job import run
+    from clipscope_explorer.precompute.job import run
     from tests.app.conftest import live_app_client, wait_live
     from tests.conftest import precompute_config
 

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from app.queries import dequantise
-from app.templating import percent, sig, thousands
+from clipscope_explorer.app.queries import dequantise
+from clipscope_explorer.app.templating import percent, sig, thousands
 from tests.app.conftest import DEAD, N_FEATURES
 
 ALIVE, RARE = 8, 3  # feature 3 (% 11 == 3) has a single example and no bands

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.ratelimit import RateLimiter, upload_limiter
-from app.settings import Settings
+from clipscope_explorer.app.serving.ratelimit import RateLimiter, upload_limiter
+from clipscope_explorer.app.settings import Settings
 from tests import image_cases as cases
 from tests.app.conftest import live_app_client, wait_live
 

@@ -12,8 +12,8 @@ from tests.app.test_pages import CHECKS, _kind, twin_of
 
 @pytest.fixture(scope="module")
 def real_client(tiny_index, tmp_path_factory):
-    from app.main import create_app
-    from app.settings import Settings
+    from clipscope_explorer.app.main import create_app
+    from clipscope_explorer.app.settings import Settings
 
     settings = Settings(index=tiny_index, live=False, upload_store=tmp_path_factory.mktemp("uploads_real"))
     with TestClient(create_app(settings), follow_redirects=False) as client:

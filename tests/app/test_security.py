@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 
-from app.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from clipscope_explorer.app.serving.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from tests.app.route_walk import endpoints, fill
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"

@@ -12,8 +12,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from app.index_file import IndexOpenError, check_index
-from app.server import serve
+from clipscope_explorer.app.index_file import IndexOpenError, check_index
+from clipscope_explorer.app.serving.server import serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,14 +77,14 @@ def test_the_good_index_passes(index_path):
 
 def test_uvicorn_entry_point_refuses_a_bad_index_in_one_line(bad_indexes):
     env = {**os.environ, "CLIPSCOPE_INDEX": str(bad_indexes["version"])}
-    result = subprocess.run([sys.executable, "-c", "import app.main; app.main.app"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-c", "import clipscope_explorer.app.main as m; m.app"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "schema version 99" in result.stderr
 
 
 def test_importing_the_app_module_builds_nothing():
-    result = subprocess.run([sys.executable, "-c", "import app.main, sys; print('app' in vars(app.main))"],
+    result = subprocess.run([sys.executable, "-c", "import clipscope_explorer.app.main as m; print('app' in vars(m))"],
                             cwd=REPO, env={k: v for k, v in os.environ.items() if k != "CLIPSCOPE_INDEX"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "False"
@@ -98,17 +98,17 @@ def test_a_server_without_live_encoding_never_imports_torch(index_path, tmp_path
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "from app.main import create_app\n"
-        "from app.settings import Settings\n"
+        "from clipscope_explorer.app.main import create_app\n"
+        "from clipscope_explorer.app.settings import Settings\n"
         f"settings = Settings(index={str(index_path)!r}, live=False, upload_store={str(tmp_path)!r})\n"
         "with TestClient(create_app(settings)) as client:\n"
         "    assert client.get('/layers/20/features/8').status_code == 200\n"
         "    assert client.get('/upload').status_code == 200\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('precompute.', 'open_clip'))))\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('clipscope_explorer.precompute.', 'open_clip'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['precompute.imageio']"
+    assert result.stdout.strip() == "['clipscope_explorer.precompute.model', 'clipscope_explorer.precompute.model.imageio']"
 
 
 def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_path):
@@ -118,7 +118,7 @@ def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_pa
     import shutil
     import threading
 
-    from app.queries import open_index
+    from clipscope_explorer.app.queries import open_index
 
     index = open_index(shutil.copy(index_path, tmp_path / "index.duckdb"))
     cursors = []
@@ -134,9 +134,9 @@ def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_pa
 
 def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
     """`serve`'s live-encoding flags travel as CLIPSCOPE_* variables (so `--workers N` processes see them)."""
-    from app.cli import build_parser
-    from app.server import live_environment
-    from app.settings import Settings
+    from clipscope_explorer.cli import build_parser
+    from clipscope_explorer.app.serving.server import live_environment
+    from clipscope_explorer.app.settings import Settings
 
     args = build_parser().parse_args([
         "serve", "index.duckdb", "--live-model", "local-dir:/models/vit", "--live-sae", "/saes/scope",

@@ -5,7 +5,7 @@ import socket
 
 import uvicorn
 
-from app.transport import NoDelayHTTPProtocol
+from clipscope_explorer.app.serving.transport import NoDelayHTTPProtocol
 
 
 class Transport(asyncio.Transport):

@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from app.upload_input import whole_number
+from clipscope_explorer.app.live.input import whole_number
 from tests import image_cases as cases
 
 JPEG = cases.encode(cases.noisy((120, 90)), "JPEG")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.routes.features import FeaturePage
-from app.templating import SiteInfo
-from app.urls import Urls
+from clipscope_explorer.app.pages.features import FeaturePage
+from clipscope_explorer.app.templating import SiteInfo
+from clipscope_explorer.app.urls import Urls
 
 STATIC = Path(__file__).resolve().parents[2] / "static"
 BUDGET = 150 * 1024

@@ -39,7 +39,7 @@ def run_server(index: Path, *options: str, ready: str = "/", log_path: Path | No
     port = _free_port()
     log = open(tmp_log := log_path or index.with_suffix(".log"), "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", str(index), "--port", str(port), *options],
+        [sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port), *options],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if processes is not None:
         processes.append(process)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from precompute.synthetic import OBJECT_COLOURS
+from clipscope_explorer.precompute.demo.scenes import OBJECT_COLOURS
 from tests.e2e.conftest import REPO, _free_port, new_tab, shot, stop_process
 
 N_IMAGES = 600
@@ -27,7 +27,7 @@ def demo_server(tmp_path_factory):
     log_path = data / "demo.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "demo", "--images", str(N_IMAGES), "--data", str(data),
+            [sys.executable, "-m", "clipscope_explorer.cli", "demo", "--images", str(N_IMAGES), "--data", str(data),
              "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -123,7 +123,7 @@ def test_two_servers_one_index_and_a_swap_while_serving(tmp_path):
 
 
 def index_id_of(path: Path) -> str:
-    from app.queries import open_index
+    from clipscope_explorer.app.queries import open_index
 
     index = open_index(path)
     try:

@@ -1,4 +1,4 @@
-"""`serve --workers N`: one listening socket per worker (app/supervisor.py), checked on real processes.
+"""`serve --workers N`: one listening socket per worker (app/serving/supervisor.py), checked on real processes.
 
 - Connections opened in a burst and kept alive spread over the workers (uvicorn's shared socket put
   32 of 32 on one worker); which worker holds which connection is read from /proc.
@@ -109,7 +109,7 @@ def test_a_port_in_use_is_refused_with_one_line(e2e_index):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            result = subprocess.run([sys.executable, "-m", "app.cli", "serve", str(e2e_index), "--port", str(port),
+            result = subprocess.run([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(e2e_index), "--port", str(port),
                                      "--workers", "2", "--no-live"], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (

@@ -1,10 +1,10 @@
-"""`clipscope-explorer serve`: check the index, then run uvicorn on `app.main:app` (`--workers N > 1`: under
-`app.supervisor`, one listening socket per worker).
+"""`clipscope-explorer serve`: check the index, then run uvicorn on `clipscope_explorer.app.main:app` (`--workers N > 1`: under
+`clipscope_explorer.app.serving.supervisor`, one listening socket per worker).
 
 Settings travel to the (possibly several) worker processes through the
 environment (`CLIPSCOPE_INDEX`, and `CLIPSCOPE_LIVE_*` etc. for the live-encoding
 options), so the command and a plain
-`uvicorn app.main:app` take one path. A bad index is refused here, before any
+`uvicorn clipscope_explorer.app.main:app` take one path. A bad index is refused here, before any
 worker starts, with one line and exit code 2.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.index_file import IndexOpenError, check_index
-from app.settings import get_settings
+from clipscope_explorer.app.index_file import IndexOpenError, check_index
+from clipscope_explorer.app.settings import get_settings
 
 
 def _fail(message: str) -> int:
@@ -45,7 +45,7 @@ def live_environment(args) -> dict[str, str]:
 
 
 def log_config(verbose: bool) -> dict:
-    """uvicorn's logging plus the app's own loggers (`app`, `precompute`): with `--workers N` each worker is a
+    """uvicorn's logging plus the app's own loggers (`clipscope_explorer.*`): with `--workers N` each worker is a
     fresh process that applies this dict, so its warnings read like the parent's. Quiet by default:
     warnings and errors (every unexpected 500 with its traceback), uvicorn's start/stop lines; `-v` adds
     the app's info lines and uvicorn's access log."""
@@ -55,9 +55,8 @@ def log_config(verbose: bool) -> dict:
     config["formatters"]["named"] = {"()": "uvicorn.logging.DefaultFormatter",
                                      "fmt": "%(levelprefix)s %(name)s: %(message)s", "use_colors": None}
     config["handlers"]["named"] = {"formatter": "named", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
-    for name in ("app", "precompute"):
-        config["loggers"][name] = {"handlers": ["named"], "level": "INFO" if verbose else "WARNING",
-                                   "propagate": False}
+    config["loggers"]["clipscope_explorer"] = {"handlers": ["named"], "level": "INFO" if verbose else "WARNING",
+                                               "propagate": False}
     return config
 
 
@@ -78,15 +77,15 @@ def serve(args) -> int:
     import uvicorn
 
     verbose = bool(getattr(args, "verbose", False))
-    options = dict(host=args.host, port=args.port, workers=args.workers, http="app.transport:NoDelayHTTPProtocol",
+    options = dict(host=args.host, port=args.port, workers=args.workers, http="clipscope_explorer.app.serving.transport:NoDelayHTTPProtocol",
                    log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
                    log_config=log_config(verbose))
     if args.workers == 1:
-        uvicorn.run("app.main:app", **options)
+        uvicorn.run("clipscope_explorer.app.main:app", **options)
         return 0
-    from app.supervisor import Supervisor, listening_sockets
+    from clipscope_explorer.app.serving.supervisor import Supervisor, listening_sockets
 
-    config = uvicorn.Config("app.main:app", **options)
+    config = uvicorn.Config("clipscope_explorer.app.main:app", **options)
     try:
         sockets = listening_sockets(args.host, args.port, args.workers, config.backlog)
     except OSError as error:

@@ -19,8 +19,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from precompute.precision import autocast, effective
-from precompute.release import DEFAULT_MODEL
+from clipscope_explorer.precompute.model.precision import autocast, effective
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL
 
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class VisionTower(nn.Module):
         """Residual stream after each requested block, one forward pass.
 
         pixels_bchw: preprocessed images [B, 3, H, W]; precision: `fp32` or
-        `bf16` (default: bf16 on CUDA, fp32 on CPU; see precompute/precision.py).
+        `bf16` (default: bf16 on CUDA, fp32 on CPU; see precompute/model/precision.py).
         Returns {layer: [B, n_tokens, width]} in float32, CLS at token 0 and
         patches row-major after it. Blocks after max(layers) are not run.
         """

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from precompute.precision import PRECISIONS
+from clipscope_explorer.precompute.model.precision import PRECISIONS
 
 
 def _add_serve(sub) -> None:
@@ -34,13 +34,13 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from app.server import serve
+    from clipscope_explorer.app.serving.server import serve
 
     return serve(args)
 
 
 def _add_precompute(sub) -> None:
-    from precompute import cli
+    from clipscope_explorer.precompute import cli
 
     parser = sub.add_parser("precompute", help="run the model and SAEs over images into an index")
     cli.add_arguments(parser)

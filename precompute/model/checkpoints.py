@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from precompute.release import DEFAULT_SAE_REPO, RELEASED_K
-from precompute.sae import SAELoadError, SAESource, TopKSAE
+from clipscope_explorer.precompute.model.release import DEFAULT_SAE_REPO, RELEASED_K
+from clipscope_explorer.precompute.model.sae import SAELoadError, SAESource, TopKSAE
 
 CHECKPOINT_NAME = re.compile(r"^(\d+)\.(pt|safetensors)$")
 

@@ -12,7 +12,7 @@
   preflight is answered 204 with that origin; an unlisted origin's preflight
   gets 403. Requests without `Origin` (curl, Python, notebooks' kernels) are
   not cross-origin requests and pass.
-Pure ASGI, like `app/security.py`, which adds its headers to these responses too.
+Pure ASGI, like `app/serving/security.py`, which adds its headers to these responses too.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every refusal is an `UploadRejected` with an HTTP status and a one-line reason
 (the routes turn it into JSON or HTML); nothing here can produce a 500:
 - the size limit is enforced while the body is read (413), before it is parsed;
 - a body that is not multipart/form-data is 415, a malformed one 400;
-- the image goes through `precompute.imageio.open_rgb`, the decoder of the
+- the image goes through `clipscope_explorer.precompute.model.imageio.open_rgb`, the decoder of the
   precompute job: empty, truncated or corrupt files are 400, SVG and other
   non-images 415, decompression bombs 413;
 - `layers`, `sort` and `top` are validated (422).
@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.datastructures import UploadFile
 
-from precompute.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields on top of the file
 SORTS = ("max", "patch", "cls", "mean")

@@ -14,10 +14,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app import images
-from app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature, require_layer
-from app.errors import NotFound
-from app.queries import Index, dequantise
+from clipscope_explorer.app import images
+from clipscope_explorer.app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature, require_layer
+from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.queries import Index, dequantise
 
 router = APIRouter(prefix="/images/{index_id}", tags=["images"])
 

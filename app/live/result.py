@@ -1,6 +1,6 @@
 """The data of an upload's result (`POST /api/encode`, `/uploads/{id}` and its JSON twin).
 
-Built from the upload's sparse codes with `precompute.encode.image_features`,
+Built from the upload's sparse codes with `clipscope_explorer.precompute.model.encode.image_features`,
 the definitions of docs/schema.md, so an image that is also in the index gets
 the activations and heatmaps the index holds for it. Features of layers whose
 SAE is the index's carry their label terms, four top images and a link to
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from app.queries import Index
-from app.urls import Urls
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.urls import Urls
 
 
 def round_sig(value: float, digits: int = 7) -> float:
@@ -110,7 +110,7 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
                  top: int, patches: bool) -> UploadLayer:
     import torch  # only once a result is shown: a `--no-live` server never loads torch
 
-    from precompute.encode import image_features
+    from clipscope_explorer.precompute.model.encode import image_features
 
     summary = image_features(torch.from_numpy(values), torch.from_numpy(indices.astype(np.int64)))
     chosen = _rank(summary, sort)[:top]

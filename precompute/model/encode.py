@@ -1,7 +1,7 @@
 """Preprocessed pixels -> residual stream -> sparse codes, and what one image's codes say.
 
 The one forward path of the project: the precompute job (`job.encode_batch`)
-and the server's live encoding (`app/live.py`) both call `encode_pixels`, and
+and the server's live encoding (`app/live/encoder.py`) both call `encode_pixels`, and
 the definitions of docs/schema.md are computed here for a single image by
 `image_features`:
 - a feature fires on a token when it is among the k kept latents AND its
@@ -19,8 +19,8 @@ from typing import Mapping
 
 import torch
 
-from precompute.sae import SparseCode, TopKSAE
-from precompute.vision import VisionTower
+from clipscope_explorer.precompute.model.sae import SparseCode, TopKSAE
+from clipscope_explorer.precompute.model.vision import VisionTower
 
 
 @dataclass(frozen=True)

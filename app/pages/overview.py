@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
-from app.deps import IndexDep
-from app.models import LayerInfo, layer_info
-from app.queries import Index
-from app.templating import render_page
+from clipscope_explorer.app.deps import IndexDep
+from clipscope_explorer.app.models import LayerInfo, layer_info
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.templating import render_page
 
 router = APIRouter()
 

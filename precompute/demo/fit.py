@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from precompute.checkpoints import save_checkpoint
+from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ def save_fitted(result: dict, folder: str | Path, layer: int, k: int) -> Path:
 def collect_tokens(tower, shards, layers: list[int], max_images: int, batch_size: int = 64,
                    progress: bool = True) -> dict[int, torch.Tensor]:
     """Residual-stream tokens [N, d] per layer from the first `max_images` images of the shards."""
-    from precompute.shard_reader import known_size
-    from precompute.sources import ShardBatches
+    from clipscope_explorer.precompute.shard_reader import known_size
+    from clipscope_explorer.precompute.sources import ShardBatches
 
     quota, left = {}, max_images
     for shard in shards:

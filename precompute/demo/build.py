@@ -12,12 +12,12 @@ import logging
 import time
 from pathlib import Path
 
-from precompute.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
-from precompute.job import PrecomputeConfig, run
-from precompute.checkpoints import CHECKPOINT_NAME
-from precompute.sources import resolve_sources
-from precompute.synthetic import save_tiny_clip, tiny_clip_config, write_scenes
-from precompute.vision import load_tower
+from clipscope_explorer.precompute.demo.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
+from clipscope_explorer.precompute.job import PrecomputeConfig, run
+from clipscope_explorer.precompute.model.checkpoints import CHECKPOINT_NAME
+from clipscope_explorer.precompute.sources import resolve_sources
+from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
+from clipscope_explorer.precompute.model.vision import load_tower
 
 log = logging.getLogger(__name__)
 DEMO_LAYERS = (1, 3)

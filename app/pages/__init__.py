@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.routes import docs, features, images, layers, overview, search, uploads
+from clipscope_explorer.app.pages import docs, features, images, layers, overview, search, uploads
 
 
 def register(app: FastAPI) -> None:

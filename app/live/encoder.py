@@ -7,7 +7,7 @@ source and checkpoint), overridden by `--live-model/--live-sae/--live-layers`.
 index is served at once; its `status` says `off`, `loading`, `ready` or
 `failed` (with a one-line reason), and the upload page explains how to enable
 uploads when they are not available. `LiveEncoder` runs
-`precompute.encode.encode_pixels` in one worker thread (`app/batcher.py`)
+`clipscope_explorer.precompute.model.encode.encode_pixels` in one worker thread (`app/live/batcher.py`)
 that micro-batches concurrent uploads.
 """
 
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.batcher import MicroBatcher
+from clipscope_explorer.app.live.batcher import MicroBatcher
 
 if TYPE_CHECKING:  # torch and the model code load with the encoder, so `--no-live` servers never import them
     import torch
 
-    from precompute.sae import TopKSAE
-    from precompute.vision import VisionTower
+    from clipscope_explorer.precompute.model.sae import TopKSAE
+    from clipscope_explorer.precompute.model.vision import VisionTower
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class LiveSpec:
 
 
 def _load_layer_sae(spec: LiveSpec, layer: int) -> TopKSAE:
-    from precompute.checkpoints import load_checkpoint_file, load_sae
+    from clipscope_explorer.precompute.model.checkpoints import load_checkpoint_file, load_sae
 
     file = spec.sae_files.get(layer)
     if file and Path(file).is_file():  # the very file the index was built from
@@ -94,9 +94,9 @@ def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncod
     """Load model and SAEs (ModelLoadError / SAELoadError / ValueError when impossible)."""
     import torch
 
-    from precompute.precision import resolve_precision
-    from precompute.sae import SAELoadError
-    from precompute.vision import ModelLoadError, ModelSpec, load_tower
+    from clipscope_explorer.precompute.model.precision import resolve_precision
+    from clipscope_explorer.precompute.model.sae import SAELoadError
+    from clipscope_explorer.precompute.model.vision import ModelLoadError, ModelSpec, load_tower
 
     if not spec.model:
         raise ModelLoadError("the index records no model; pass --live-model")
@@ -131,7 +131,7 @@ class LiveEncoder:
 
     def __init__(self, tower: VisionTower, saes: dict[int, TopKSAE], spec: LiveSpec, batch_size: int = 8,
                  queue_size: int = 16, precision: str | None = None):
-        from precompute.precision import effective
+        from clipscope_explorer.precompute.model.precision import effective
 
         self.tower, self.saes, self.spec = tower, saes, spec
         self.precision = effective(precision, tower.device)
@@ -148,7 +148,7 @@ class LiveEncoder:
     def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Codes]:
         import torch
 
-        from precompute.encode import encode_pixels
+        from clipscope_explorer.precompute.model.encode import encode_pixels
 
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])

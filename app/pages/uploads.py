@@ -1,6 +1,6 @@
 """`/upload` (the form), `POST /api/encode`, and `/uploads/{id}` (a stored result, shareable).
 
-Inference runs in the live encoder's worker thread (`app/live.py`); decoding
+Inference runs in the live encoder's worker thread (`app/live/encoder.py`); decoding
 runs in a small thread pool; the event loop only moves bytes. Refusals are
 `UploadRejected` (one line, a 4xx or 503 status), rendered as JSON under
 `/api` and as HTML elsewhere; nothing here answers 500 for bad input.
@@ -21,16 +21,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
-from app import htmx
-from app.batcher import Busy
-from app.errors import NotFound
-from app.images import upload_preview_jpeg
-from app.live import HOW_TO_ENABLE, LiveEncoder, LiveService
-from app.templating import render_page
-from app.upload_input import (DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options,
+from clipscope_explorer.app import htmx
+from clipscope_explorer.app.live.batcher import Busy
+from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.images import upload_preview_jpeg
+from clipscope_explorer.app.live.encoder import HOW_TO_ENABLE, LiveEncoder, LiveService
+from clipscope_explorer.app.templating import render_page
+from clipscope_explorer.app.live.input import (DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options,
                                read_form, view_jpeg)
-from app.upload_page import UploadResult, upload_result
-from app.upload_store import UPLOAD_ID, VIEW_SIZE, StoredUpload
+from clipscope_explorer.app.live.result import UploadResult, upload_result
+from clipscope_explorer.app.live.store import UPLOAD_ID, VIEW_SIZE, StoredUpload
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
-from app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature
-from app.errors import NotFound
-from app.queries import Index, dequantise
-from app.templating import render_page
-from app.urls import Urls
+from clipscope_explorer.app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature
+from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.queries import Index, dequantise
+from clipscope_explorer.app.templating import render_page
+from clipscope_explorer.app.urls import Urls
 
 router = APIRouter()
 

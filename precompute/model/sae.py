@@ -8,7 +8,7 @@ Forward pass, exactly as released (no ReLU anywhere, no encoder bias):
 Codes stay sparse: `encode` returns k (value, index) pairs per token and
 `decode` gathers k decoder rows with embedding_bag.
 
-Checkpoints are read and written by `precompute.checkpoints`.
+Checkpoints are read and written by `clipscope_explorer.precompute.model.checkpoints`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precompute.precision import effective
+from clipscope_explorer.precompute.model.precision import effective
 
 # Tokens per encode chunk: peak extra memory is chunk x n_features x 4 bytes.
 DEFAULT_CHUNK_TOKENS = 1024

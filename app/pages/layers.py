@@ -10,12 +10,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, BeforeValidator, Field
 
-from app import htmx
-from app.deps import IndexDep, LayerPath, SettingsDep, require_layer
-from app.models import FeatureSummary, LayerInfo, feature_summary, layer_info
-from app.queries import Index
-from app.templating import render_page
-from app.urls import Urls
+from clipscope_explorer.app import htmx
+from clipscope_explorer.app.deps import IndexDep, LayerPath, SettingsDep, require_layer
+from clipscope_explorer.app.models import FeatureSummary, LayerInfo, feature_summary, layer_info
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.templating import render_page
+from clipscope_explorer.app.urls import Urls
 
 router = APIRouter()
 

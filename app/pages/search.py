@@ -10,13 +10,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, BeforeValidator, Field
 
-from app import htmx
-from app.deps import INT32_MAX, IndexDep, SettingsDep
-from app.models import FeatureSummary, feature_summary
-from app.queries import Index
-from app.routes.layers import words_of
-from app.templating import render_page
-from app.urls import Urls
+from clipscope_explorer.app import htmx
+from clipscope_explorer.app.deps import INT32_MAX, IndexDep, SettingsDep
+from clipscope_explorer.app.models import FeatureSummary, feature_summary
+from clipscope_explorer.app.queries import Index
+from clipscope_explorer.app.pages.layers import words_of
+from clipscope_explorer.app.templating import render_page
+from clipscope_explorer.app.urls import Urls
 
 router = APIRouter()
 

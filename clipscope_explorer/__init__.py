@@ -1,0 +1,1 @@
+"""CLIP-Scope Explorer: a feature explorer for vision sparse autoencoders."""
