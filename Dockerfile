@@ -7,7 +7,7 @@ ENV PYTHONUNBUFFERED=1 \
     CLIPSCOPE_CACHE=/cache/clipscope
 
 WORKDIR /opt/clipscope
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY clipscope_explorer ./clipscope_explorer
 COPY app ./app
 COPY precompute ./precompute
@@ -15,7 +15,7 @@ COPY templates ./templates
 COPY static ./static
 COPY docs ./docs
 # A regular install: templates and static files are package data.
-RUN pip install '.[distributed]'
+RUN pip install '.[distributed]' -c constraints.txt
 
 EXPOSE 8000
 ENTRYPOINT ["clipscope-explorer"]

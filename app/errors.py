@@ -16,13 +16,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipscope_explorer.app import htmx
+from clipscope_explorer.app.serving.cors import is_api
 from clipscope_explorer.app.serving.security import SECURITY_HEADERS
+from clipscope_explorer.app.templating import common_context
+from clipscope_explorer.app.urls import app_path, urls_for
 
 log = logging.getLogger(__name__)
 
 
 class NotFound(Exception):
-    """Nothing at this URL; `links` are (href, text) pairs to offer instead."""
+    """Nothing at this URL; `links` are (path, text) pairs to offer instead, paths inside the app
+    (`urls.PAGES`): the answer puts the path prefix in front."""
 
     def __init__(self, message: str, links: list[tuple[str, str]] | None = None):
         super().__init__(message)
@@ -31,8 +35,8 @@ class NotFound(Exception):
 
 
 def _kind(request: Request) -> str:
-    path = request.url.path
-    if path == "/api" or path.startswith("/api/") or path == "/openapi.json":
+    path = app_path(request.scope)
+    if is_api(path):
         return "json"
     if path.startswith(("/images/", "/static/")) or (path.startswith("/uploads/") and path.endswith((".jpg", ".png"))):
         return "text"
@@ -42,18 +46,20 @@ def _kind(request: Request) -> str:
 def error_response(request: Request, status: int, title: str, message: str,
                    links: list[tuple[str, str]] | None = None, detail=None) -> Response:
     kind = _kind(request)
+    urls = urls_for(request)
+    offered = [(urls.app(path), text) for path, text in links or []]
     if kind == "json":
         body = {"detail": detail if detail is not None else message}
-        if links:
-            body["links"] = [{"href": href, "text": text} for href, text in links]
+        if offered:
+            body["links"] = [{"href": href, "text": text} for href, text in offered]
         return JSONResponse(body, status_code=status)
     if kind == "text":
         return PlainTextResponse(message, status_code=status)
     templates = getattr(request.app.state, "templates", None)
     if templates is None:
         return PlainTextResponse(message, status_code=status)
-    context = {"title": title, "message": message, "links": links or [("/", "Overview")],
-               "site": getattr(request.app.state, "site", None), "status": status}
+    context = {**common_context(request), "title": title, "message": message,
+               "links": offered or [(urls.overview(), "Overview")], "status": status}
     return htmx.add_vary(templates.TemplateResponse(request, "error.html", context, status_code=status))
 
 
@@ -84,7 +90,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     """500 without details. Starlette sends this from outside every middleware, so the security headers
     are added here."""
-    log.exception("unhandled error on %s", request.url.path)
+    log.exception("unhandled error on %s", app_path(request.scope))
     response = error_response(request, 500, "Server error", "Something went wrong on our side; it has been logged.")
     for name, value in SECURITY_HEADERS:
         response.headers[name.decode()] = value.decode()

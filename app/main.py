@@ -1,7 +1,8 @@
 """The ASGI application: `create_app(settings)`, and `app` for `uvicorn app.main:app`.
 
 Nothing is built at import time. `create_app` wires routers, error handlers,
-cross-origin rules, security headers and static files; the lifespan opens the index (read-only)
+cross-origin rules, security headers, HEAD for every GET route, the path prefix
+(`CLIPSCOPE_ROOT_PATH`) and static files; the lifespan opens the index (read-only)
 when the server starts and closes it when it stops. The module attribute
 `app` is built on first access from `get_settings()` (environment variables
 `CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
@@ -18,6 +19,7 @@ import threading
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import duckdb
@@ -27,15 +29,21 @@ from pydantic import ValidationError
 
 from clipscope_explorer.app.serving.cors import CrossOriginMiddleware
 from clipscope_explorer.app.errors import install_error_handlers
-from clipscope_explorer.app.live.encoder import LiveEncoder, LiveService, LiveSpec
+from clipscope_explorer.app.live.service import LiveService
+from clipscope_explorer.app.live.spec import LiveSpec
 from clipscope_explorer.app.index_file import IndexOpenError, check_index
 from clipscope_explorer.app.queries import Index, open_index
 from clipscope_explorer.app.serving.ratelimit import upload_limiter
 from clipscope_explorer.app.pages import register
+from clipscope_explorer.app.serving.head import HeadMiddleware
+from clipscope_explorer.app.serving.prefix import RootPathMiddleware, check_root_path
 from clipscope_explorer.app.serving.security import SecurityHeadersMiddleware
-from clipscope_explorer.app.settings import Settings, get_settings
+from clipscope_explorer.app.settings import Settings, get_settings, settings_error
 from clipscope_explorer.app.templating import SiteInfo, make_templates
 from clipscope_explorer.app.live.store import UploadStore
+
+if TYPE_CHECKING:  # the encoder is the torch side: only app/live/service.py imports it, when asked to
+    from clipscope_explorer.app.live.encoder import LiveEncoder
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +95,12 @@ def _live_service(app: FastAPI, index: Index) -> LiveService:
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     index = open_index(settings.index, threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit,
-                       image_cache_size=settings.image_cache_size)
+                       image_cache_size=settings.image_cache_size, show_local_paths=settings.show_local_paths)
     model = index.meta.get("model") or {}
     app.state.index = index
     app.state.site = SiteInfo(index_id=index.index_id, layers=sorted(index.layers),
-                              model=str(model.get("name") or "unknown model"), public_url=settings.public_url,
+                              model=index.names.name(str(model.get("name") or "unknown model")),
+                              public_url=settings.public_url,
                               demo=bool(index.meta.get("demo")))
     app.state.uploads = _upload_store(settings)
     app.state.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
@@ -121,9 +130,12 @@ def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> F
     install_error_handlers(application)
     application.add_middleware(CrossOriginMiddleware, allowed_origins=settings.cors_origins,
                                public_url=settings.public_url)
-    application.add_middleware(SecurityHeadersMiddleware)  # outermost: its headers go on every response
+    application.add_middleware(SecurityHeadersMiddleware)  # its headers go on every response
+    application.add_middleware(HeadMiddleware)
+    application.add_middleware(RootPathMiddleware, root_path=settings.root_path)  # outermost: paths as routed
     application.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     register(application)
+    check_root_path(settings.root_path, application.routes)
     return application
 
 
@@ -132,14 +144,13 @@ def app_from_environment() -> FastAPI:
     try:
         settings = get_settings()
         check_index(settings.index)
+        return create_app(settings)
     except ValidationError as error:
-        problems = "; ".join(f"CLIPSCOPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
-        sys.stderr.write(f"clipscope-explorer: error: bad settings: {problems}\n")
+        sys.stderr.write(f"clipscope-explorer: error: {settings_error(error)}\n")
         raise SystemExit(2) from None
-    except IndexOpenError as error:
+    except (IndexOpenError, ValueError) as error:  # ValueError: a root path the app's own paths start with
         sys.stderr.write(f"clipscope-explorer: error: {error}\n")
         raise SystemExit(2) from None
-    return create_app(settings)
 
 
 def __getattr__(name: str):

@@ -1,12 +1,30 @@
-"""JSON shapes shared by several pages (documented in docs/API.md)."""
+"""JSON shapes shared by several pages (documented in docs/API.md), and the decimal form of their numbers."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from pydantic import BaseModel
 
 from clipscope_explorer.app.model_card import ModelCardRow, model_card_row
 from clipscope_explorer.app.queries import Index
 from clipscope_explorer.app.urls import Urls
+
+
+def round_sig(value: float | None, digits: int = 7) -> float | None:
+    """A float32-born value without float32 noise in its decimal form."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def rounded_list(values: np.ndarray) -> list[float]:
+    """float32 values as floats to 7 significant digits of their peak (float32's precision), so a list
+    such as a heatmap prints without noise yet keeps every value's precision relative to the largest."""
+    values = np.asarray(values, dtype=np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0:
+        return values.tolist()
+    return np.round(values, max(0, 7 - math.ceil(math.log10(peak)))).tolist()
 
 
 class LayerInfo(BaseModel):
@@ -47,18 +65,19 @@ class FeatureSummary(BaseModel):
     url: str
 
 
-def layer_info(index: Index, layer: int) -> LayerInfo:
+def layer_info(index: Index, urls: Urls, layer: int) -> LayerInfo:
     row = index.layers[layer]
     fields = {name: row.get(name) for name in LayerInfo.model_fields if name not in ("model_card", "url")}
     fields["mse_by_position"] = list(row.get("mse_by_position") or [])
+    fields["sae_file"] = index.names.name(row.get("sae_file"))
     card = model_card_row(layer) if index.meta.get("released_suite") else None
-    return LayerInfo(**fields, model_card=card, url=Urls.layer(layer))
+    return LayerInfo(**fields, model_card=card, url=urls.layer(layer))
 
 
-def feature_summary(index: Index, row: dict) -> FeatureSummary:
+def feature_summary(index: Index, urls: Urls, row: dict) -> FeatureSummary:
     first = index.first_top_images(row["layer"])[row["feature"]]
     return FeatureSummary(
         layer=row["layer"], feature=row["feature"], label=row.get("label") or "",
         label_terms=list(row.get("label_terms") or []), frequency=row.get("frequency"),
         image_frequency=row.get("image_frequency"), max_activation=row.get("max_activation"),
-        image_id=int(first) if first >= 0 else None, url=Urls.feature(row["layer"], row["feature"]))
+        image_id=int(first) if first >= 0 else None, url=urls.feature(row["layer"], row["feature"]))

@@ -21,17 +21,21 @@ import duckdb
 import numpy as np
 
 from clipscope_explorer.app.index_file import IndexOpenError, connect, validate
+from clipscope_explorer.app.public_names import PublicNames
+from clipscope_explorer.precompute.index.schema import select_list
 
-SORT_COLUMNS = {name: name for name in
+# Column lists are checked against the index schema (precompute/index/schema.py) when this module loads.
+SORT_COLUMNS = {name: select_list("features", name) for name in
                 ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
-FEATURE_COLUMNS = ("feature, n_fired_tokens, n_fired_images, n_fired_cls, frequency, image_frequency, "
-                   "cls_frequency, mean_activation, max_activation, histogram, label_terms, label, "
-                   "similar_features, similar_cosines")
-SUMMARY_COLUMNS = "layer, feature, label, label_terms, frequency, image_frequency, max_activation"
-EXAMPLE_COLUMNS = "kind, band, rank, image_id, activation, cls_activation"
-IMAGE_COLUMNS = "image_id, source, key, url, caption, width, height"
+FEATURE_COLUMNS = select_list("features", "feature", "n_fired_tokens", "n_fired_images", "n_fired_cls", "frequency",
+                              "image_frequency", "cls_frequency", "mean_activation", "max_activation", "histogram",
+                              "label_terms", "label", "similar_features", "similar_cosines")
+SUMMARY_COLUMNS = select_list("features", "layer", "feature", "label", "label_terms", "frequency", "image_frequency",
+                              "max_activation")
+EXAMPLE_COLUMNS = select_list("examples", "kind", "band", "rank", "image_id", "activation", "cls_activation")
+IMAGE_COLUMNS = select_list("images", "image_id", "source", "key", "url", "caption", "width", "height")
 TOP_IMAGES = 4  # top images per feature kept in memory (`Index.top_images`)
 
 
@@ -47,7 +51,7 @@ def dequantise(scale: float, heatmap: bytes) -> np.ndarray:
 
 
 def open_index(path: str | Path, threads: int = 1, memory_limit: str | None = None,
-               image_cache_size: int = 100_000) -> "Index":
+               image_cache_size: int = 100_000, show_local_paths: bool = False) -> "Index":
     path = Path(path)
     con = connect(path, threads, memory_limit)
     try:
@@ -55,15 +59,16 @@ def open_index(path: str | Path, threads: int = 1, memory_limit: str | None = No
     except IndexOpenError:
         con.close()
         raise
-    return Index(path, con, meta, layers, image_cache_size)
+    return Index(path, con, meta, layers, image_cache_size, PublicNames(show_local_paths))
 
 
 class Index:
     """A validated, read-only index. Thread-safe: each thread gets its own cursor."""
 
     def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, meta: dict, layers: dict[int, dict],
-                 image_cache_size: int):
+                 image_cache_size: int, names: PublicNames = PublicNames()):
         self.path = path
+        self.names = names  # how pages name the local files the index records (app/public_names.py)
         self.meta = meta
         self.layers = layers
         self.index_id = str(meta["index_id"])

@@ -13,10 +13,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ORIGIN = re.compile(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
+ROOT_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 
 
 def default_upload_store() -> Path:
@@ -36,7 +37,9 @@ class Settings(BaseSettings):
     duckdb_threads: int = Field(1, ge=1, le=256, description="DuckDB threads per server process (point lookups gain nothing from more)")
     duckdb_memory_limit: str | None = Field(None, description="DuckDB memory_limit per process, e.g. '2GB' (DuckDB's default when unset)")
     image_cache_size: int = Field(100_000, ge=0, description="image captions/keys kept in memory per process (0 disables)")
-    public_url: str | None = Field(None, description="absolute base URL for OpenGraph links, e.g. https://explorer.example.org (the request's own base URL when unset)")
+    public_url: str | None = Field(None, description="this server's public origin for absolute links (OpenGraph, copy-link), e.g. https://explorer.example.org, without a path (the request's own origin when unset)")
+    show_local_paths: bool = Field(False, description="show the absolute local paths the index records (model folder, SAE files, image sources) and those in live-encoding errors; off: pages name them by folder and file name only")
+    root_path: str = Field("", description="path prefix the app is served under behind a reverse proxy, e.g. /explorer: every link, redirect and image URL starts with it, and requests are accepted with or without it")
     # live encoding of uploaded images
     live: bool = Field(True, description="load the model and SAEs at start so images can be uploaded (false: uploads off)")
     live_model: str | None = Field(None, description="open_clip model for uploads (default: the index's model)")
@@ -53,6 +56,11 @@ class Settings(BaseSettings):
     upload_store_max_bytes: int = Field(1_000_000_000, ge=0, description="size cap of the upload store; least recently used uploads are evicted beyond it")
     upload_rate_limit: int = Field(30, ge=0, description="uploads per client address per minute, per server process (0: no limit); more are answered 429 with Retry-After")
     upload_rate_burst: int = Field(10, ge=1, description="uploads a client may start at once before upload_rate_limit applies")
+    upload_slots_per_client: int = Field(4, ge=0, description="uploads one client address (IPv6: one /64) may have in progress at once, per server process (0: no limit); more are answered 429 with Retry-After")
+    upload_min_rate: int = Field(50_000, ge=1, description="bytes per second an upload's body must average once read_timeout has passed; a slower upload is answered 408 and frees its slot")
+    # connections
+    read_timeout: float = Field(10.0, gt=0, le=300, description="seconds a connection may take to send a request's headers (counted from when it opens, or from the previous response), and the longest pause in an upload's body; slower connections are closed")
+    max_connections: int = Field(1000, ge=16, le=1_000_000, description="open connections per server process; at the cap the longest-waiting idle connection is closed to make room (never more than the open-file limit less 128)")
     # cross-origin requests (browsers): GET /api/... is open to every origin; POSTs only to these
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)")
 
@@ -71,6 +79,25 @@ class Settings(BaseSettings):
             origins.append(origin)
         return origins
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_origin(cls, value):
+        if value is None:
+            return None
+        origin = value.strip().rstrip("/").lower()
+        if not ORIGIN.fullmatch(origin):
+            raise ValueError(f"{value!r} is not an origin (scheme://host[:port]; a path prefix goes in "
+                             "CLIPSCOPE_ROOT_PATH)")
+        return origin
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value):
+        root = value.strip().rstrip("/")
+        if root and not ROOT_PATH.fullmatch(root):
+            raise ValueError(f"{value!r} is not a path prefix such as /explorer (segments of letters, digits, . _ ~ -)")
+        return root
+
     @field_validator("live_layers", mode="before")
     @classmethod
     def _layer_list(cls, value):
@@ -78,6 +105,12 @@ class Settings(BaseSettings):
             parts = [part.strip() for part in value.split(",") if part.strip()]
             return parts or None
         return value
+
+
+def settings_error(error: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable."""
+    problems = "; ".join(f"CLIPSCOPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+    return f"bad settings: {problems}"
 
 
 @lru_cache(maxsize=1)

@@ -16,7 +16,10 @@ here that made the bench's copy run 9 % faster than the server's (the same
 with OMP_WAIT_POLICY=PASSIVE in both).
 1. one upload's latency (distinct images, so no store hits) against the bare
    compute, interleaved rounds: median paired ratio <= 1.15;
-2. 8 concurrent uploads against 8 serial ones: throughput ratio >= 1.3;
+2. 8 concurrent uploads against 8 serial ones: the server's throughput gain >= 0.9 x the gain the bare
+   compute itself gets from a batch of 8 (8 x 1 image against one batch of 8), both measured in the same
+   run: batching cannot gain more than the hardware gives (about x1.15 on a CPU without native bf16,
+   x1.7 with it); the absolute gain is printed beside;
 3. one client browsing feature pages while 4 clients upload continuously:
    p99 <= 150 ms (the idle p99, measured in the same run, is printed beside);
 4. with a GPU only: p50 upload latency <= 60 ms.
@@ -39,9 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _timing import REPO_ROOT, interleaved_medians, paired_ratio, result_line, print_results
-
 import numpy as np
+from _timing import REPO_ROOT, interleaved_medians, paired_ratio, print_results, result_line
 
 CACHE = REPO_ROOT / "bench" / ".cache" / "live"
 LAYER, N_FEATURES, K, TOP_N, N_IMAGES = 20, 65_536, 32, 4, 2_000
@@ -103,18 +105,22 @@ def build_index(path: Path) -> None:
 
 
 def model_and_sae():
-    """ViT-L-14 with random weights and one random full-size SAE, identical in every process (seeded)."""
+    """ViT-L-14 with random weights and one random full-size SAE encoder, identical in every process (seeded),
+    made as `load_encoder` makes them: matrix weights in the live precision, no SAE decoder."""
     import torch
 
-    from clipscope_explorer.precompute.model.sae import TopKSAE
-    from clipscope_explorer.precompute.model.vision import load_tower
+    from clipscope_explorer.precompute.model.sae import SAEEncoder
+    from clipscope_explorer.precompute.model.vision import load_tower, resolve_device
 
+    device = resolve_device("auto")
+    precision = live_precision(device)
     torch.manual_seed(0)
-    tower = load_tower("ViT-L-14", random_weights=True)
+    tower = load_tower("ViT-L-14", device=device, random_weights=True, weights_precision=precision)
     generator = torch.Generator().manual_seed(1)
     enc = torch.randn(1024, N_FEATURES, generator=generator) / 32
-    sae = TopKSAE(0.1 * torch.randn(1024, generator=generator), enc, enc.T.contiguous(), K).to(tower.device)
-    return tower, sae
+    sae = SAEEncoder(0.1 * torch.randn(1024, generator=generator), enc, K, weights_precision=precision,
+                     device=device)
+    return tower, sae, precision
 
 
 def live_precision(device) -> str:
@@ -128,17 +134,16 @@ def serve(port: int, index: Path, store: Path, pipes: tuple[int, int] | None = N
     replies), a side thread that times the bare compute on the same model when asked (`answer_bare_requests`)."""
     import uvicorn
 
-    from clipscope_explorer.app.live.encoder import LiveEncoder, LiveSpec, keep_for_encoding
+    from clipscope_explorer.app.live.encoder import LiveEncoder
+    from clipscope_explorer.app.live.spec import LiveSpec
     from clipscope_explorer.app.main import create_app
     from clipscope_explorer.app.settings import Settings
 
-    tower, sae = model_and_sae()
+    tower, sae, precision = model_and_sae()
     spec = LiveSpec(model="ViT-L-14 (random weights)", pretrained=None, sae="random", layers=(LAYER,),
                     index_layers=(LAYER,))
     settings = Settings(index=index, upload_store=store, live_queue_size=16, live_batch_size=8,
-                        upload_rate_limit=0)  # one client address sends every upload here
-    precision = live_precision(tower.device)
-    keep_for_encoding(tower, {LAYER: sae}, precision)  # as load_encoder does
+                        upload_rate_limit=0, upload_slots_per_client=0)  # one client address sends every upload
     encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, precision)
     if pipes:
         threading.Thread(target=answer_bare_requests, args=(tower, sae, precision, *pipes), daemon=True).start()
@@ -367,7 +372,11 @@ def main() -> None:
               f"{8 / medians['8 serial']:.2f} serial: x{speedup:.2f}; the bare compute gains x{ceiling:.2f} "
               f"from batching 8 (the ceiling here); server: {live['batches'] - before} batches, "
               f"largest {live['largest_batch']}")
-        results.append(result_line("live_concurrent_throughput_ratio", speedup, ">=", 1.3))
+        print(f"  info: live_concurrent_throughput_ratio {speedup:.3f} (8 concurrent against 8 serial)")
+        relative = statistics.median(
+            (serial / together) / (one_by_one / batched) for serial, together, one_by_one, batched in zip(
+                times["8 serial"], times["8 concurrent"], times["bare 8 x 1"], times["bare batch of 8"]))
+        results.append(result_line("live_concurrent_gain_vs_bare", relative, ">=", 0.9))
 
         print("3. feature pages while 4 clients upload continuously:")
         idle = browse(base, min(SECONDS, 10))

@@ -48,7 +48,7 @@ def prepare() -> None:
 def command(out) -> list[str]:
     return [sys.executable, "-m", "precompute", "--images", str(CACHE / "images"), "--out", str(out),
             "--model", f"local-dir:{CACHE / 'model'}", "--sae", str(CACHE / "sae"), "--layers", "1,3",
-            "--batch-size", "32", "--device", "cpu", "--workers", "1", "--checkpoint-every", "64", "--no-progress"]
+            "--batch-size", "32", "--device", "cpu", "--workers", "1", "--save-state-every", "64", "--no-progress"]
 
 
 def clean(out) -> None:

@@ -1,64 +1,223 @@
-"""The `clipscope-explorer` command: precompute, serve, demo, fit."""
+"""The `clipscope-explorer` command: precompute, fit, demo, serve.
+
+Every flag is checked as it is parsed (clipscope_explorer.flags): a bad one is
+one line naming it and its value, exit code 2, before torch, a model or an
+index is loaded. Each command then builds the typed options of its entry
+point (`PrecomputeConfig` for `precompute.job.run`, `ServeOptions` for
+`serve`) and calls it; the heavy modules are imported only then.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from clipscope_explorer import flags
+from clipscope_explorer.flags import CommandParser, DeprecatedAlias, whole
 from clipscope_explorer.precompute.model.precision import PRECISIONS
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from clipscope_explorer.precompute.shard_patterns import SourceError, check_patterns
+
+PROG = "clipscope-explorer"
 
 
-def _add_serve(sub) -> None:
-    parser = sub.add_parser("serve", help="serve an index in the browser and as JSON")
-    parser.add_argument("index", help="the index file (.duckdb) written by `precompute`")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1)
+def options_from(cls, args: argparse.Namespace):
+    """An instance of the dataclass `cls` from the parsed flags whose names are its fields."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _add_images_and_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", nargs="+", required=True, metavar="SRC",
+                        help="tar shards (paths, globs, {00000..00099} ranges, http(s):// or s3:// URLs) "
+                             "or image folders")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model: hf-hub:..., local-dir:..., "
+                                                                "or a built-in name with --pretrained")
+    parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for a built-in name")
+
+
+def _check_images(args: argparse.Namespace) -> str | None:
+    try:
+        check_patterns(args.images)
+    except SourceError as error:
+        return str(error)
+    return None
+
+
+def _add_precompute(parser: argparse.ArgumentParser) -> None:
+    _add_images_and_model(parser)
+    parser.add_argument("--out", required=True, type=flags.file_to_write, metavar="INDEX",
+                        help="the index file to write (.duckdb)")
+    parser.add_argument("--sae", default=DEFAULT_SAE_REPO, help="hub repo, local folder in the hub layout, or one file")
+    parser.add_argument("--layers", type=flags.layer_list, default=[20], help="comma-separated blocks (default 20)")
+    tokens = whole(1, 10**15)
+    parser.add_argument("--sae-checkpoint", dest="checkpoint", type=tokens, default=None, metavar="TOKENS",
+                        help="which SAE checkpoint: its training token count (default: the final one)")
+    parser.add_argument("--checkpoint", dest="checkpoint", type=tokens, action=DeprecatedAlias, new="--sae-checkpoint")
+    parser.add_argument("--top-n", type=whole(1, 256), default=32, help="top images kept per feature (1-256)")
+    parser.add_argument("--band-size", type=whole(1, 64), default=4, help="examples per lower activation band")
+    parser.add_argument("--max-images", type=whole(1, 10**12), default=None)
+    parser.add_argument("--batch-size", type=whole(1, 16384), default=64)
+    parser.add_argument("--device", type=flags.device, default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=whole(0, 256), default=2, help="data-loading worker processes (0-256)")
+    parser.add_argument("--normalise", choices=("none", "sample"), default="none",
+                        help="raw activations (released default) or standardised with sample statistics")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="forward pass in fp32 or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    every = whole(1, 10**12)
+    parser.add_argument("--save-state-every", dest="checkpoint_every", type=every, default=20_000, metavar="N",
+                        help="images between saves of the run state, which a rerun resumes from")
+    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=every, action=DeprecatedAlias,
+                        new="--save-state-every")
+    parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="do nothing when --out already holds an index (for unattended pipelines)")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster (no address: start or join a local one)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    if args.skip_existing and args.out.is_file():
+        print(f"index exists, nothing to do: {args.out}")
+        return 0
+    from clipscope_explorer.precompute.index.store import IndexWriteError
+    from clipscope_explorer.precompute.job import PrecomputeConfig, run
+    from clipscope_explorer.precompute.model.sae import SAELoadError
+    from clipscope_explorer.precompute.model.vision import ModelLoadError
+    from clipscope_explorer.precompute.workdir import WorkDirError
+
+    try:
+        out = run(options_from(PrecomputeConfig, args))
+    except (SAELoadError, SourceError, ModelLoadError, WorkDirError, IndexWriteError, ValueError) as error:
+        return _fail("precompute", error)
+    print(f"index written: {out}")
+    return 0
+
+
+def _add_fit(parser: argparse.ArgumentParser) -> None:
+    _add_images_and_model(parser)
+    parser.add_argument("--layers", type=flags.layer_list, required=True, help="comma-separated blocks")
+    parser.add_argument("--out", type=flags.folder_to_write, required=True, metavar="FOLDER",
+                        help="folder to write {layer}_resid/{tokens}.pt into")
+    parser.add_argument("--features", type=whole(1, 2**20), default=512)
+    parser.add_argument("--k", type=whole(1, 4096), default=8, help="features kept per token (at most --features)")
+    parser.add_argument("--steps", type=whole(1, 10**7), default=1500)
+    parser.add_argument("--batch-tokens", type=whole(1, 2**20), default=4096)
+    parser.add_argument("--lr", type=flags.positive(1.0), default=1e-3, help="Adam learning rate")
+    parser.add_argument("--max-images", type=whole(1, 10**7), default=1000, help="images whose tokens are trained on")
+    parser.add_argument("--device", type=flags.device, default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _check_fit(args: argparse.Namespace) -> str | None:
+    if args.k > args.features:
+        return f"argument --k: {args.k} is more than --features ({args.features})"
+    return _check_images(args)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from clipscope_explorer.precompute.demo.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
+    from clipscope_explorer.precompute.model.vision import ModelLoadError, ModelSpec, load_tower
+    from clipscope_explorer.precompute.sources import resolve_sources
+
+    try:
+        shards = resolve_sources(args.images)
+        tower = load_tower(ModelSpec(args.model, args.pretrained), device=args.device)
+        layers = tower.check_layers(args.layers)
+    except (SourceError, ModelLoadError, ValueError) as error:
+        return _fail("fit", error)
+    settings = FitSettings(n_features=args.features, k=args.k, steps=args.steps, batch_tokens=args.batch_tokens,
+                           lr=args.lr)
+    tokens = collect_tokens(tower, shards, layers, args.max_images)
+    for layer in layers:
+        path = save_fitted(fit_topk_sae(tokens[layer].to(tower.device), settings), args.out, layer, args.k)
+        print(f"SAE written: {path}")
+    return 0
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", type=flags.host, default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=flags.PORT, default=8000, help="port to listen on (1-65535)")
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    _add_address(parser)
+    parser.add_argument("--images", type=whole(1, 100_000), default=2000, help="procedural images to generate")
+    parser.add_argument("--data", type=flags.folder_to_write, default="data/demo", metavar="FOLDER",
+                        help="where everything is cached (default data/demo)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing the cache")
+    parser.add_argument("--build-only", action="store_true", help="build the demo index, do not serve it")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from clipscope_explorer.app.serving.server import ServeOptions, serve
+    from clipscope_explorer.precompute.demo.build import build_demo
+
+    index = build_demo(args.data, args.images, fresh=args.fresh)
+    print(f"demo index: {index} (data cached in {args.data})")
+    if args.build_only:
+        return 0
+    return serve(ServeOptions(index=index, host=args.host, port=args.port, verbose=args.verbose))
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=flags.path, help="the index file (.duckdb) written by `precompute`")
+    _add_address(parser)
+    parser.add_argument("--workers", type=whole(1, 64), default=1, help="server processes (1-64)")
+    parser.add_argument("--root-path", type=flags.root_path, metavar="PREFIX",
+                        help="path prefix behind a reverse proxy, e.g. /explorer (CLIPSCOPE_ROOT_PATH)")
     live = parser.add_argument_group("live encoding of uploaded images")
-    live.add_argument("--no-live", action="store_true", help="do not load a model: uploads are off")
+    live.add_argument("--no-live", dest="live", action="store_false", help="do not load a model: uploads are off")
     live.add_argument("--live-model", metavar="MODEL", help="open_clip model for uploads (default: the index's): "
                                                             "hf-hub:..., local-dir:..., or a built-in name")
     live.add_argument("--live-pretrained", metavar="TAG", help="pretrained tag or file for a built-in --live-model")
     live.add_argument("--live-sae", metavar="SAE", help="SAE hub repo, folder or file (default: the index's SAEs)")
-    live.add_argument("--live-layers", metavar="LAYERS", help="comma-separated layers (default: the index's)")
-    live.add_argument("--live-device", choices=("auto", "cpu", "cuda"), default=None, help="device for uploads")
+    live.add_argument("--live-layers", type=flags.layer_list, metavar="LAYERS",
+                      help="comma-separated layers (default: the index's)")
+    live.add_argument("--live-device", type=flags.device, metavar="DEVICE",
+                      help="device for uploads: auto, cpu, cuda or cuda:N")
     live.add_argument("--live-precision", choices=PRECISIONS, default=None,
                       help="fp32 or bf16 autocast (default auto: as the index was built, fp32 on a CPU without "
                            "native bfloat16)")
-    live.add_argument("--upload-store", metavar="DIR", help="writable folder for stored uploads "
-                                                             "(default: ~/.cache/clipscope-explorer/uploads)")
-    live.add_argument("--no-store-uploads", action="store_true", help="keep nothing: results have no share link")
-    live.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest upload accepted (default 20)")
-    parser.set_defaults(run=_run_serve)
+    live.add_argument("--upload-store", type=flags.folder_to_write, metavar="DIR",
+                      help="writable folder for stored uploads (default: ~/.cache/clipscope-explorer/uploads)")
+    live.add_argument("--no-store-uploads", dest="store_uploads", action="store_false",
+                      help="keep nothing: results have no share link")
+    live.add_argument("--max-upload-mb", type=flags.positive(1000), metavar="MB",
+                      help="largest upload accepted (default 20, at most 1000)")
 
 
-def _run_serve(args) -> int:
-    from clipscope_explorer.app.serving.server import serve
+def run_serve(args: argparse.Namespace) -> int:
+    from clipscope_explorer.app.serving.server import ServeOptions, serve
 
-    return serve(args)
+    return serve(options_from(ServeOptions, args))
 
 
-def _add_precompute(sub) -> None:
-    from clipscope_explorer.precompute import cli
-
-    parser = sub.add_parser("precompute", help="run the model and SAEs over images into an index")
-    cli.add_arguments(parser)
-    parser.set_defaults(run=cli.run)
-    parser = sub.add_parser("fit", help="fit small TopK SAEs (released checkpoint format) on a model's activations")
-    cli.add_fit_arguments(parser)
-    parser.set_defaults(run=cli.run_fit)
-    parser = sub.add_parser("demo", help="build the offline demo index (procedural images, tiny model) and serve it")
-    cli.add_demo_arguments(parser)
-    parser.set_defaults(run=cli.run_demo)
+COMMANDS = {  # name: (help, flags, check across flags, run)
+    "precompute": ("run the model and SAEs over images into an index", _add_precompute, _check_images,
+                   run_precompute),
+    "fit": ("fit small TopK SAEs (released checkpoint format) on a model's activations", _add_fit, _check_fit,
+            run_fit),
+    "demo": ("build the offline demo index (procedural images, tiny model) and serve it", _add_demo, None, run_demo),
+    "serve": ("serve an index in the browser and as JSON", _add_serve, None, run_serve),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipscope-explorer", description=__doc__)
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n", 1)[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_precompute(sub)
-    _add_serve(sub)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_flags, check, run) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=help_text, check=check)
+        add_flags(command)
+        command.set_defaults(run=run)
     return parser
 
 

@@ -1,5 +1,7 @@
+"""`python -m clipscope_explorer.precompute ...` is `clipscope-explorer precompute ...`."""
+
 import sys
 
-from clipscope_explorer.precompute.cli import main
+from clipscope_explorer.cli import main
 
-sys.exit(main())
+sys.exit(main(["precompute", *sys.argv[1:]]))

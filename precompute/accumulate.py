@@ -250,6 +250,13 @@ class LayerAccumulator:
         self.top.merge(_moved(other.top, self.device))
         self.samples.merge(_moved(other.samples, self.device))
 
+    def state_bytes(self) -> int:
+        """Bytes of the accumulated state: what a checkpoint holds, allocated whole (and zero-filled) when the
+        accumulator is made; it does not grow with the images seen."""
+        tensors = [*self.counts.values(), *self.sums.values(), self.max_activation,
+                   *vars(self.top).values(), *vars(self.samples).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def referenced(self) -> set[int]:
         """Ordinals of every image held in an example list."""
         ordinals = torch.cat([self.top.ordinal.flatten(), self.samples.ordinal.flatten()])
@@ -275,6 +282,12 @@ class LayerAccumulator:
         acc.top = ExampleList(**{k: v.to(acc.device) for k, v in state["top"].items()})
         acc.samples = ExampleList(**{k: v.to(acc.device) for k, v in state["samples"].items()})
         return acc
+
+
+def predicted_state_bytes(n_features: int, n_tokens: int, top_n: int, band_samples: int,
+                          track_raw: bool = False) -> int:
+    """`state_bytes()` of a layer accumulator of this shape, computed without allocating it."""
+    return LayerAccumulator(n_features, n_tokens, top_n, band_samples, "meta", track_raw).state_bytes()
 
 
 def _moved(examples: ExampleList, device) -> ExampleList:

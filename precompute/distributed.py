@@ -33,8 +33,6 @@ class ShardWorker:
         self.config = replace(config, progress=False, ray=None)
         self.components = prepare(self.config)
         self.normalisation = normalisation
-        for layer, stats in normalisation.items():
-            self.components.saes[layer].set_normalisation(*stats)
 
     def encode(self, shard_indices: list[int]) -> tuple[dict, list[tuple]]:
         from clipscope_explorer.precompute.job import encode_all, new_state

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import time
-from importlib import metadata
 from pathlib import Path
-
-import numpy as np
 
 from clipscope_explorer.precompute.neighbours import cached_neighbours
 from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
-from clipscope_explorer.precompute.index.store import IndexWriter, SCHEMA_VERSION
-from clipscope_explorer.precompute.tables import ACTIVE_THRESHOLD, chosen_examples, examples_columns, feature_columns, layer_row
+from clipscope_explorer.precompute.index.rows import ACTIVE_THRESHOLD, images_columns
+from clipscope_explorer.precompute.index.store import IndexWriter
+from clipscope_explorer.precompute.tables import chosen_examples, examples_columns, layer_columns
 
 
 IMAGE_CHUNK = 2000
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _labels(chosen: dict, n_features: int, captions: dict[int, str | None], frequency) -> list[list[str]]:
@@ -60,24 +51,15 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
     tower = components.tower
     with IndexWriter(config.out) as writer:
         for layer, acc in sorted(state.accumulators.items()):
-            sae = components.saes[layer]
-            fired_images = acc.counts["fire_images"].cpu().numpy()
-            writer.add_layer(layer_row(acc, layer, sae, fired_images))
-            writer.add_rows("features", feature_columns(acc, layer, labels[layer], neighbours[layer]))
+            row, features = layer_columns(acc, layer, components.saes[layer], labels[layer], neighbours[layer])
+            writer.add_layer(row)
+            writer.add_rows("features", features)
             writer.add_rows("examples", examples_columns(layer, chosen[layer], image_id))
         for start in range(0, len(ordinals), IMAGE_CHUNK):  # thumbnails stream through in chunks
-            rows = workdir.image_rows(ordinals[start : start + IMAGE_CHUNK])
-            columns = list(zip(*rows))
-            writer.add_rows("images", {
-                "image_id": np.arange(start, start + len(rows), dtype=np.int32), "source": list(columns[1]),
-                "key": list(columns[2]), "url": list(columns[3]), "caption": list(columns[4]),
-                "width": np.array(columns[5], dtype=np.int32), "height": np.array(columns[6], dtype=np.int32),
-                "thumbnail": list(columns[7]),
-            })
+            writer.add_rows("images", images_columns(start, workdir.image_rows(ordinals[start : start + IMAGE_CHUNK])))
         timings["write"] = round(time.perf_counter() - tick, 3)
         timings["total"] = round(elapsed_before + timings["write"], 3)
         writer.put_meta(
-            schema_version=SCHEMA_VERSION,
             model={"name": config.model, "pretrained": config.pretrained},
             sae={"source": config.sae, "checkpoint": sae_any.origin.checkpoint if sae_any.origin else None},
             released_suite=config.model == DEFAULT_MODEL and config.sae == DEFAULT_SAE_REPO,
@@ -94,7 +76,6 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             top_n=config.top_n, band_count=config.band_count, band_size=config.band_size,
             active_threshold=ACTIVE_THRESHOLD,
             timings=timings,
-            versions={p: _version(p) for p in ("clipscope-explorer", "torch", "open_clip_torch", "duckdb")},
             demo=config.demo,
         )
         return writer.finish()

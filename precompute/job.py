@@ -21,7 +21,7 @@ from clipscope_explorer.precompute.model.encode import encode_pixels
 from clipscope_explorer.precompute.model.precision import resolve_precision
 from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from clipscope_explorer.precompute.run_state import RunState
-from clipscope_explorer.precompute.model.sae import TopKSAE, explained_variance, squared_error
+from clipscope_explorer.precompute.model.sae import Standardisation, TopKSAE, explained_variance, squared_error
 from clipscope_explorer.precompute.model.checkpoints import load_saes
 from clipscope_explorer.precompute.shard_reader import count_samples, known_size
 from clipscope_explorer.precompute.sources import Batch, Shard, ShardBatches, resolve_sources
@@ -88,10 +88,9 @@ def prepare(config: PrecomputeConfig) -> Components:
     precision = resolve_precision(config.precision, device)
     tower = load_tower(ModelSpec(config.model, config.pretrained), device=device)
     layers = tower.check_layers(config.layers)
-    saes = load_saes(config.sae, layers, config.checkpoint)
+    saes = load_saes(config.sae, layers, config.checkpoint, device=device)
     for sae in saes.values():
         sae.check_fits(tower.width)
-        sae.to(device)
     quota = {}
     if config.max_images is not None:
         left = config.max_images
@@ -135,7 +134,7 @@ def estimate_normalisation(components: Components, config: PrecomputeConfig, sta
     for batch in loader(components, config, probe, quota=quota):
         if batch.pixels is None:
             continue
-        acts = components.tower.capture(batch.pixels, components.saes)
+        acts = components.tower.capture(batch.pixels, components.saes, components.precision)
         for layer, x in acts.items():
             x = x.double().flatten(0, 1)
             sums[layer] = sums.get(layer, 0) + x.sum(0)
@@ -144,17 +143,13 @@ def estimate_normalisation(components: Components, config: PrecomputeConfig, sta
     for layer in components.saes:
         mean = sums[layer] / count
         std = (squares[layer] / count - mean.pow(2)).clamp_min(0).sqrt()
-        state.normalisation[layer] = (mean.float().cpu(), std.float().cpu())
+        state.normalisation[layer] = Standardisation(mean.float().cpu(), std.float().cpu())
 
 
 @torch.inference_mode()
-def raw_metrics(sae: TopKSAE, acts: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]):
+def raw_metrics(sae: TopKSAE, acts: torch.Tensor, precision: str):
     """Per-token squared error and explained variance of the SAE on raw (unstandardised) input."""
-    sae.set_normalisation(None, None)
-    try:
-        raw_hat = sae.decode(sae.encode(acts))
-    finally:
-        sae.set_normalisation(*stats)
+    raw_hat = sae.decode(sae.encode(acts, precision=precision))
     return squared_error(acts, raw_hat), explained_variance(acts, raw_hat)
 
 
@@ -166,12 +161,14 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     state.record(batch)
     if batch.pixels is None:
         return []
-    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision)
+    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision,
+                            state.normalisation)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
         acts, code = encoded[layer].acts, encoded[layer].code
-        raw = raw_metrics(sae, acts, state.normalisation[layer]) if layer in state.normalisation else None
-        x, x_hat = sae.prepare(acts), sae.decode(code)
+        stats = state.normalisation.get(layer)
+        raw = None if stats is None else raw_metrics(sae, acts, components.precision)
+        x, x_hat = (acts if stats is None else stats.apply(acts)), sae.decode(code)
         entered |= state.accumulators[layer].update(
             code, batch.ordinals, squared_error(x, x_hat), explained_variance(x, x_hat), raw
         )
@@ -233,8 +230,6 @@ def run(config: PrecomputeConfig) -> Path:
         state = new_state(components, config)
         if config.normalise == "sample":
             estimate_normalisation(components, config, state)
-    for layer, stats in state.normalisation.items():
-        components.saes[layer].set_normalisation(*stats)
     if config.ray is not None:
         from clipscope_explorer.precompute.distributed import encode_on_ray
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from clipscope_explorer.precompute.accumulate import LayerAccumulator
 from clipscope_explorer.precompute.labels import DocumentFrequency
+from clipscope_explorer.precompute.model.sae import Standardisation
 from clipscope_explorer.precompute.sources import Batch
 
 MAX_SKIPPED_LISTED = 1000  # skipped images listed by name in the index (all are counted)
@@ -25,7 +24,7 @@ class RunState:
     skipped: list[dict] = field(default_factory=list)
     n_skipped: int = 0
     failed_shards: list[dict] = field(default_factory=list)
-    normalisation: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    normalisation: dict[int, Standardisation] = field(default_factory=dict)
     encode_seconds: float = 0.0
 
     @property
@@ -38,7 +37,7 @@ class RunState:
             "progress": self.progress, "done": sorted(self.done), "captions": self.captions.state_dict(),
             "skipped": self.skipped, "n_skipped": self.n_skipped, "failed_shards": self.failed_shards,
             "encode_seconds": self.encode_seconds,
-            "normalisation": self.normalisation,
+            "normalisation": {layer: (stats.mean, stats.std) for layer, stats in self.normalisation.items()},
         }
 
     @classmethod
@@ -48,7 +47,8 @@ class RunState:
                           for layer, acc in state["accumulators"].items()},
             progress=dict(state["progress"]), done=set(state["done"]),
             captions=DocumentFrequency.from_state_dict(state["captions"]), skipped=list(state["skipped"]),
-            n_skipped=state["n_skipped"], failed_shards=state["failed_shards"], normalisation=state["normalisation"],
+            n_skipped=state["n_skipped"], failed_shards=state["failed_shards"],
+            normalisation={int(layer): Standardisation(*stats) for layer, stats in state["normalisation"].items()},
             encode_seconds=state["encode_seconds"],
         )
 

@@ -38,6 +38,7 @@ def _open(location: str):
     return open(location, "rb")
 
 
+# Not webdataset: its handlers raise or skip a failed shard; read_groups resumes after the last sample, ordinals kept.
 def _tar_groups(shard: Shard) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a tar shard, in order."""
     key, group = None, {}

@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_picture, square_crop
+from clipscope_explorer.precompute.shard_patterns import SourceError, check_patterns, expand_braces
 from clipscope_explorer.precompute.shard_reader import REMOTE_PREFIXES, ShardReadError, read_groups
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FOLDER_SHARD_SIZE = 1000
 THUMBNAIL_QUALITY = 85
-
-
-class SourceError(ValueError):
-    """A source named on the command line cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -77,27 +73,16 @@ class Batch:
     skipped: list[Sample] = field(default_factory=list)
     failure: str | None = None  # the shard could not be read to its end (retries exhausted)
 
+    def pin_memory(self) -> Batch:
+        """The DataLoader's pin-memory thread calls this (it pins only tensors and objects that have it), so
+        the pixels reach a GPU by an asynchronous copy from page-locked memory."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 def ordinal(shard: int, position: int) -> int:
     return (shard << 32) | position
-
-
-BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{a..b}`` ranges (zero padding kept) and ``{x,y}`` lists, leftmost first, as a shell does."""
-    match = BRACE.search(pattern)
-    if not match:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    if match.group(3) is not None:
-        options = match.group(3).split(",")
-    else:
-        low, high = match.group(1), match.group(2)
-        width = len(low) if low.startswith("0") else 0
-        options = [f"{n:0{width}d}" for n in range(int(low), int(high) + 1)]
-    return [x for option in options for x in expand_braces(head + option + tail)]
 
 
 def _folder_shards(folder: Path, first_index: int) -> list[Shard]:
@@ -122,6 +107,7 @@ def _check_protocol(url: str) -> None:
 
 def resolve_sources(specs: list[str]) -> list[Shard]:
     """Shards for the given paths, globs, brace ranges, URLs and folders; errors before compute."""
+    check_patterns(specs)
     shards: list[Shard] = []
     for spec in specs:
         for item in expand_braces(spec):
@@ -173,13 +159,13 @@ def decode_sample(shard: Shard, position: int, key: str, group: dict[str, bytes]
         sample.error = group.get("error", "no image member")
         return sample
     try:
-        image = open_rgb(data)
+        picture = open_picture(data)  # the same decoder as uploads: what they cost is sized by the model
     except ImageDecodeError as error:
         sample.error = f"undecodable image: {error}"
         return sample
-    sample.width, sample.height = image.size
-    sample.pixels = preprocess(image)
-    sample.thumbnail = jpeg_bytes(square_crop(image, thumb_size), THUMBNAIL_QUALITY)
+    sample.width, sample.height = picture.size
+    sample.pixels = preprocess(picture.image)
+    sample.thumbnail = jpeg_bytes(square_crop(picture.image, thumb_size), THUMBNAIL_QUALITY)
     return sample
 
 

@@ -1,4 +1,5 @@
-"""Turns a finished LayerAccumulator into the rows of the index (docs/schema.md)."""
+"""Turns a finished LayerAccumulator into the rows of the index: its totals as numpy
+(`precompute/index/rows.py` derives the rows) and the examples each feature shows."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import torch
 
 from clipscope_explorer.precompute.accumulate import NO_ORDINAL, LayerAccumulator
-
-ACTIVE_THRESHOLD = 0.01
+from clipscope_explorer.precompute.index.rows import LayerTotals, feature_columns, layer_row
+from clipscope_explorer.precompute.index.rows import examples_columns as rows_examples_columns
 
 
 @dataclass(frozen=True)
@@ -20,58 +21,31 @@ class ExampleSettings:
     band_samples: int = 24
 
 
-def layer_row(acc: LayerAccumulator, layer: int, sae, fired_images: np.ndarray) -> dict:
+def layer_totals(acc: LayerAccumulator) -> LayerTotals:
+    """The accumulator's totals as numpy, the input of the layer's rows (`precompute/index/rows.py`)."""
     c, s = acc.counts, acc.sums
-    n_images, n_tokens = int(c["images"]), int(c["tokens"])
-    mse_by_position = (s["sq_error_by_position"] / max(n_images, 1)).cpu().numpy()
-    mse = float(s["sq_error_by_position"].sum()) / max(n_tokens, 1)
-    ev = float(s["explained_variance"]) / max(n_tokens, 1)
-    raw_mse = float(s["sq_error_raw"]) / max(n_tokens, 1) if "sq_error_raw" in s else mse
-    raw_ev = float(s["explained_variance_raw"]) / max(n_tokens, 1) if "explained_variance_raw" in s else ev
-    kept = n_tokens * sae.k
-    return {
-        "layer": layer,
-        "sae_file": sae.origin.file if sae.origin else None,
-        "checkpoint": sae.origin.checkpoint if sae.origin else None,
-        "d_in": sae.d_in, "n_features": sae.n_features, "k": sae.k,
-        "n_images": n_images, "n_tokens": n_tokens,
-        "mse": mse, "explained_variance": ev, "mse_raw": raw_mse, "explained_variance_raw": raw_ev,
-        "l0": int(c["fired"]) / max(n_tokens, 1),
-        "dead_fraction": float((c["fire_tokens"] == 0).float().mean()),
-        "active_fraction": float((fired_images / max(n_images, 1) >= ACTIVE_THRESHOLD).mean()),
-        "nonpositive_kept_fraction": int(c["nonpositive_kept"]) / max(kept, 1),
-        "mse_by_position": mse_by_position.tolist(),
-        "histogram_edges": acc.edges.cpu().tolist(),
-    }
+
+    def number(name: str) -> float | None:
+        return float(s[name]) if name in s else None
+
+    return LayerTotals(
+        n_images=int(c["images"]), n_tokens=int(c["tokens"]), fired=int(c["fired"]),
+        nonpositive_kept=int(c["nonpositive_kept"]), sq_error_by_position=s["sq_error_by_position"].cpu().numpy(),
+        explained_variance=float(s["explained_variance"]), fire_tokens=c["fire_tokens"].cpu().numpy(),
+        fire_images=c["fire_images"].cpu().numpy(), fire_cls=c["fire_cls"].cpu().numpy(),
+        activation_sum=s["activation"].cpu().numpy(), max_activation=acc.max_activation.cpu().numpy(),
+        position_sum=s["position"].cpu().numpy(), histogram=c["histogram"].cpu().numpy(),
+        edges=acc.edges.cpu().numpy(), sq_error_raw=number("sq_error_raw"),
+        explained_variance_raw=number("explained_variance_raw"))
 
 
-def feature_columns(acc: LayerAccumulator, layer: int, labels: list[list[str]],
-                    neighbours: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    c, s = acc.counts, acc.sums
-    n_images, n_tokens = max(int(c["images"]), 1), max(int(c["tokens"]), 1)
-    fired = c["fire_tokens"].cpu().numpy()
-    dead = fired == 0
-    mean = (s["activation"].cpu().numpy() / np.maximum(fired, 1))
-    maximum = acc.max_activation.cpu().numpy().astype(np.float64)
-    n = acc.n_features
-    return {
-        "layer": np.full(n, layer, dtype=np.int32),
-        "feature": np.arange(n, dtype=np.int32),
-        "n_fired_tokens": fired,
-        "n_fired_images": c["fire_images"].cpu().numpy(),
-        "n_fired_cls": c["fire_cls"].cpu().numpy(),
-        "frequency": fired / n_tokens,
-        "image_frequency": c["fire_images"].cpu().numpy() / n_images,
-        "cls_frequency": c["fire_cls"].cpu().numpy() / n_images,
-        "mean_activation": [None if d else float(m) for d, m in zip(dead, mean)],
-        "max_activation": [None if d else float(m) for d, m in zip(dead, maximum)],
-        "histogram": c["histogram"].cpu().numpy().astype(np.int32),
-        "position_mean": (s["position"] / n_images).float().cpu().numpy(),
-        "label_terms": labels,
-        "label": [" ".join(terms) for terms in labels],
-        "similar_features": neighbours[0].numpy().astype(np.int32),
-        "similar_cosines": neighbours[1].numpy().astype(np.float32),
-    }
+def layer_columns(acc: LayerAccumulator, layer: int, sae, labels: list[list[str]],
+                  neighbours: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict]:
+    """The layer's `layers` row and its `features` columns."""
+    totals = layer_totals(acc)
+    row = layer_row(layer, totals, d_in=sae.d_in, k=sae.k, sae_file=sae.origin.file if sae.origin else None,
+                    checkpoint=sae.origin.checkpoint if sae.origin else None)
+    return row, feature_columns(layer, totals, labels, neighbours[0].numpy(), neighbours[1].numpy())
 
 
 def _valid(examples) -> np.ndarray:
@@ -125,19 +99,6 @@ def chosen_examples(acc: LayerAccumulator, settings: ExampleSettings) -> dict:
 
 
 def examples_columns(layer: int, chosen: dict, image_id: dict[int, int]) -> dict:
-    from clipscope_explorer.precompute.index.store import blob_column
-
+    """The `examples` rows of `chosen_examples`, their ordinals mapped to image ids."""
     ids = np.array([image_id[int(o)] for o in chosen["ordinal"]], dtype=np.int32)
-    order = np.lexsort((chosen["rank"], chosen["band"], chosen["feature"]))
-    return {
-        "layer": np.full(len(ids), layer, dtype=np.int32),
-        "feature": chosen["feature"][order],
-        "kind": chosen["kind"][order].tolist(),
-        "band": chosen["band"][order],
-        "rank": chosen["rank"][order],
-        "image_id": ids[order],
-        "activation": chosen["activation"][order].astype(np.float32),
-        "cls_activation": chosen["cls"][order].astype(np.float32),
-        "heatmap_scale": chosen["scale"][order].astype(np.float32),
-        "heatmap": blob_column(chosen["heat"][order]),
-    }
+    return rows_examples_columns(layer, {**chosen, "image_id": ids})

@@ -1,5 +1,6 @@
 /* CLIP-Scope Explorer: small progressive enhancements (the pages work without them).
-   Overlay on/off and opacity (remembered), keyboard shortcuts (elements with data-key),
+   Overlay on/off and opacity (remembered), keyboard shortcuts (elements with data-key;
+   #shortcuts-toggle turns them off),
    copy-link buttons (data-copy), and the large-view dialog filled by htmx (#modal-body).
    No inline script anywhere: the Content-Security-Policy forbids it. */
 (function () {
@@ -25,6 +26,11 @@
     if (slider && typeof p.opacity === "number") { slider.value = String(p.opacity); }
     setOpacity(typeof p.opacity === "number" ? p.opacity : 0.7);
     document.querySelectorAll("[data-copy]").forEach(function (button) { button.hidden = false; });
+    var shortcuts = document.getElementById("shortcuts-toggle");
+    if (shortcuts) {
+      shortcuts.checked = p.shortcuts !== false;
+      shortcuts.closest(".shortcuts").hidden = false;
+    }
   }
 
   function copy(text, button) {
@@ -42,6 +48,7 @@
 
   document.addEventListener("change", function (event) {
     if (event.target.id === "overlay-toggle") { save({ on: event.target.checked }); }
+    if (event.target.id === "shortcuts-toggle") { save({ shortcuts: event.target.checked }); }
   });
   document.addEventListener("input", function (event) {
     if (event.target.id === "overlay-opacity") {
@@ -51,7 +58,7 @@
     }
   });
   document.addEventListener("keydown", function (event) {
-    if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey) { return; }
+    if (event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey || prefs().shortcuts === false) { return; }
     var t = event.target;
     var typing = t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
       (t.tagName === "INPUT" && t.type !== "checkbox" && t.type !== "range"));
@@ -73,7 +80,7 @@
       dialog.showModal();
     }
   });
-  document.addEventListener("htmx:afterSettle", apply);
+  document.addEventListener("htmx:afterSwap", apply);
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", apply);
   } else {

@@ -1,7 +1,8 @@
 /* CLIP-Scope Explorer: the upload page and its result (the page works without this file).
    Upload: submit on file choice, drag-and-drop and paste (Ctrl+V) fill the form's file input.
-   Result: "Show on image" puts a feature's heatmap on the big image; clicking a patch lists the
-   features firing there (from the layer's data-patches); upload errors are swapped in like results.
+   Result: "Show on image" puts a feature's heatmap on the big image; clicking a patch (or
+   arrows and Enter in the patch grid) lists the features firing there (from the layer's data-patches,
+   linked to data-feature-base + number); upload errors are swapped in like results.
    No inline script anywhere: the Content-Security-Policy forbids it. */
 (function () {
   "use strict";
@@ -62,8 +63,18 @@
     }
   });
 
+  /* The patch grid is focusable (one Tab stop) only here: without this script the patches do nothing. */
+  function enableGrid(section) {
+    var svg = section.querySelector("svg.live");
+    if (svg.getAttribute("role") === "group") { return; }
+    svg.setAttribute("role", "group");  /* an img's children are hidden from assistive technology */
+    svg.querySelectorAll(".cells rect").forEach(function (cell, i) { cell.tabIndex = i ? -1 : 0; });
+    section.querySelector(".patch-hint").hidden = false;
+  }
+
   function reveal() {
     document.querySelectorAll(".live-feature .show-overlay").forEach(function (b) { b.hidden = false; });
+    document.querySelectorAll(".live-view[data-patches]").forEach(enableGrid);
   }
 
   function showFeature(item) {
@@ -94,7 +105,7 @@
     if (!section.patchData) { section.patchData = JSON.parse(data); }
     var p = Number(cell.getAttribute("data-p"));
     var width = Number(section.getAttribute("data-grid"));
-    var layer = section.getAttribute("data-layer");
+    var featureBase = section.getAttribute("data-feature-base");
     var inIndex = section.getAttribute("data-in-index") === "true";
     var hits = section.patchData[p] || [];
     var known = labels(section);
@@ -109,7 +120,7 @@
     hits.forEach(function (hit) {
       var li = document.createElement("li");
       var name = inIndex ? document.createElement("a") : document.createElement("span");
-      if (inIndex) { name.href = "/layers/" + layer + "/features/" + hit[0]; }
+      if (inIndex) { name.href = featureBase + hit[0]; }
       name.textContent = "Feature " + hit[0];
       li.appendChild(name);
       var value = document.createElement("b");
@@ -124,9 +135,37 @@
       list.appendChild(li);
     });
     box.appendChild(list);
-    section.querySelectorAll("rect.picked").forEach(function (r) { r.classList.remove("picked"); });
+    section.querySelectorAll("rect.picked").forEach(function (r) {
+      r.classList.remove("picked");
+      r.removeAttribute("aria-selected");
+    });
     cell.classList.add("picked");
+    cell.setAttribute("aria-selected", "true");
   }
+
+  function rove(cell) {  /* the Tab stop moves with focus */
+    cell.closest(".cells").querySelector('[tabindex="0"]').tabIndex = -1;
+    cell.tabIndex = 0;
+    cell.focus();
+  }
+
+  document.addEventListener("keydown", function (event) {
+    var cell = event.target.closest && event.target.closest('rect[role="gridcell"]');
+    if (!cell || event.altKey || event.ctrlKey || event.metaKey) { return; }
+    var width = Number(cell.closest(".live-view").getAttribute("data-grid"));
+    var p = Number(cell.getAttribute("data-p"));
+    var column = p % width;
+    var step = { ArrowLeft: column ? -1 : 0, ArrowRight: column < width - 1 ? 1 : 0, ArrowUp: -width,
+      ArrowDown: width, Home: -column, End: width - 1 - column, Enter: 0, " ": 0 }[event.key];
+    if (step === undefined) { return; }
+    event.preventDefault();  /* no page scroll */
+    var next = cell.closest(".cells").querySelector('[data-p="' + (p + step) + '"]');
+    if (event.key === "Enter" || event.key === " ") {
+      listPatch(cell);
+    } else if (next) {
+      rove(next);
+    }
+  });
 
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest(".show-overlay");
@@ -136,6 +175,7 @@
     }
     var cell = event.target.closest && event.target.closest("svg.live rect[data-p]");
     if (cell) { listPatch(cell); }
+    if (cell && cell.hasAttribute("tabindex")) { rove(cell); }
   });
   document.addEventListener("htmx:afterSettle", reveal);
   if (document.readyState === "loading") {

@@ -6,7 +6,7 @@ import io
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -101,3 +101,67 @@ def svg() -> bytes:
 
 
 TINY = {"1x1": (1, 1), "2x2": (2, 2), "thin-tall": (1, 400), "thin-wide": (900, 3)}
+
+
+def gradient(size: tuple[int, int]) -> Image.Image:
+    """A smooth RGB image (sub-pixel shifts change it little), any shape."""
+    x = np.linspace(0.0, 1.0, size[0])[None, :, None]
+    y = np.linspace(0.0, 1.0, size[1])[:, None, None]
+    return Image.fromarray((127.5 + 127.5 * np.sin(5 * x + 3 * y + np.array([0.0, 1.0, 2.0]))).astype(np.uint8))
+
+
+def in_mode(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A noisy image in any Pillow mode (integers and floats above 255 for I and F, 16-bit range for I;16)."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0])
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, shape, dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-10, 70_000, shape, dtype=np.int32))
+    if mode == "F":
+        return Image.fromarray(rng.uniform(-20.0, 300.0, shape).astype(np.float32))
+    if mode == "P":
+        return noisy(size, seed).quantize(64)
+    if mode == "PA":
+        image = noisy(size, seed).quantize(64).convert("PA")
+        image.putalpha(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)))
+        return image
+    if mode in ("RGBA", "LA"):
+        image = noisy(size, seed).convert(mode)
+        image.putalpha(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)))
+        return image
+    return noisy(size, seed).convert(mode)
+
+
+# (mode, format, save options) of every kind of file the decoder meets, each in a mode that format stores
+FORMAT_CASES = {
+    "png-rgb": ("RGB", "PNG", {}), "png-rgba": ("RGBA", "PNG", {}), "png-la": ("LA", "PNG", {}),
+    "png-l": ("L", "PNG", {}), "png-p": ("P", "PNG", {}), "png-1": ("1", "PNG", {}), "png-16bit": ("I;16", "PNG", {}),
+    "jpeg": ("RGB", "JPEG", {}), "jpeg-progressive": ("RGB", "JPEG", {"progressive": True, "subsampling": 0}),
+    "jpeg-cmyk": ("CMYK", "JPEG", {}), "jpeg-grey": ("L", "JPEG", {}),
+    "webp": ("RGB", "WEBP", {"lossless": True}), "webp-rgba": ("RGBA", "WEBP", {"lossless": True}),
+    "gif": ("P", "GIF", {}), "bmp": ("RGB", "BMP", {}), "tga": ("RGB", "TGA", {}), "ppm": ("RGB", "PPM", {}),
+    "tiff-float": ("F", "TIFF", {"compression": "tiff_deflate"}), "tiff-int": ("I", "TIFF", {}),
+    "tiff-cmyk": ("CMYK", "TIFF", {"compression": "tiff_lzw"}),
+}
+
+
+def animated(size: tuple[int, int]) -> bytes:
+    """A two-frame GIF of that size: red, then blue."""
+    frames = [Image.new("RGB", size, colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def oriented_jpeg(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def icon_around(frame: bytes) -> bytes:
+    """An ICO whose directory claims a 16 x 16 icon while its frame (PNG bytes) is whatever it is."""
+    header = (0).to_bytes(2, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+    entry = bytes([16, 16, 0, 0]) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    return header + entry + len(frame).to_bytes(4, "little") + (6 + 16).to_bytes(4, "little") + frame
+if features.check("avif"):  # an optional codec of Pillow
+    FORMAT_CASES["avif"] = ("RGBA", "AVIF", {"subsampling": "4:4:4", "speed": 10})

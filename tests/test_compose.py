@@ -56,8 +56,29 @@ def test_precompute_does_nothing_when_the_index_exists(compose, tmp_path, capsys
 
 def test_dockerfile_installs_the_project_and_uses_the_cli():
     text = (ROOT / "Dockerfile").read_text()
-    for folder in ("app", "precompute", "templates", "static"):
+    for folder in ("clipscope_explorer", "app", "precompute", "templates", "static"):
         assert f"COPY {folder} ./{folder}" in text
+    assert "-e " not in text and "-c constraints.txt" in text  # a regular install, pinned as CI is
     assert 'ENTRYPOINT ["clipscope-explorer"]' in text
     cmd = text.split("CMD ", 1)[1].splitlines()[0]
     assert build_parser().parse_args(yaml.safe_load(cmd)).command == "demo"
+
+
+def test_web_is_safe_to_publish_without_a_proxy(compose):
+    """The web service publishes the server's port directly, so the server's own limits must hold: nothing in
+    the service turns one off, and the open-file limit it sets leaves room for the connection cap."""
+    from clipscope_explorer.app.serving.transport import FD_RESERVE
+    from clipscope_explorer.app.settings import Settings
+
+    web = compose["services"]["web"]
+    assert web["ports"] == ["8000:8000"]
+    environment = web.get("environment") or {}
+    settings = Settings(index="/data/clipscope.duckdb",
+                        **{name.removeprefix("CLIPSCOPE_").lower(): value for name, value in environment.items()
+                           if name.startswith("CLIPSCOPE_")})
+    assert 0 < settings.read_timeout <= 30  # idle and slow-header connections are closed
+    assert 1 <= settings.upload_slots_per_client < settings.live_queue_size  # one address never holds every slot
+    assert settings.upload_min_rate >= 10_000  # a stalled upload frees its slot within minutes
+    assert settings.read_timeout + settings.max_upload_bytes / settings.upload_min_rate <= 600
+    nofile = web["ulimits"]["nofile"]
+    assert settings.max_connections + FD_RESERVE <= nofile["soft"] <= nofile["hard"]

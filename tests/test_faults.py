@@ -13,7 +13,7 @@ from tests.fixtures import index_contents
 def cli(shard_dir, model_spec, sae, out):
     return ["precompute", "--images", f"{shard_dir}/{{00000..00002}}.tar", "--out", str(out), "--model",
             model_spec, "--sae", str(sae), "--layers", "1,2", "--top-n", "6", "--band-size", "2",
-            "--batch-size", "8", "--device", "cpu", "--workers", "0", "--checkpoint-every", "8", "--no-progress"]
+            "--batch-size", "8", "--device", "cpu", "--workers", "0", "--save-state-every", "8", "--no-progress"]
 
 
 @pytest.fixture

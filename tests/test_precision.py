@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipscope_explorer.app.live.encoder import LiveSpec
+from clipscope_explorer.app.live.spec import LiveSpec
 from clipscope_explorer.app.settings import Settings
 from clipscope_explorer.precompute.model import precision as precision_module
 from clipscope_explorer.precompute.model.checkpoints import load_sae
 from clipscope_explorer.precompute.model.precision import resolve_precision
+from clipscope_explorer.precompute.model.sae import Standardisation
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -62,9 +63,13 @@ def test_bf16_capture_is_close_to_fp32_and_not_equal(tiny_tower):
 def test_weights_kept_in_bf16_give_the_same_capture(tiny_model_spec):
     from clipscope_explorer.precompute.model.vision import load_tower
 
-    reference, kept = load_tower(tiny_model_spec, device="cpu"), load_tower(tiny_model_spec, device="cpu")
-    kept.keep_weights_in("bf16")
+    reference = load_tower(tiny_model_spec, device="cpu")
+    kept = load_tower(tiny_model_spec, device="cpu", weights_precision="bf16")
+    assert (reference.weights_precision, kept.weights_precision) == ("fp32", "bf16")
     attention = kept.visual.transformer.resblocks[0].attn
+    assert attention.out_proj.weight.dtype == attention.in_proj_bias.dtype == torch.bfloat16
+    assert kept.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert reference.visual.conv1.weight.dtype == torch.float32
     assert attention.in_proj_weight.dtype == kept.visual.conv1.weight.dtype == torch.bfloat16
     assert kept.visual.transformer.resblocks[0].ln_1.weight.dtype == torch.float32  # norms stay fp32
     pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
@@ -76,15 +81,32 @@ def test_weights_kept_in_bf16_give_the_same_capture(tiny_model_spec):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_an_sae_kept_for_encoding_encodes_the_same(tiny_sae_repo, precision):
-    reference, kept = load_sae(str(tiny_sae_repo), layer=2), load_sae(str(tiny_sae_repo), layer=2)
-    kept.keep_for_encoding(precision)
-    assert kept.dec is None and kept.enc.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+def test_an_sae_loaded_for_encoding_encodes_the_same(tiny_sae_repo, precision):
+    reference = load_sae(str(tiny_sae_repo), layer=2)
+    kept = load_sae(str(tiny_sae_repo), layer=2, purpose="encode", weights_precision=precision)
+    assert not hasattr(kept, "dec") and not hasattr(kept, "decode")  # it never had a decoder
+    assert kept.enc.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert kept.weights_precision == precision and kept.origin == reference.origin
+    assert torch.equal(kept.enc.float(), reference.enc.to(kept.enc.dtype).float())
     x = torch.randn(2, 257, 64, generator=torch.Generator().manual_seed(4)) * 3
-    expected, got = reference.encode(x, precision=precision), kept.encode(x, precision=precision)
-    assert torch.equal(got.values, expected.values) and torch.equal(got.indices, expected.indices)
-    with pytest.raises(RuntimeError, match="no decoder"):
-        kept.decode(got)
+    stats = Standardisation(torch.randn(64), torch.rand(64) + 0.5)
+    for normalisation in (None, stats):
+        expected = reference.encode(x, normalisation=normalisation, precision=precision)
+        got = kept.encode(x, normalisation=normalisation, precision=precision)
+        assert torch.equal(got.values, expected.values) and torch.equal(got.indices, expected.indices)
     if precision == "bf16":
         with pytest.raises(ValueError, match="stored in bf16: encode it in bf16"):
             kept.encode(x, precision="fp32")
+
+
+def test_load_time_choices_are_checked(tiny_sae_repo, tiny_model_spec):
+    from clipscope_explorer.precompute.model.vision import load_tower
+
+    with pytest.raises(ValueError, match="purpose must be one of full, encode, not 'decode'"):
+        load_sae(str(tiny_sae_repo), layer=2, purpose="decode")
+    with pytest.raises(ValueError, match="a full SAE keeps the released float32 weights"):
+        load_sae(str(tiny_sae_repo), layer=2, weights_precision="bf16")
+    with pytest.raises(ValueError, match="weights precision must be one of fp32, bf16, not 'fp16'"):
+        load_sae(str(tiny_sae_repo), layer=2, purpose="encode", weights_precision="fp16")
+    with pytest.raises(ValueError, match="weights precision must be fp32 or bf16, not 'fp16'"):
+        load_tower(tiny_model_spec, device="cpu", weights_precision="fp16")

@@ -1,12 +1,9 @@
 """Crash safety and distribution: a killed run resumes to the same index; Ray equals one process."""
 
 import math
-import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -14,13 +11,39 @@ from clipscope_explorer.precompute.job import run
 from tests.conftest import precompute_config
 from tests.fixtures import index_contents
 
+KILL_AFTER_IMAGES = 16
+# The precompute command, killed (SIGKILL) at one precise point: once the run state has been saved with at least
+# argv[1] images in it, right after the next batch is encoded and its images spilled (work the save lacks).
+KILLED_AFTER_SAVE = """
+import os, runpy, signal, sys
+from clipscope_explorer.precompute import job
+from clipscope_explorer.precompute.workdir import WorkDir
+
+threshold, saved = int(sys.argv[1]), []
+save, keep = job.checkpoint, WorkDir.keep_images
+
+def checkpoint(workdir, state):
+    save(workdir, state)
+    saved.append(state.n_images)
+
+def keep_images(self, samples):
+    keep(self, samples)
+    if saved and saved[-1] >= threshold:
+        print(saved[-1], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+job.checkpoint, WorkDir.keep_images = checkpoint, keep_images
+sys.argv = [sys.argv[0], *sys.argv[2:]]
+runpy.run_module("clipscope_explorer.precompute", run_name="__main__")
+"""
+
 
 def cli_args(config) -> list[str]:
     return [
         sys.executable, "-m", "clipscope_explorer.precompute", "--images", *config.images, "--out", str(config.out),
         "--model", config.model, "--sae", config.sae, "--layers", ",".join(map(str, config.layers)),
         "--top-n", str(config.top_n), "--band-size", str(config.band_size), "--batch-size",
-        str(config.batch_size), "--device", "cpu", "--workers", "0", "--checkpoint-every",
+        str(config.batch_size), "--device", "cpu", "--workers", "0", "--save-state-every",
         str(config.checkpoint_every), "--no-progress",
     ]
 
@@ -51,21 +74,17 @@ def reference(tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo):
 def test_kill_and_resume_gives_identical_index(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, reference):
     out = tmp_path / "resumed.duckdb"
     config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, checkpoint_every=8)
-    state = tmp_path / "resumed.duckdb.work" / "state.pt"
-    rng = random.Random(os.getpid())
-    process = subprocess.Popen(cli_args(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 0.3))
-    assert process.poll() is None, "the run finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    command = cli_args(config)  # python -m clipscope_explorer.precompute ARGS...
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, str(KILL_AFTER_IMAGES), *command[3:]],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, f"the run was not killed where planned:\n{killed.stderr}"
+    saved = int(killed.stdout.split()[-1])
+    assert saved >= KILL_AFTER_IMAGES
     assert not out.exists(), "a killed run must not leave an index at --out"
-    assert state.exists()
-    resumed = subprocess.run(cli_args(config), capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "resumed.duckdb.work" / "state.pt").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert f": {saved} images done" in resumed.stderr, resumed.stderr  # resumed from the saved state
     assert not (tmp_path / "resumed.duckdb.work").exists()
     assert_same_index(index_contents(out), reference)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipscope_explorer.precompute.model.sae import SAELoadError, SparseCode, explained_variance, squared_error
+from clipscope_explorer.precompute.model.sae import (SAEEncoder, SAELoadError, SparseCode, Standardisation, TopKSAE,
+                                                    explained_variance, squared_error)
 from clipscope_explorer.precompute.model.checkpoints import save_checkpoint, load_sae, load_saes
 from tests.conftest import TINY_K, random_sae_tensors, write_sae_repo
 
@@ -48,14 +49,35 @@ def test_no_relu_negative_values_kept(tmp_path):
     torch.testing.assert_close(code.values[0], top.values)
 
 
-def test_standardisation_applied_before_encode(tiny_sae_repo):
+def test_standardisation_is_an_argument_of_encode(tiny_sae_repo):
     sae = load_sae(str(tiny_sae_repo), layer=1)
-    x = torch.randn(10, 64)
+    blob = torch.load(tiny_sae_repo / "1_resid" / "2000.pt", weights_only=True)["model_state_dict"]
+    x = torch.randn(10, 64, generator=torch.Generator().manual_seed(2)) * 3
     mean, std = torch.randn(64), torch.rand(64) + 0.5
-    sae.set_normalisation(mean, std)
-    normed = sae.encode(x)
-    sae.set_normalisation(None, None)
-    assert torch.equal(normed.indices, sae.encode((x - mean) / std).indices)
+    std[3] = 0.0  # a constant dimension: floored at 1e-6, never a division by zero
+    z = (x - mean) / std.clamp_min(1e-6)
+    top, reference = released_forward(z, blob["pre_b"], blob["enc"], blob["dec"], TINY_K)
+    code = sae.encode(x, normalisation=Standardisation(mean, std))
+    assert torch.equal(code.indices, top.indices)
+    torch.testing.assert_close(code.values, top.values)
+    torch.testing.assert_close(sae.decode(code), reference, atol=1e-4, rtol=1e-5)  # reconstructs what it read
+    raw_top, _ = released_forward(x, blob["pre_b"], blob["enc"], blob["dec"], TINY_K)
+    assert torch.equal(sae.encode(x).indices, raw_top.indices)  # nothing stays set on the SAE
+
+
+def test_sae_objects_are_made_whole_and_checked():
+    pre_b, enc, dec = random_sae_tensors(64, 256, seed=1)
+    sae = TopKSAE(pre_b, enc, dec, 8)
+    assert (sae.d_in, sae.n_features, sae.k, sae.weights_precision) == (64, 256, 8, "fp32")
+    encoder = SAEEncoder(pre_b, enc, 8, weights_precision="bf16")
+    assert encoder.enc.dtype == torch.bfloat16 and encoder.pre_b.dtype == torch.float32
+    assert enc.dtype == torch.float32  # the caller's tensor is not converted in place
+    with pytest.raises(ValueError, match=r"k=300 is not in 1..256"):
+        SAEEncoder(pre_b, enc, 300)
+    with pytest.raises(ValueError, match=r"dec must be \[n_features, d_in\]"):
+        TopKSAE(pre_b, enc, dec[:100], 8)
+    with pytest.raises(ValueError, match=r"enc must be \[d_in, n_features\] and pre_b \[d_in\]"):
+        SAEEncoder(pre_b[:10], enc, 8)
 
 
 def test_metrics_follow_model_card_conventions():

@@ -2,7 +2,9 @@
 
 Requests `admit()` a slot first (at most `capacity` jobs in progress, from
 the moment a request is admitted until its result is read), so a flood of
-uploads is answered `Busy` at once instead of piling up in memory. Admitted
+uploads is answered `Busy` at once instead of piling up in memory; one client
+may hold at most `share` of the slots (`ClientBusy` beyond), so a client that
+holds its slots without finishing cannot shut out every other. Admitted
 jobs are submitted through their slot to a queue; the worker takes the first
 waiting job and every other job already queued (up to `max_batch`), waiting
 up to `linger` seconds for admitted jobs that are still being read or decoded
@@ -24,9 +26,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,18 @@ class Busy(RuntimeError):
         self.retry_after = retry_after
 
 
+class ClientBusy(Busy):
+    """This client already holds its share of the slots."""
+
+    def __init__(self, retry_after: int, share: int):
+        super().__init__(retry_after)
+        self.share = share
+
+
 class Slot:
     """An admitted job's place: `submit` hands its job to the worker (once)."""
 
-    def __init__(self, batcher: "MicroBatcher"):
+    def __init__(self, batcher: MicroBatcher):
         self._batcher = batcher
         self.submitted = False
 
@@ -68,6 +79,7 @@ class MicroBatcher(Generic[Job, Result]):
         self._lock = threading.Lock()
         self._in_progress = 0
         self._coming = 0  # admitted jobs not submitted yet (being read or decoded)
+        self._held: dict[Hashable, int] = {}  # slots in progress per client
         self._seconds_per_job = 1.0  # running estimate, for Retry-After
         self.batches = 0  # batches run (tests and benchmarks read it)
         self.largest_batch = 0
@@ -78,18 +90,28 @@ class MicroBatcher(Generic[Job, Result]):
     def in_progress(self) -> int:
         return self._in_progress
 
+    @property
+    def queued(self) -> int:
+        """Jobs submitted and not yet taken by the worker."""
+        return self._queue.qsize()
+
     def retry_after(self) -> int:
         """Seconds until the jobs in progress are likely done (at least 1)."""
         return max(1, math.ceil(self._in_progress * self._seconds_per_job))
 
     @contextmanager
-    def admit(self) -> Iterator[Slot]:
-        """Hold one of `capacity` slots for the duration of the block, or raise Busy."""
+    def admit(self, client: Hashable = None, share: int = 0) -> Iterator[Slot]:
+        """Hold one of `capacity` slots for the duration of the block, or raise Busy; with `share` > 0, raise
+        ClientBusy when `client` already holds `share` slots."""
         with self._lock:
+            held = self._held.get(client, 0)
+            if share and held >= share:
+                raise ClientBusy(self.retry_after(), share)
             if self._in_progress >= self.capacity:
                 raise Busy(self.retry_after())
             self._in_progress += 1
             self._coming += 1
+            self._held[client] = held + 1
         slot = Slot(self)
         try:
             yield slot
@@ -98,6 +120,9 @@ class MicroBatcher(Generic[Job, Result]):
                 self._in_progress -= 1
                 if not slot.submitted:
                     self._coming -= 1
+                self._held[client] -= 1
+                if not self._held[client]:
+                    del self._held[client]
 
     def _arrived(self) -> None:
         with self._lock:

@@ -2,24 +2,29 @@
 
 Every refusal is an `UploadRejected` with an HTTP status and a one-line reason
 (the routes turn it into JSON or HTML); nothing here can produce a 500:
-- the size limit is enforced while the body is read (413), before it is parsed;
+- the size limit is enforced while the body is read (413), before it is parsed, and so
+  is its pace (408);
 - a body that is not multipart/form-data is 415, a malformed one 400;
-- the image goes through `clipscope_explorer.precompute.model.imageio.open_rgb`, the decoder of the
+- the image goes through `clipscope_explorer.precompute.model.imageio.open_picture`, the decoder of the
   precompute job: empty, truncated or corrupt files are 400, SVG and other
-  non-images 415, decompression bombs 413;
+  non-images 415, decompression bombs 413; what an upload keeps after decoding
+  (model input, view) is sized by the model, not by the image;
 - `layers`, `sort` and `top` are validated (422).
 The client's file name is ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.datastructures import UploadFile
 
-from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_rgb, square_crop
+from clipscope_explorer.app.live.store import VIEW_SIZE
+from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_picture, square_crop
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields on top of the file
 SORTS = ("max", "patch", "cls", "mean")
@@ -43,8 +48,11 @@ def _megabytes(n: int) -> str:
     return f"{n / 1_000_000:.3g} MB"
 
 
-async def read_form(request: Request, max_bytes: int) -> tuple[bytes, dict[str, list[str]]]:
-    """(file bytes, other fields) of a multipart upload, refusing bodies over the limit as they arrive."""
+async def read_form(request: Request, max_bytes: int, read_timeout: float,
+                    min_rate: int) -> tuple[bytes, dict[str, list[str]]]:
+    """(file bytes, other fields) of a multipart upload, refusing bodies over the limit as they arrive, and
+    bodies that pause longer than `read_timeout` seconds or arrive slower than `min_rate` bytes/s on average
+    once `read_timeout` has passed (408), so a slow client holds its upload slot for a bounded time."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise UploadRejected(415, "send the image as multipart/form-data in a field named `file`")
     too_large = UploadRejected(413, f"the upload is larger than the {_megabytes(max_bytes)} limit")
@@ -53,8 +61,19 @@ async def read_form(request: Request, max_bytes: int) -> tuple[bytes, dict[str, 
     if declared is not None and declared > limit:
         raise too_large
     body = bytearray()
+    start = time.monotonic()
+    chunks = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            pace = start + read_timeout + len(body) / min_rate - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), max(0.0, min(read_timeout, pace)))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UploadRejected(408, f"the upload arrived too slowly (it may pause at most {read_timeout:g} s "
+                                          f"and must average {min_rate / 1000:g} kB/s)",
+                                     {"Connection": "close"}) from None
             body += chunk
             if len(body) > limit:
                 raise too_large
@@ -119,17 +138,19 @@ def parse_options(fields: dict[str, list[str]], available: list[int]) -> Options
 
 @dataclass(frozen=True)
 class Decoded:
-    image: object  # PIL.Image.Image, RGB
+    image: object  # PIL.Image.Image, RGB: the model's view (centre square) at the stored view's size
     pixels: object  # torch.Tensor [3, H, W], the model's preprocessing
+    size: tuple[int, int]  # the uploaded image's width and height
 
 
-def decode(data: bytes, preprocess) -> Decoded:
-    """Decode exactly as the precompute job does (`open_rgb` + the model's preprocess); runs in a thread."""
+def decode(data: bytes, preprocess, view_size: int = VIEW_SIZE) -> Decoded:
+    """Decode exactly as the precompute job does (`open_picture` + the model's preprocess); runs in a thread.
+    The decoded image is dropped here: an upload waiting for the model holds only what its answer needs."""
     try:
-        image = open_rgb(data)
+        picture = open_picture(data)
     except ImageDecodeError as error:
         raise UploadRejected(DECODE_STATUS.get(error.kind, 400), str(error)) from None
-    return Decoded(image, preprocess(image))
+    return Decoded(square_crop(picture.image, view_size), preprocess(picture.image), picture.size)
 
 
 def view_jpeg(image, size: int) -> bytes:

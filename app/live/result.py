@@ -1,6 +1,6 @@
 """The data of an upload's result (`POST /api/encode`, `/uploads/{id}` and its JSON twin).
 
-Built from the upload's sparse codes with `clipscope_explorer.precompute.model.encode.image_features`,
+Built from the upload's sparse codes with `clipscope_explorer.precompute.index.image_features`,
 the definitions of docs/schema.md, so an image that is also in the index gets
 the activations and heatmaps the index holds for it. Features of layers whose
 SAE is the index's carry their label terms, four top images and a link to
@@ -12,13 +12,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
+from clipscope_explorer.app.models import round_sig, rounded_list
 from clipscope_explorer.app.queries import Index
 from clipscope_explorer.app.urls import Urls
-
-
-def round_sig(value: float, digits: int = 7) -> float:
-    """A float32-born value without float32 noise in its decimal form."""
-    return float(f"{value:.{digits}g}")
+from clipscope_explorer.precompute.index.image_features import image_features
 
 
 class IndexImage(BaseModel):
@@ -73,9 +70,10 @@ class UploadResult(BaseModel):
     layers: dict[str, UploadLayer]
 
 
-def upload_urls(upload_id: str) -> dict[str, str]:
-    return {"url": f"/uploads/{upload_id}", "image_url": f"/uploads/{upload_id}/image.jpg",
-            "preview_url": f"/uploads/{upload_id}/preview.jpg", "json_url": f"/api/uploads/{upload_id}"}
+def upload_urls(urls: Urls, upload_id: str) -> dict[str, str]:
+    page = urls.upload_result(upload_id)
+    return {"url": page, "image_url": urls.upload_image(upload_id), "preview_url": urls.upload_preview(upload_id),
+            "json_url": urls.twin(page)}
 
 
 def _winners(values: np.ndarray, indices: np.ndarray) -> tuple[list[int | None], list[WinnerCount]]:
@@ -103,16 +101,12 @@ def _patch_lists(values: np.ndarray, indices: np.ndarray) -> list[list[tuple[int
 def _rank(features, sort: str) -> np.ndarray:
     key = {"max": features.activation, "patch": features.patch_activation, "cls": features.cls_activation,
            "mean": features.mean_activation}[sort]
-    return np.argsort(-key.numpy(), kind="stable")  # ties keep activation order
+    return np.argsort(-key, kind="stable")  # ties keep activation order
 
 
-def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarray, in_index: bool, sort: str,
-                 top: int, patches: bool) -> UploadLayer:
-    import torch  # only once a result is shown: a `--no-live` server never loads torch
-
-    from clipscope_explorer.precompute.model.encode import image_features
-
-    summary = image_features(torch.from_numpy(values), torch.from_numpy(indices.astype(np.int64)))
+def upload_layer(index: Index, urls: Urls, layer: int, values: np.ndarray, indices: np.ndarray, in_index: bool,
+                 sort: str, top: int, patches: bool) -> UploadLayer:
+    summary = image_features(values, indices)
     chosen = _rank(summary, sort)[:top]
     feature_ids = [int(summary.features[i]) for i in chosen]
     known = in_index and layer in index.layers
@@ -120,8 +114,7 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
     listed = [f for f in feature_ids if f < n_index]
     rows = index.summaries(layer, listed) if listed else {}
     top_images = index.top_images(layer) if listed else None
-    urls = Urls(index.index_id)
-    heatmaps = summary.heatmaps(torch.from_numpy(chosen)).numpy() if len(chosen) else np.zeros((0, 0))
+    heatmaps = summary.heatmaps(chosen) if len(chosen) else np.zeros((0, 0))
     features = []
     for n, (i, feature) in enumerate(zip(chosen, feature_ids)):
         row = rows.get(feature, {})
@@ -131,32 +124,24 @@ def upload_layer(index: Index, layer: int, values: np.ndarray, indices: np.ndarr
             cls_activation=round_sig(float(summary.cls_activation[i])),
             patch_activation=round_sig(float(summary.patch_activation[i])),
             mean_activation=round_sig(float(summary.mean_activation[i])),
-            heatmap=_float_list(heatmaps[n]),
+            heatmap=rounded_list(heatmaps[n]),
             label=row.get("label"), label_terms=list(row.get("label_terms") or []),
             max_activation=row.get("max_activation"),
             top_images=[IndexImage(image_id=image_id, thumbnail_url=urls.thumbnail(image_id),
-                                   page_url=Urls.example(layer, feature, image_id))
+                                   page_url=urls.example(layer, feature, image_id))
                         for image_id in image_ids],
-            url=Urls.feature(layer, feature) if feature in rows else None))
+            url=urls.feature(layer, feature) if feature in rows else None))
     winners, counts = _winners(values, indices)
     return UploadLayer(layer=layer, n_firing=len(summary.features), in_index=known, features=features,
                        winners=winners, winner_counts=counts,
                        patches=_patch_lists(values, indices) if patches else None)
 
 
-def _float_list(values: np.ndarray) -> list[float]:
-    """float32 values without float32 noise in their decimal form (7 significant digits of the peak)."""
-    peak = float(values.max()) if values.size else 0.0
-    if peak <= 0:
-        return values.astype(np.float64).tolist()
-    decimals = max(0, 7 - int(np.ceil(np.log10(peak))))
-    return np.round(values.astype(np.float64), decimals).tolist()
-
-
-def upload_result(index: Index, upload_id: str, width: int, height: int, grid: tuple[int, int], codes: dict,
-                  index_layers: tuple[int, ...], stored: bool, sort: str, top: int, patches: bool) -> UploadResult:
-    layers = {str(layer): upload_layer(index, layer, values, indices, layer in index_layers, sort, top, patches)
+def upload_result(index: Index, urls: Urls, upload_id: str, width: int, height: int, grid: tuple[int, int],
+                  codes: dict, index_layers: tuple[int, ...], stored: bool, sort: str, top: int,
+                  patches: bool) -> UploadResult:
+    layers = {str(layer): upload_layer(index, urls, layer, values, indices, layer in index_layers, sort, top, patches)
               for layer, (values, indices) in sorted(codes.items())}
-    links = upload_urls(upload_id) if stored else dict.fromkeys(("url", "image_url", "preview_url", "json_url"))
+    links = upload_urls(urls, upload_id) if stored else dict.fromkeys(("url", "image_url", "preview_url", "json_url"))
     return UploadResult(upload_id=upload_id, stored=stored, width=width, height=height, grid=list(grid),
                         sort=sort, top=top, layers=layers, **links)

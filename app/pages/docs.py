@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from clipscope_explorer.app.templating import common_context
+
 router = APIRouter()
 
 
@@ -29,7 +31,7 @@ def operations(schema: dict) -> list[dict]:
 @router.get("/docs", response_class=HTMLResponse, include_in_schema=False)
 def api_docs(request: Request):
     schema = request.app.openapi()
-    context = {"site": request.app.state.site, "operations": operations(schema),
-               "schemas": schema.get("components", {}).get("schemas", {}), "title": "API",
-               "twin": "/openapi.json"}
+    context = common_context(request)
+    context.update(operations=operations(schema), schemas=schema.get("components", {}).get("schemas", {}),
+                   title="API", twin=context["urls"].openapi())
     return request.app.state.templates.TemplateResponse(request, "api_docs.html", context)

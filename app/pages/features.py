@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from clipscope_explorer.app.deps import FeaturePath, ImagePath, IndexDep, LayerPath, require_feature
+from clipscope_explorer.app.deps import FeaturePath, ImagePath, IndexDep, JsonTwin, LayerPath, UrlsDep, require_feature
 from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.models import round_sig, rounded_list
+from clipscope_explorer.app.pages.twins import page
 from clipscope_explorer.app.queries import Index, dequantise
-from clipscope_explorer.app.templating import render_page
-from clipscope_explorer.app.urls import Urls
+from clipscope_explorer.app.urls import PAGES, Urls
 
 router = APIRouter()
 
 
-def round_sig(value: float | None, digits: int = 7) -> float | None:
-    """A float32-born value without float32 noise in its decimal form."""
-    return None if value is None else float(f"{value:.{digits}g}")
-
-
 def heatmap_values(scale: float, heatmap: bytes) -> list[float]:
-    """Dequantised heatmap as floats, to 7 significant digits of its peak (float32's precision,
-    far below the quantisation step)."""
-    values = dequantise(scale, heatmap).astype(np.float64)
-    peak = float(values.max()) if values.size else 0.0
-    if peak <= 0:
-        return values.tolist()
-    return np.round(values, max(0, 7 - math.ceil(math.log10(peak)))).tolist()
+    """Dequantised heatmap as floats (the quantisation step is far above float32's precision)."""
+    return rounded_list(dequantise(scale, heatmap))
 
 
 class Example(BaseModel):
@@ -121,7 +108,7 @@ def _example(urls: Urls, layer: int, feature: int, row: dict, image: dict | None
         url=image.get("url"), activation=round_sig(row["activation"]), cls_activation=round_sig(row["cls_activation"]),
         heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]) if detail else None,
         thumbnail_url=urls.thumbnail(row["image_id"]), overlay_url=urls.overlay(layer, feature, row["image_id"]),
-        page_url=Urls.example(layer, feature, row["image_id"]))
+        page_url=urls.example(layer, feature, row["image_id"]))
 
 
 def _bands(index: Index, examples: list[Example], rows: list[dict], max_activation: float | None) -> list[Band]:
@@ -132,14 +119,17 @@ def _bands(index: Index, examples: list[Example], rows: list[dict], max_activati
             for b in range(1, count + 1)]
 
 
-def feature_page(index: Index, layer: int, feature: int, detail: bool) -> FeaturePage:
-    """The feature page's data. `detail` adds what only the JSON carries (heatmaps, position means);
-    the HTML page shows those as images."""
+@page(router, "/layers/{layer}/features/{feature}", template="feature.html",
+      summary="One feature: statistics, histogram, examples with heatmaps, similar features")
+def feature_page(index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath,
+                 detail: JsonTwin) -> FeaturePage:
+    """The feature page's data. `detail` (the JSON) adds heatmaps and position means; the HTML page
+    shows those as images, so it skips reading them."""
     layer_row = require_feature(index, layer, feature)
     row = index.feature(layer, feature)
     if row is None:
-        raise NotFound(f"Feature {feature} of layer {layer} is missing from this index.", [(Urls.layer(layer), f"Layer {layer}")])
-    urls = Urls(index.index_id)
+        raise NotFound(f"Feature {feature} of layer {layer} is missing from this index.",
+                       [(PAGES.layer(layer), f"Layer {layer}")])
     rows = index.examples(layer, feature, heatmaps=detail)
     images = index.images([r["image_id"] for r in rows])
     examples = [_example(urls, layer, feature, r, images.get(r["image_id"]), detail) for r in rows]
@@ -150,13 +140,13 @@ def feature_page(index: Index, layer: int, feature: int, detail: bool) -> Featur
                        frequency=summaries.get(f, {}).get("frequency"),
                        max_activation=summaries.get(f, {}).get("max_activation"),
                        image_id=int(first[f]) if 0 <= f < len(first) and first[f] >= 0 else None,
-                       url=Urls.feature(layer, f))
+                       url=urls.feature(layer, f))
                for f, c in zip(similar_ids, row["similar_cosines"] or [])]
     n_features = layer_row["n_features"]
     links = FeatureLinks(
-        layer=Urls.layer(layer), previous=Urls.feature(layer, feature - 1) if feature > 0 else None,
-        next=Urls.feature(layer, feature + 1) if feature + 1 < n_features else None, random=Urls.random(layer),
-        other_layers=[LayerLink(layer=n, url=Urls.feature(n, feature)) for n in sorted(index.layers)
+        layer=urls.layer(layer), previous=urls.feature(layer, feature - 1) if feature > 0 else None,
+        next=urls.feature(layer, feature + 1) if feature + 1 < n_features else None, random=urls.random(layer),
+        other_layers=[LayerLink(layer=n, url=urls.feature(n, feature)) for n in sorted(index.layers)
                       if n != layer and feature < index.layers[n]["n_features"]],
         preview=urls.preview(layer, feature), positions=urls.positions(layer, feature))
     return FeaturePage(
@@ -169,17 +159,6 @@ def feature_page(index: Index, layer: int, feature: int, detail: bool) -> Featur
         position_mean=index.position_mean(layer, feature) if detail else None, grid=list(index.grid),
         top_images=[e for e, r in zip(examples, rows) if r["kind"] == "top"],
         bands=_bands(index, examples, rows, row["max_activation"]), similar=similar, links=links)
-
-
-@router.get("/api/layers/{layer}/features/{feature}", response_model=FeaturePage, tags=["pages"],
-            summary="One feature: statistics, histogram, examples with heatmaps, similar features")
-def feature_json(index: IndexDep, layer: LayerPath, feature: FeaturePath) -> FeaturePage:
-    return feature_page(index, layer, feature, detail=True)
-
-
-@router.get("/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
-def feature_html(request: Request, index: IndexDep, layer: LayerPath, feature: FeaturePath):
-    return render_page(request, "feature.html", feature_page(index, layer, feature, detail=False))
 
 
 class ExamplePage(BaseModel):
@@ -207,31 +186,22 @@ class ExamplePage(BaseModel):
     feature_url: str
 
 
-def example_page(index: Index, layer: int, feature: int, image_id: int) -> ExamplePage:
+@page(router, "/layers/{layer}/features/{feature}/examples/{image_id}", template="example.html",
+      fragments={"modal-body": "_example.html"}, summary="One example of a feature with its per-patch heatmap")
+def example_page(index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath,
+                 image_id: ImagePath) -> ExamplePage:
     require_feature(index, layer, feature)
     row = index.example(layer, feature, image_id)
     if row is None:
         raise NotFound(f"Image {image_id} is not an example of feature {feature} on layer {layer}.",
-                       [(Urls.feature(layer, feature), f"Feature {feature}"), (Urls.layer(layer), f"Layer {layer}")])
+                       [(PAGES.feature(layer, feature), f"Feature {feature}"),
+                        (PAGES.layer(layer), f"Layer {layer}")])
     image = index.images([image_id]).get(image_id, {})
-    urls = Urls(index.index_id)
     return ExamplePage(
         layer=layer, feature=feature, image_id=image_id, kind=row["kind"], band=row["band"], rank=row["rank"],
-        key=image.get("key"), caption=image.get("caption"), url=image.get("url"), source=image.get("source"),
+        key=image.get("key"), caption=image.get("caption"), url=image.get("url"),
+        source=index.names.name(image.get("source")),
         width=image.get("width"), height=image.get("height"), activation=round_sig(row["activation"]),
         cls_activation=round_sig(row["cls_activation"]), max_activation=row["max_activation"], grid=list(index.grid),
         heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]), thumbnail_url=urls.thumbnail(image_id),
-        overlay_url=urls.overlay(layer, feature, image_id), feature_url=Urls.feature(layer, feature))
-
-
-@router.get("/api/layers/{layer}/features/{feature}/examples/{image_id}", response_model=ExamplePage,
-            tags=["pages"], summary="One example of a feature with its per-patch heatmap")
-def example_json(index: IndexDep, layer: LayerPath, feature: FeaturePath, image_id: ImagePath) -> ExamplePage:
-    return example_page(index, layer, feature, image_id)
-
-
-@router.get("/layers/{layer}/features/{feature}/examples/{image_id}", response_class=HTMLResponse,
-            include_in_schema=False)
-def example_html(request: Request, index: IndexDep, layer: LayerPath, feature: FeaturePath, image_id: ImagePath):
-    return render_page(request, "example.html", example_page(index, layer, feature, image_id),
-                       fragments={"modal-body": "_example.html"})
+        overlay_url=urls.overlay(layer, feature, image_id), feature_url=urls.feature(layer, feature))

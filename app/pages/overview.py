@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from clipscope_explorer.app.deps import IndexDep
+from clipscope_explorer.app.deps import IndexDep, UrlsDep
 from clipscope_explorer.app.models import LayerInfo, layer_info
+from clipscope_explorer.app.pages.twins import page
 from clipscope_explorer.app.queries import Index
-from clipscope_explorer.app.templating import render_page
 
 router = APIRouter()
 
@@ -56,11 +55,13 @@ class LayersPage(BaseModel):
 
 
 def index_info(index: Index) -> IndexInfo:
-    meta = index.meta
-    sample = meta.get("sample") or {}
+    meta, names = index.meta, index.names
+    sample = names.sample(meta.get("sample") or {})
+    model, sae = meta.get("model") or {}, meta.get("sae") or {}
     return IndexInfo(
         index_id=index.index_id, schema_version=meta["schema_version"], created_at=meta.get("created_at"),
-        model=meta.get("model") or {}, sae=meta.get("sae") or {}, released_suite=bool(meta.get("released_suite")),
+        model={**model, "name": names.name(model.get("name"))}, sae={**sae, "source": names.name(sae.get("source"))},
+        released_suite=bool(meta.get("released_suite")),
         demo=bool(meta.get("demo")), layers=sorted(index.layers), n_tokens=meta.get("n_tokens"),
         grid=list(index.grid), d_model=meta.get("d_model"), image_size=meta.get("image_size"),
         normalisation=meta.get("normalisation"),
@@ -71,29 +72,11 @@ def index_info(index: Index) -> IndexInfo:
         versions=meta.get("versions") or {})
 
 
-def overview_page(index: Index) -> OverviewPage:
-    return OverviewPage(index=index_info(index), layers=[layer_info(index, n) for n in sorted(index.layers)])
+@page(router, "/", template="overview.html", summary="Overview: run metadata and per-layer metrics")
+def overview_page(index: IndexDep, urls: UrlsDep) -> OverviewPage:
+    return OverviewPage(index=index_info(index), layers=[layer_info(index, urls, n) for n in sorted(index.layers)])
 
 
-def layers_page(index: Index) -> LayersPage:
-    return LayersPage(layers=[layer_info(index, n) for n in sorted(index.layers)])
-
-
-@router.get("/api", response_model=OverviewPage, tags=["pages"], summary="Overview: run metadata and per-layer metrics")
-def overview_json(index: IndexDep) -> OverviewPage:
-    return overview_page(index)
-
-
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def overview_html(request: Request, index: IndexDep):
-    return render_page(request, "overview.html", overview_page(index))
-
-
-@router.get("/api/layers", response_model=LayersPage, tags=["pages"], summary="Every layer with its metrics")
-def layers_json(index: IndexDep) -> LayersPage:
-    return layers_page(index)
-
-
-@router.get("/layers", response_class=HTMLResponse, include_in_schema=False)
-def layers_html(request: Request, index: IndexDep):
-    return render_page(request, "layers.html", layers_page(index))
+@page(router, "/layers", template="layers.html", summary="Every layer with its metrics")
+def layers_page(index: IndexDep, urls: UrlsDep) -> LayersPage:
+    return LayersPage(layers=[layer_info(index, urls, n) for n in sorted(index.layers)])

@@ -13,28 +13,34 @@ import base64
 import hashlib
 import logging
 import time
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from clipscope_explorer.app import htmx
-from clipscope_explorer.app.live.batcher import Busy
+from clipscope_explorer.app.caching import immutable
+from clipscope_explorer.app.deps import JsonTwin
 from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.live.admission import check_rate, upload_slot
 from clipscope_explorer.app.images import upload_preview_jpeg
-from clipscope_explorer.app.live.encoder import HOW_TO_ENABLE, LiveEncoder, LiveService
+from clipscope_explorer.app.live.service import HOW_TO_ENABLE, LiveService
 from clipscope_explorer.app.templating import render_page
 from clipscope_explorer.app.live.input import (DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options,
                                read_form, view_jpeg)
 from clipscope_explorer.app.live.result import UploadResult, upload_result
 from clipscope_explorer.app.live.store import UPLOAD_ID, VIEW_SIZE, StoredUpload
+from clipscope_explorer.app.pages.twins import page
+from clipscope_explorer.app.urls import PAGES, urls_for
+
+if TYPE_CHECKING:
+    from clipscope_explorer.app.live.encoder import LiveEncoder
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-IMMUTABLE = "public, max-age=31536000, immutable"
 UploadId = Annotated[str, Path(pattern=f"^{UPLOAD_ID.pattern}$", max_length=32, description="an upload id (32 hex digits)")]
 
 
@@ -67,9 +73,11 @@ def live_info(request: Request) -> LiveInfo:
     settings = request.app.state.settings
     spec, encoder = service.spec, service.encoder
     layers = encoder.layers if encoder else list(spec.layers if spec else [])
-    return LiveInfo(state=service.state, message=service.message,
+    names = request.app.state.index.names
+    return LiveInfo(state=service.state, message=names.text(service.message),
                     how_to_enable=HOW_TO_ENABLE if service.state in ("off", "failed") else None,
-                    model=spec.model if spec else None, sae=spec.sae if spec else None, layers=layers,
+                    model=names.name(spec.model) if spec else None, sae=names.name(spec.sae) if spec else None,
+                    layers=layers,
                     index_layers=list(spec.index_layers if spec else []),
                     precision=encoder.precision if encoder else None, max_upload_bytes=settings.max_upload_bytes,
                     store_uploads=request.app.state.uploads is not None,
@@ -83,20 +91,9 @@ def _encoder(request: Request) -> LiveEncoder:
     if service.state == "loading":
         raise UploadRejected(503, "the model is still loading; try again in a moment", {"Retry-After": "5"})
     if service.encoder is None:
-        raise UploadRejected(503, f"{service.message or 'Live encoding is not available.'} {HOW_TO_ENABLE}")
+        message = request.app.state.index.names.text(service.message)
+        raise UploadRejected(503, f"{message or 'Live encoding is not available.'} {HOW_TO_ENABLE}")
     return service.encoder
-
-
-def _check_rate(request: Request) -> None:
-    """429 when this client has used up its uploads (`CLIPSCOPE_UPLOAD_RATE_LIMIT`), before the body is read."""
-    limiter = request.app.state.upload_limiter
-    if limiter is None:
-        return
-    wait = limiter.acquire(request.client.host if request.client else "unknown")
-    if wait:
-        per_minute = request.app.state.settings.upload_rate_limit
-        raise UploadRejected(429, f"too many uploads from your address (at most {per_minute} a minute); "
-                                  f"try again in {wait} s", {"Retry-After": str(wait)})
 
 
 class PhaseTimes:
@@ -120,47 +117,45 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
     The phases' times are left in `request.state.upload_times`."""
     times = request.state.upload_times = PhaseTimes()
     encoder = _encoder(request)
-    _check_rate(request)
+    check_rate(request)
     state = request.app.state
     store = state.uploads
     view_bytes = None
-    try:
-        with encoder.batcher.admit() as slot:
-            data, fields = await read_form(request, state.settings.max_upload_bytes)
-            options = parse_options(fields, encoder.layers)
-            if patches is None:
-                patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
-            upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # 20 MB take ~30 ms
-            stored = await run_in_threadpool(store.get, upload_id) if store else None
-            codes = None
-            if stored is not None and set(options.layers) <= set(stored.layers):
-                try:
-                    codes = await run_in_threadpool(stored.codes, options.layers)
-                    width, height = stored.width, stored.height
-                except OSError:  # evicted meanwhile: encode it again
-                    stored = None
-            times.lap("read")
-            if codes is None:
-                decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess,
-                                                         limiter=state.decode_limiter)
-                times.lap("decode")
-                view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
-                try:  # the stored view is made while the model runs
-                    codes = await encoder.encode(decoded.pixels, options.layers, slot)
-                finally:
-                    view_bytes = await view
-                times.lap("encode")
-                width, height = decoded.image.width, decoded.image.height
-                if store is not None:
-                    stored = await run_in_threadpool(_save, store, upload_id, width, height, view_bytes, codes,
-                                                     encoder.spec.index_layers)
-                    times.lap("store")
-    except Busy as busy:
-        raise UploadRejected(503, "busy encoding other uploads; try again shortly",
-                             {"Retry-After": str(busy.retry_after)}) from None
+    settings = state.settings
+    with upload_slot(request, encoder.batcher) as slot:
+        data, fields = await read_form(request, settings.max_upload_bytes, settings.read_timeout,
+                                       settings.upload_min_rate)
+        options = parse_options(fields, encoder.layers)
+        if patches is None:
+            patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
+        upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # 20 MB take ~30 ms
+        stored = await run_in_threadpool(store.get, upload_id) if store else None
+        codes = None
+        if stored is not None and set(options.layers) <= set(stored.layers):
+            try:
+                codes = await run_in_threadpool(stored.codes, options.layers)
+                width, height = stored.width, stored.height
+            except OSError:  # evicted meanwhile: encode it again
+                stored = None
+        times.lap("read")
+        if codes is None:
+            decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess,
+                                                     limiter=state.decode_limiter)
+            times.lap("decode")
+            view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
+            try:  # the stored view is made while the model runs
+                codes = await encoder.encode(decoded.pixels, options.layers, slot)
+            finally:
+                view_bytes = await view
+            times.lap("encode")
+            width, height = decoded.size
+            if store is not None:
+                stored = await run_in_threadpool(_save, store, upload_id, width, height, view_bytes, codes,
+                                                 encoder.spec.index_layers)
+                times.lap("store")
     result = await run_in_threadpool(
-        upload_result, state.index, upload_id, width, height, encoder.grid, codes, encoder.spec.index_layers,
-        stored is not None, options.sort, options.top, patches)
+        upload_result, state.index, urls_for(request), upload_id, width, height, encoder.grid, codes,
+        encoder.spec.index_layers, stored is not None, options.sort, options.top, patches)
     times.lap("describe")
     return result, (None if stored is not None else view_bytes)
 
@@ -194,24 +189,30 @@ def _html_error(request: Request, error: UploadRejected) -> HTMLResponse:
     return response
 
 
-@router.get("/api/upload", response_model=UploadFormPage, tags=["uploads"],
-            summary="Whether live encoding is available, with which model, SAEs and layers")
-def upload_form_json(request: Request) -> UploadFormPage:
+def _stored_link(request: Request, result: UploadResult) -> str:
+    """The stored result's page showing what was asked for: its layers (when not all), sort and top."""
+    shown = sorted(int(layer) for layer in result.layers)
+    query = [] if shown == sorted(request.app.state.live.encoder.layers) else [f"layers={','.join(map(str, shown))}"]
+    query.append(f"sort={result.sort}")
+    if result.top != DEFAULT_TOP:
+        query.append(f"top={result.top}")
+    return f"{result.url}?{'&'.join(query)}"
+
+
+@page(router, "/upload", template="upload.html", tags=("uploads",),
+      summary="Whether live encoding is available, with which model, SAEs and layers")
+def upload_form(request: Request) -> UploadFormPage:
     return UploadFormPage(live=live_info(request))
-
-
-@router.get("/upload", response_class=HTMLResponse, include_in_schema=False)
-def upload_form_html(request: Request):
-    return render_page(request, "upload.html", UploadFormPage(live=live_info(request)))
 
 
 @router.post("/api/encode", response_model=UploadResult, tags=["uploads"],
              summary="Encode an uploaded image (multipart `file`, optional `layers=20,22`, `sort`, `top`, `patches`)",
              responses={400: {"description": "empty, truncated or corrupt image, or malformed body"},
+                        408: {"description": "the body arrived too slowly"},
                         413: {"description": "body over the size limit, or too many pixels"},
                         415: {"description": "not an image (SVG included), or not multipart"},
                         422: {"description": "bad layers, sort or top"},
-                        429: {"description": "too many uploads from this client (Retry-After)"},
+                        429: {"description": "too many uploads from this client, or too many at once (Retry-After)"},
                         503: {"description": "busy (Retry-After) or live encoding unavailable"}})
 async def encode_json(request: Request, response: Response):
     try:
@@ -229,12 +230,12 @@ async def encode_html(request: Request):
     except UploadRejected as error:
         return _html_error(request, error)
     if result.stored and not htmx.fragment_target(request):
-        return RedirectResponse(f"{result.url}?sort={result.sort}", status_code=303)
+        return RedirectResponse(_stored_link(request, result), status_code=303)
     page = UploadFormPage(live=live_info(request), result=result)
     response = render_page(request, "upload.html", page, fragments={"upload-result": "_upload_result.html"},
                            extra={"result": result, "image_src": result.image_url or _data_url(view)})
     if result.stored:
-        response.headers["HX-Push-Url"] = f"{result.url}?sort={result.sort}"
+        response.headers["HX-Push-Url"] = _stored_link(request, result)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Server-Timing"] = request.state.upload_times.header()
     return response
@@ -245,14 +246,18 @@ def _stored(request: Request, upload_id: str) -> StoredUpload:
     stored = store.get(upload_id) if store is not None else None
     if stored is None:
         raise NotFound("This upload is not stored here (uploads are kept while space allows, and not at all with "
-                       "--no-store-uploads). Upload the image again to see its features.", [("/upload", "Upload")])
+                       "--no-store-uploads). Upload the image again to see its features.", [(PAGES.upload(), "Upload")])
     return stored
 
 
-Sort = Annotated[Literal["max", "patch", "cls", "mean"],
-                 Query(description="rank features by max (all tokens), max over patches, CLS or mean activation")]
-Top = Annotated[int, Query(ge=1, le=100_000, description=f"features per layer (capped at {MAX_TOP})")]
-Layers = Annotated[str | None, Query(max_length=200, description="comma-separated layers (default: all stored)")]
+class UploadQuery(BaseModel):
+    """A stored result's query parameters."""
+
+    layers: str | None = Field(None, max_length=200, description="comma-separated layers (default: all stored)")
+    sort: Literal["max", "patch", "cls", "mean"] = Field(
+        "max", description="rank features by max (all tokens), max over patches, CLS or mean activation")
+    top: int = Field(DEFAULT_TOP, ge=1, le=100_000, description=f"features per layer (capped at {MAX_TOP})")
+    patches: bool = Field(False, description="each patch's firing features (the HTML page always has them)")
 
 
 def stored_result(request: Request, upload_id: str, layers: str | None, sort: str, top: int,
@@ -266,36 +271,25 @@ def stored_result(request: Request, upload_id: str, layers: str | None, sort: st
     try:
         codes = stored.codes(chosen)
     except OSError:  # evicted while we looked
-        raise NotFound("This upload was just evicted from the store.", [("/upload", "Upload")]) from None
+        raise NotFound("This upload was just evicted from the store.", [(PAGES.upload(), "Upload")]) from None
     index = request.app.state.index
-    return upload_result(index, upload_id, stored.width, stored.height, index.grid, codes,
+    return upload_result(index, urls_for(request), upload_id, stored.width, stored.height, index.grid, codes,
                          tuple(stored.index_layers), True, sort, min(top, MAX_TOP), patches)
 
 
-@router.get("/api/uploads/{upload_id}", response_model=UploadResult, tags=["uploads"],
-            summary="A stored upload's features, as returned by POST /api/encode")
-def upload_json(request: Request, upload_id: UploadId, layers: Layers = None, sort: Sort = "max", top: Top = DEFAULT_TOP,
-                patches: bool = False) -> UploadResult:
-    return stored_result(request, upload_id, layers, sort, top, patches)
-
-
-@router.get("/uploads/{upload_id}", response_class=HTMLResponse, include_in_schema=False)
-def upload_html(request: Request, upload_id: UploadId, layers: Layers = None, sort: Sort = "max", top: Top = DEFAULT_TOP):
-    result = stored_result(request, upload_id, layers, sort, top, True)
-    return render_page(request, "upload_result.html", result, fragments={"upload-result": "_upload_result.html"},
-                       extra={"result": result, "image_src": result.image_url})
+@page(router, "/uploads/{upload_id}", template="upload_result.html", fragments={"upload-result": "_upload_result.html"},
+      tags=("uploads",), summary="A stored upload's features, as returned by POST /api/encode")
+def upload_page(request: Request, upload_id: UploadId, query: Annotated[UploadQuery, Query()],
+                as_json: JsonTwin) -> UploadResult:
+    return stored_result(request, upload_id, query.layers, query.sort, query.top, query.patches or not as_json)
 
 
 def _immutable(request: Request, etag: str, media_type: str, produce) -> Response:
     """Upload ids are content hashes: what an id names never changes (it may only be evicted)."""
-    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
-    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
-        return Response(status_code=304, headers=headers)
     try:
-        body = produce()
+        return immutable(request, etag, media_type, produce)
     except OSError:
         raise NotFound("This upload was just evicted from the store.") from None
-    return Response(body, media_type=media_type, headers=headers)
 
 
 @router.get("/uploads/{upload_id}/image.jpg", response_class=Response, tags=["uploads"],

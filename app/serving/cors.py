@@ -12,22 +12,28 @@
   preflight is answered 204 with that origin; an unlisted origin's preflight
   gets 403. Requests without `Origin` (curl, Python, notebooks' kernels) are
   not cross-origin requests and pass.
+
+Starlette's `CORSMiddleware` writes the CORS headers, one instance per rule (reads: any origin; uploads: the
+listed origins). This wrapper keeps what it cannot express: rules per path and method, refusing a cross-origin
+POST (browsers send a form's POST without a preflight, so only the server can stop it), and the documented
+preflight answers (Starlette answers 200 or 400; here 204 or 403, like every other refusal).
 Pure ASGI, like `app/serving/security.py`, which adds its headers to these responses too.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clipscope_explorer.app.urls import app_path
 
 READ_METHODS = ("GET", "HEAD")
 CROSS_ORIGIN_POSTS = ("/api/encode",)  # the only POST another origin may be allowed to make
-MAX_AGE = "600"
-TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+MAX_AGE = 600
 
 
 def is_api(path: str) -> bool:
@@ -39,87 +45,68 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def _request_headers(headers: Headers) -> str:
-    """The preflight's requested header names, reduced to well-formed tokens."""
-    names = [name.strip() for name in headers.get("access-control-request-headers", "").split(",")]
-    return ", ".join(name for name in names if TOKEN.fullmatch(name))[:1000]
-
-
 class CrossOriginMiddleware:
     def __init__(self, app: ASGIApp, allowed_origins: list[str], public_url: str | None = None):
         self.app = app
-        self.allowed = set(allowed_origins)
         self.public_origin = _origin(public_url) if public_url else None
+        self.reads = CORSMiddleware(app, allow_origins=["*"], allow_methods=READ_METHODS, allow_headers=["*"],
+                                    max_age=MAX_AGE)
+        self.uploads = CORSMiddleware(app, allow_origins=allowed_origins, allow_methods=["POST"],
+                                      allow_headers=["*"], max_age=MAX_AGE)
 
     def same_origin(self, origin: str, headers: Headers) -> bool:
-        netloc = urlsplit(origin).netloc.lower() if "://" in origin else None
+        origin = origin.strip().lower()
+        netloc = urlsplit(origin).netloc if "://" in origin else None
         return bool(netloc) and (netloc == headers.get("host", "").lower() or origin == self.public_origin)
-
-    def post_allowed(self, path: str, origin: str) -> bool:
-        return path in CROSS_ORIGIN_POSTS and ("*" in self.allowed or origin in self.allowed)
-
-    def allow_origin_value(self, origin: str) -> bytes:
-        return b"*" if "*" in self.allowed else origin.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], app_path(scope)  # the path inside the app, without a root_path prefix
         headers = Headers(scope=scope)
         origin = headers.get("origin")
-        extra: list[tuple[bytes, bytes]] = []
-        if method == "OPTIONS" and origin and "access-control-request-method" in headers:
-            await self.preflight(path, origin.strip().lower(), headers, send)
-            return
-        if method not in READ_METHODS and origin is not None:
-            origin = origin.strip().lower()
-            if not self.same_origin(origin, headers):
-                if not self.post_allowed(path, origin):
-                    await _refuse(path, origin, send)
-                    return
-                extra = [(b"access-control-allow-origin", self.allow_origin_value(origin)), (b"vary", b"Origin")]
-        elif method in READ_METHODS and is_api(path):
-            extra = [(b"access-control-allow-origin", b"*")]
-        if not extra:
+        if origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
+            await self.preflight(path, origin, headers)(scope, receive, send)
+        elif method in READ_METHODS:
+            await self.app(scope, receive, _any_origin(send) if is_api(path) else send)
+        elif origin is None or self.same_origin(origin, headers):
             await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    async def preflight(self, path: str, origin: str, headers: Headers, send: Send) -> None:
-        wanted = headers.get("access-control-request-method", "").upper()
-        allowed_headers = _request_headers(headers).encode("latin-1")
-        if wanted in READ_METHODS and is_api(path):
-            out = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-methods", b"GET, HEAD")]
-        elif wanted == "POST" and (self.post_allowed(path, origin) or
-                                   (path in CROSS_ORIGIN_POSTS and self.same_origin(origin, headers))):
-            out = [(b"access-control-allow-origin", self.allow_origin_value(origin)),
-                   (b"access-control-allow-methods", b"POST"), (b"vary", b"Origin")]
+        elif path in CROSS_ORIGIN_POSTS and self.uploads.is_allowed_origin(origin):
+            await self.uploads(scope, receive, send)
         else:
-            await _refuse(path, origin, send)
-            return
-        if allowed_headers:
-            out.append((b"access-control-allow-headers", allowed_headers))
-        out.append((b"access-control-max-age", MAX_AGE.encode()))
-        await send({"type": "http.response.start", "status": 204, "headers": out})
-        await send({"type": "http.response.body", "body": b""})
+            await _refusal(path, origin)(scope, receive, send)
+
+    def preflight(self, path: str, origin: str, headers: Headers) -> Response:
+        wanted = headers["access-control-request-method"]
+        if wanted in READ_METHODS and is_api(path):
+            answer = self.reads.preflight_response(request_headers=headers)
+        elif wanted == "POST" and path in CROSS_ORIGIN_POSTS:
+            answer = self.uploads.preflight_response(request_headers=headers)
+        else:
+            return _refusal(path, origin)
+        if answer.status_code != 200:
+            return _refusal(path, origin)
+        kept = {name: value for name, value in answer.headers.items() if name not in ("content-type", "content-length")}
+        return Response(status_code=204, headers=kept)
 
 
-async def _refuse(path: str, origin: str, send: Send) -> None:
-    """403, in the body's usual form (JSON under /api, else text), before the request body is read."""
-    message = (f"cross-origin request from {origin[:200]} refused: only GET of the JSON API is open to other "
-               "sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode)")
+def _any_origin(send: Send) -> Send:
+    """Every JSON read says `Access-Control-Allow-Origin: *`, also to requests without `Origin` (Starlette
+    adds it only when there is one), so one cached copy serves every site."""
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"access-control-allow-origin", b"*")]}
+        await send(message)
+
+    return send_with_header
+
+
+def _refusal(path: str, origin: str) -> Response:
+    """403, in the body's usual form (JSON under /api, else text); sent before the request body is read."""
+    message = (f"cross-origin request from {origin.strip()[:200]} refused: only GET of the JSON API is open to "
+               "other sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode)")
     if is_api(path):
-        body, media = json.dumps({"detail": message}).encode(), b"application/json"
-    else:
-        body, media = message.encode(), b"text/plain; charset=utf-8"
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", media), (b"content-length", str(len(body)).encode()),
-                            (b"vary", b"Origin")]})
-    await send({"type": "http.response.body", "body": body})
+        return JSONResponse({"detail": message}, status_code=403, headers={"Vary": "Origin"})
+    return PlainTextResponse(message, status_code=403, headers={"Vary": "Origin"})

@@ -1,13 +1,22 @@
-"""Security headers on every response (pages, JSON, images, static files).
+"""Security headers on every response (pages, JSON, images, static files), and redirects that never
+name the host the client claimed.
 
 The Content-Security-Policy allows only this origin's scripts, styles and
 images (and `data:` images): no inline script or style, no frames around the
 app, no plug-ins. Templates therefore carry no `<script>` bodies, no `on*=`
 attributes and no `style=` attributes; htmx is told not to inject its
 indicator styles (see base.html).
+
+A redirect's `Location` that points back at this server (the framework builds
+the trailing-slash redirect from the request's `Host` header) is sent as a
+relative reference, so a forged `Host` never comes back as a link to another
+site. The security headers on answers the HTTP protocol writes itself (400,
+408, 503) are added in `transport.py`.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,8 +36,27 @@ SECURITY_HEADERS = [
 ]
 
 
+def own_authorities(scope: Scope) -> set[str]:
+    """The host[:port] forms a URL built from this request would carry: its `Host`, or the server address."""
+    hosts = {value.decode("latin-1").lower() for name, value in scope.get("headers", []) if name == b"host"}
+    if scope.get("server"):
+        host, port = scope["server"]
+        hosts |= {str(host).lower(), f"{host}:{port}".lower()}
+    return hosts
+
+
+def relative_location(location: bytes, authorities: set[str]) -> bytes:
+    """`location` without scheme and host when it names one of `authorities` (one leading slash: browsers read
+    `//x` and `/\\x` as another host)."""
+    parts = urlsplit(location.decode("latin-1"))
+    if parts.scheme.lower() not in ("http", "https") or parts.netloc.lower() not in authorities:
+        return location
+    return ("/" + parts.path.lstrip("/\\") + (f"?{parts.query}" if parts.query else "")).encode("latin-1")
+
+
 class SecurityHeadersMiddleware:
-    """Pure ASGI middleware (no per-request task overhead) adding `SECURITY_HEADERS`."""
+    """Pure ASGI middleware (no per-request task overhead) adding `SECURITY_HEADERS` and making redirects to
+    this server relative."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -40,9 +68,11 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
+                headers = [(name, relative_location(value, own_authorities(scope)) if name.lower() == b"location"
+                            else value) for name, value in message.get("headers", [])]
+                present = {name.lower() for name, _ in headers}
                 extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                message = {**message, "headers": [*headers, *extra]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -1,24 +1,54 @@
-"""`clipscope-explorer serve`: check the index, then run uvicorn on `clipscope_explorer.app.main:app` (`--workers N > 1`: under
-`clipscope_explorer.app.serving.supervisor`, one listening socket per worker).
+"""`clipscope-explorer serve`: check the index and bind the address, then run uvicorn on
+`clipscope_explorer.app.main:app` (`--workers N > 1`: under `clipscope_explorer.app.serving.supervisor`, one
+listening socket per worker).
 
-Settings travel to the (possibly several) worker processes through the
-environment (`CLIPSCOPE_INDEX`, and `CLIPSCOPE_LIVE_*` etc. for the live-encoding
-options), so the command and a plain
-`uvicorn clipscope_explorer.app.main:app` take one path. A bad index is refused here, before any
-worker starts, with one line and exit code 2.
+`serve` takes a `ServeOptions`. Settings travel to the (possibly several)
+worker processes through the environment (`CLIPSCOPE_INDEX`, and
+`CLIPSCOPE_LIVE_*` etc. for the live-encoding options), so the command and a
+plain `uvicorn clipscope_explorer.app.main:app` take one path. A bad index, a
+taken port or a host that cannot be bound is refused here, before any worker
+starts or loads a model, with one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from clipscope_explorer.app.index_file import IndexOpenError, check_index
-from clipscope_explorer.app.settings import get_settings
+from clipscope_explorer.app.settings import get_settings, settings_error
+
+APP = "clipscope_explorer.app.main:app"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `clipscope-explorer serve` was asked for. None leaves a setting to its `CLIPSCOPE_*` variable or
+    its default (docs/API.md)."""
+
+    index: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    verbose: bool = False
+    live: bool = True
+    live_model: str | None = None
+    live_pretrained: str | None = None
+    live_sae: str | None = None
+    live_layers: Sequence[int] | None = None
+    live_device: str | None = None
+    live_precision: str | None = None
+    upload_store: Path | None = None
+    store_uploads: bool = True
+    max_upload_mb: float | None = None
+    root_path: str | None = None
 
 
 def _fail(message: str) -> int:
@@ -26,21 +56,24 @@ def _fail(message: str) -> int:
     return 2
 
 
-def live_environment(args) -> dict[str, str]:
-    """The `CLIPSCOPE_*` variables for the live-encoding options given on the command line."""
+def live_environment(options: ServeOptions) -> dict[str, str]:
+    """The `CLIPSCOPE_*` variables for the live-encoding options given."""
     env = {}
-    if getattr(args, "no_live", False):
+    if not options.live:
         env["CLIPSCOPE_LIVE"] = "false"
-    for option in ("live_model", "live_pretrained", "live_sae", "live_layers", "live_device", "live_precision"):
-        value = getattr(args, option, None)
+    for name, value in (("model", options.live_model), ("pretrained", options.live_pretrained),
+                        ("sae", options.live_sae), ("device", options.live_device),
+                        ("precision", options.live_precision)):
         if value is not None:
-            env[f"CLIPSCOPE_{option.upper()}"] = str(value)
-    if getattr(args, "upload_store", None):
-        env["CLIPSCOPE_UPLOAD_STORE"] = str(Path(args.upload_store).expanduser().resolve())
-    if getattr(args, "no_store_uploads", False):
+            env[f"CLIPSCOPE_LIVE_{name.upper()}"] = value
+    if options.live_layers is not None:
+        env["CLIPSCOPE_LIVE_LAYERS"] = ",".join(map(str, options.live_layers))
+    if options.upload_store is not None:
+        env["CLIPSCOPE_UPLOAD_STORE"] = str(Path(options.upload_store).expanduser().resolve())
+    if not options.store_uploads:
         env["CLIPSCOPE_STORE_UPLOADS"] = "false"
-    if getattr(args, "max_upload_mb", None) is not None:
-        env["CLIPSCOPE_MAX_UPLOAD_BYTES"] = str(int(args.max_upload_mb * 1_000_000))
+    if options.max_upload_mb is not None:
+        env["CLIPSCOPE_MAX_UPLOAD_BYTES"] = str(max(1, round(options.max_upload_mb * 1_000_000)))
     return env
 
 
@@ -60,34 +93,44 @@ def log_config(verbose: bool) -> dict:
     return config
 
 
-def serve(args) -> int:
-    if args.workers < 1:
-        return _fail("--workers must be at least 1")
-    os.environ["CLIPSCOPE_INDEX"] = str(Path(args.index).expanduser().resolve())
-    os.environ.update(live_environment(args))
+def serve(options: ServeOptions) -> int:
+    """Check the index and the address, then serve until stopped; the exit code (2: refused in one line)."""
+    os.environ["CLIPSCOPE_INDEX"] = str(Path(options.index).expanduser().resolve())
+    os.environ.update(live_environment(options))
+    if options.root_path is not None:
+        os.environ["CLIPSCOPE_ROOT_PATH"] = options.root_path
     get_settings.cache_clear()
     try:
         settings = get_settings()
         check_index(settings.index)
     except ValidationError as error:
-        return _fail("bad settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
+        return _fail(settings_error(error))
     except IndexOpenError as error:
         return _fail(str(error))
 
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
-    verbose = bool(getattr(args, "verbose", False))
-    options = dict(host=args.host, port=args.port, workers=args.workers, http="clipscope_explorer.app.serving.transport:NoDelayHTTPProtocol",
-                   log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
-                   log_config=log_config(verbose))
-    if args.workers == 1:
-        uvicorn.run("clipscope_explorer.app.main:app", **options)
-        return 0
     from clipscope_explorer.app.serving.supervisor import Supervisor, listening_sockets
 
-    config = uvicorn.Config("clipscope_explorer.app.main:app", **options)
-    try:
-        sockets = listening_sockets(args.host, args.port, args.workers, config.backlog)
+    verbose = options.verbose
+    uvicorn_options = dict(host=options.host, port=options.port, workers=options.workers,
+                           http="clipscope_explorer.app.serving.transport:ServerHTTPProtocol",
+                           log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
+                           log_config=log_config(verbose), timeout_keep_alive=settings.read_timeout,
+                           limit_concurrency=settings.max_connections)
+    config = uvicorn.Config(APP, **uvicorn_options)
+    try:  # before any worker loads the model: a taken port or an unknown host is refused at once
+        sockets = listening_sockets(options.host, options.port, options.workers, config.backlog)
     except OSError as error:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}")
-    return Supervisor(config, sockets).run()
+        return _fail(f"cannot listen on {options.host}:{options.port}: {error.strerror or error}")
+    if options.workers > 1:
+        return Supervisor(config, sockets).run()
+    server = uvicorn.Server(config)
+    host, port = sockets[0].getsockname()[:2]
+    logging.getLogger("uvicorn.error").info(f"Running on http://{host}:{port} (Press CTRL+C to quit)")
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down
+        pass
+    return 0 if server.started else STARTUP_FAILURE

@@ -1,8 +1,10 @@
-"""Writes the feature index: all SQL that writes it lives here (docs/schema.md).
+"""Writes the feature index: all SQL that writes it lives here; its format is `schema.py` (docs/schema.md).
 
 The index is built in ``<out>.partial`` and renamed over ``<out>`` only by
-`IndexWriter.finish`, so ``--out`` never holds a half-written index and a
-previous index stays untouched until the new one is complete.
+`IndexWriter.finish`, after the same check the server runs at start, so ``--out``
+never holds a half-written or inconsistent index and a previous index stays
+untouched until the new one is complete. The writer stamps the schema version,
+index id, software versions and completion time itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import uuid
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 
@@ -18,49 +21,16 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
+from clipscope_explorer.precompute.index.schema import (META, SCHEMA_MINOR, SCHEMA_VERSION, TABLES,
+                                                        VERSIONED_PACKAGES, ddl)
 
-DDL = """
-CREATE TABLE meta (key VARCHAR PRIMARY KEY, value JSON);
-CREATE TABLE layers (
-    layer INTEGER PRIMARY KEY, sae_file VARCHAR, checkpoint BIGINT,
-    d_in INTEGER, n_features INTEGER, k INTEGER, n_images BIGINT, n_tokens BIGINT,
-    mse DOUBLE, explained_variance DOUBLE, mse_raw DOUBLE, explained_variance_raw DOUBLE,
-    l0 DOUBLE, dead_fraction DOUBLE, active_fraction DOUBLE, nonpositive_kept_fraction DOUBLE,
-    mse_by_position DOUBLE[], histogram_edges DOUBLE[]
-);
-CREATE TABLE features (
-    layer INTEGER, feature INTEGER,
-    n_fired_tokens BIGINT, n_fired_images BIGINT, n_fired_cls BIGINT,
-    frequency DOUBLE, image_frequency DOUBLE, cls_frequency DOUBLE,
-    mean_activation DOUBLE, max_activation DOUBLE,
-    histogram INTEGER[], position_mean FLOAT[],
-    label_terms VARCHAR[], label VARCHAR,
-    similar_features INTEGER[], similar_cosines FLOAT[]
-);
-CREATE TABLE examples (
-    layer INTEGER, feature INTEGER, kind VARCHAR, band TINYINT, rank INTEGER,
-    image_id INTEGER, activation FLOAT, cls_activation FLOAT,
-    heatmap_scale FLOAT, heatmap BLOB
-);
-CREATE TABLE images (
-    image_id INTEGER PRIMARY KEY, source VARCHAR, key VARCHAR, url VARCHAR,
-    caption VARCHAR, width INTEGER, height INTEGER, thumbnail BLOB
-);
-"""
 
-TABLE_COLUMNS = {
-    "features": [
-        "layer", "feature", "n_fired_tokens", "n_fired_images", "n_fired_cls", "frequency",
-        "image_frequency", "cls_frequency", "mean_activation", "max_activation", "histogram",
-        "position_mean", "label_terms", "label", "similar_features", "similar_cosines",
-    ],
-    "examples": [
-        "layer", "feature", "kind", "band", "rank", "image_id", "activation", "cls_activation",
-        "heatmap_scale", "heatmap",
-    ],
-    "images": ["image_id", "source", "key", "url", "caption", "width", "height", "thumbnail"],
-}
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 class IndexWriteError(RuntimeError):
@@ -100,11 +70,12 @@ class IndexWriter:
             for stale in (self.partial, self.partial.with_name(self.partial.name + ".wal")):
                 stale.unlink(missing_ok=True)
             self.con = duckdb.connect(str(self.partial))
-            self.con.execute(DDL)
+            self.con.execute(ddl())
         except (OSError, duckdb.Error) as error:
             raise IndexWriteError(f"cannot create index {self.partial}: {error}") from error
         self.index_id = uuid.uuid4().hex[:16]
-        self.put_meta(schema_version=SCHEMA_VERSION, index_id=self.index_id)
+        self.put_meta(schema_version=SCHEMA_VERSION, schema_minor=SCHEMA_MINOR, index_id=self.index_id,
+                      versions={package: _version(package) for package in VERSIONED_PACKAGES})
 
     def __enter__(self) -> "IndexWriter":
         return self
@@ -120,19 +91,25 @@ class IndexWriter:
             raise IndexWriteError(f"writing {self.partial} failed: {error}") from error
 
     def put_meta(self, **items) -> None:
+        """Set meta keys; a key the schema does not define, or a value not of its type, is a ValueError."""
         for key, value in items.items():
+            if key not in META:
+                raise ValueError(f"meta.{key} is not in the index schema (precompute/index/schema.py)")
+            problem = META[key].type.check(value, strict=True)
+            if problem:
+                raise ValueError(f"meta.{key}: {problem}")
             self._run("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])
 
     def add_layer(self, row: Mapping) -> None:
+        self._check_columns("layers", row)
         columns = list(row)
         placeholders = ", ".join("?" for _ in columns)
         self._run(f"INSERT INTO layers ({', '.join(columns)}) VALUES ({placeholders})", list(row.values()))
 
     def add_rows(self, table: str, columns: Mapping) -> None:
         """Bulk insert column arrays (2-D numpy arrays become list columns)."""
-        expected = TABLE_COLUMNS[table]
-        if sorted(columns) != sorted(expected):
-            raise ValueError(f"{table}: columns {sorted(columns)} do not match the schema {sorted(expected)}")
+        self._check_columns(table, columns)
+        expected = TABLES[table].names
         batch = pa.table({name: _as_arrow(columns[name]) for name in expected})
         self.con.register("incoming_batch", batch)
         try:
@@ -140,9 +117,20 @@ class IndexWriter:
         finally:
             self.con.unregister("incoming_batch")
 
+    @staticmethod
+    def _check_columns(table: str, columns: Mapping) -> None:
+        expected = TABLES[table].names
+        if sorted(columns) != sorted(expected):
+            raise ValueError(f"{table}: columns {sorted(columns)} do not match the schema {sorted(expected)}")
+
     def finish(self) -> Path:
-        """Stamp completion, flush, and rename the file over `out` atomically."""
+        """Stamp completion, check the index as a reader would, flush, and rename it over `out` atomically."""
         self.put_meta(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        try:
+            check_index_file(self.con, str(self.out))
+        except IndexCheckError as error:
+            self.abandon()
+            raise IndexWriteError(f"not writing an index that the explorer would refuse: {error}") from error
         try:
             self.con.execute("CHECKPOINT")
             self.con.close()

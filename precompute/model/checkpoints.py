@@ -5,6 +5,8 @@ local Hugging Face cache), a local folder with the same layout, one ``.pt``
 file in the released dict layout, or a ``.safetensors`` file with tensors
 ``pre_b``, ``enc``, ``dec`` (``k`` in its metadata). The default checkpoint
 is the final one (the largest token count). Every error names the file.
+What is built is chosen at load time: the whole SAE (`purpose="full"`), or an
+encoder that never holds a decoder (`purpose="encode"`, float32 or bf16 weights).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipscope_explorer.precompute.model.release import DEFAULT_SAE_REPO, RELEASED_K
-from clipscope_explorer.precompute.model.sae import SAELoadError, SAESource, TopKSAE
+from clipscope_explorer.precompute.model.sae import SAEEncoder, SAELoadError, SAESource, TopKSAE
 
 CHECKPOINT_NAME = re.compile(r"^(\d+)\.(pt|safetensors)$")
 
@@ -80,8 +82,21 @@ def _validate(ckpt: _Checkpoint, path: Path) -> tuple[torch.Tensor, torch.Tensor
     return pre_b, enc, dec
 
 
-def load_checkpoint_file(path: str | Path, source: str | None = None, layer: int | None = None) -> TopKSAE:
-    """Load one checkpoint file (.pt in the released layout, or .safetensors)."""
+PURPOSES = ("full", "encode")
+
+
+def load_checkpoint_file(path: str | Path, source: str | None = None, layer: int | None = None, *,
+                         purpose: str = "full", weights_precision: str = "fp32",
+                         device: torch.device | str = "cpu") -> TopKSAE | SAEEncoder:
+    """Load one checkpoint file (.pt in the released layout, or .safetensors) onto `device`.
+
+    purpose `full`: a TopKSAE (encode and decode, float32 as released). purpose `encode`: an SAEEncoder,
+    which never holds the decoder, with its encoder stored in `weights_precision` (`fp32` or `bf16`).
+    """
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+    if purpose == "full" and weights_precision != "fp32":
+        raise ValueError("a full SAE keeps the released float32 weights: other precisions are for purpose='encode'")
     path = Path(path)
     ckpt = _read_checkpoint(path)
     pre_b, enc, dec = _validate(ckpt, path)
@@ -92,7 +107,9 @@ def load_checkpoint_file(path: str | Path, source: str | None = None, layer: int
         match = CHECKPOINT_NAME.match(path.name)
         token_count = int(match.group(1)) if match else None
     origin = SAESource(source or str(path), layer, int(token_count) if token_count is not None else None, str(path))
-    return TopKSAE(pre_b, enc, dec, k, origin)
+    if purpose == "encode":
+        return SAEEncoder(pre_b, enc, k, origin, weights_precision=weights_precision, device=device)
+    return TopKSAE(pre_b, enc, dec, k, origin, device=device)
 
 
 def _checkpoints_in(names: list[str]) -> dict[int, str]:
@@ -122,12 +139,11 @@ def _layer_folder_error(where: str, layer: int, folders: list[str]) -> SAELoadEr
     )
 
 
-def _load_from_folder(root: Path, layer: int, checkpoint: int | None) -> TopKSAE:
+def _file_in_folder(root: Path, layer: int, checkpoint: int | None) -> Path:
     folder = root / f"{layer}_resid"
     if not folder.is_dir():
         raise _layer_folder_error(str(root), layer, [p.name for p in root.iterdir() if p.is_dir()])
-    name = _choose(_checkpoints_in([p.name for p in folder.iterdir()]), checkpoint, str(folder))
-    return load_checkpoint_file(folder / name, source=str(root), layer=layer)
+    return folder / _choose(_checkpoints_in([p.name for p in folder.iterdir()]), checkpoint, str(folder))
 
 
 def _hub_files(repo: str) -> list[str]:
@@ -150,7 +166,7 @@ def _hub_files(repo: str) -> list[str]:
     return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
 
 
-def _load_from_hub(repo: str, layer: int, checkpoint: int | None) -> TopKSAE:
+def _file_in_hub(repo: str, layer: int, checkpoint: int | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     files = _hub_files(repo)
@@ -160,34 +176,44 @@ def _load_from_hub(repo: str, layer: int, checkpoint: int | None) -> TopKSAE:
     in_layer = [f.split("/", 1)[1] for f in files if f.startswith(f"{layer}_resid/")]
     name = _choose(_checkpoints_in(in_layer), checkpoint, f"hub repo {repo}/{layer}_resid")
     try:
-        path = hf_hub_download(repo, f"{layer}_resid/{name}")
+        return Path(hf_hub_download(repo, f"{layer}_resid/{name}"))
     except Exception as error:
         raise SAELoadError(f"could not fetch {repo}/{layer}_resid/{name}: {error}") from error
-    return load_checkpoint_file(path, source=repo, layer=layer)
 
 
-def load_sae(source: str = DEFAULT_SAE_REPO, layer: int | None = None, checkpoint: int | None = None) -> TopKSAE:
-    """Load one layer's SAE from a file, a hub-layout folder, or a hub repo id.
+def find_checkpoint(source: str, layer: int | None = None, checkpoint: int | None = None) -> tuple[Path, str | None]:
+    """The file to load for one layer, and the source to record (None: the file itself).
 
     The default checkpoint is the final one (the largest token count).
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return load_checkpoint_file(path, layer=layer)
+        return path, None
     if not path.is_dir() and (path.suffix in (".pt", ".safetensors") or source.startswith((".", "/", "~"))):
         raise SAELoadError(f"SAE file or folder {source} does not exist")
     if layer is None:
         raise SAELoadError(f"--sae {source} is a folder or repo: a layer is needed")
     if path.is_dir():
-        return _load_from_folder(path, layer, checkpoint)
-    return _load_from_hub(source, layer, checkpoint)
+        return _file_in_folder(path, layer, checkpoint), str(path)
+    return _file_in_hub(source, layer, checkpoint), source
 
 
-def load_saes(source: str, layers: list[int], checkpoint: int | None = None) -> dict[int, TopKSAE]:
-    """One SAE per layer; a single file serves only a single layer."""
+def load_sae(source: str = DEFAULT_SAE_REPO, layer: int | None = None, checkpoint: int | None = None, *,
+             purpose: str = "full", weights_precision: str = "fp32",
+             device: torch.device | str = "cpu") -> TopKSAE | SAEEncoder:
+    """Load one layer's SAE from a file, a hub-layout folder, or a hub repo id (see `find_checkpoint`);
+    `purpose`, `weights_precision` and `device` as in `load_checkpoint_file`."""
+    path, recorded = find_checkpoint(source, layer, checkpoint)
+    return load_checkpoint_file(path, recorded, layer, purpose=purpose, weights_precision=weights_precision,
+                                device=device)
+
+
+def load_saes(source: str, layers: list[int], checkpoint: int | None = None,
+              device: torch.device | str = "cpu") -> dict[int, TopKSAE]:
+    """One whole SAE per layer; a single file serves only a single layer."""
     if Path(source).expanduser().is_file() and len(layers) != 1:
         raise SAELoadError(f"--sae {source} is one file, but {len(layers)} layers were asked for")
-    return {layer: load_sae(source, layer, checkpoint) for layer in layers}
+    return {layer: load_sae(source, layer, checkpoint, device=device) for layer in layers}
 
 
 def save_checkpoint(

@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder of the CLIP-Scope release, and its loaders.
+"""The TopK sparse autoencoder of the CLIP-Scope release.
 
 Forward pass, exactly as released (no ReLU anywhere, no encoder bias):
     pre    = (x - pre_b) @ enc                    # [T, F]
@@ -8,6 +8,10 @@ Forward pass, exactly as released (no ReLU anywhere, no encoder bias):
 Codes stay sparse: `encode` returns k (value, index) pairs per token and
 `decode` gathers k decoder rows with embedding_bag.
 
+What an SAE object can do is fixed when it is made: a `TopKSAE` encodes and
+decodes (float32, as released); an `SAEEncoder` only encodes and never holds a
+decoder, with its encoder stored in float32 or bfloat16. Standardising the
+input is an argument of each `encode` call, never a setting of the object.
 Checkpoints are read and written by `clipscope_explorer.precompute.model.checkpoints`.
 """
 
@@ -18,12 +22,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from clipscope_explorer.precompute.model.precision import effective
 
 # Tokens per encode chunk: peak extra memory is chunk x n_features x 4 bytes.
 DEFAULT_CHUNK_TOKENS = 1024
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class SAELoadError(RuntimeError):
@@ -41,6 +45,18 @@ class SparseCode(NamedTuple):
     indices: torch.Tensor
 
 
+class Standardisation(NamedTuple):
+    """Per-dimension statistics [d_in] of one layer's residual stream; `apply` z-scores with them."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std in float32 on x's device (std floored at 1e-6)."""
+        mean = self.mean.to(x.device, torch.float32)
+        return (x.float() - mean) / self.std.to(x.device, torch.float32).clamp_min(1e-6)
+
+
 @dataclass(frozen=True)
 class SAESource:
     """Where one layer's SAE came from, as recorded in the index."""
@@ -51,25 +67,31 @@ class SAESource:
     file: str
 
 
-class TopKSAE(nn.Module):
-    """TopK SAE with the released parameters: pre_b [d], enc [d, F], dec [F, d]."""
+def weight_dtype(precision: str) -> torch.dtype:
+    if precision not in WEIGHT_DTYPES:
+        raise ValueError(f"weights precision must be one of {', '.join(WEIGHT_DTYPES)}, not {precision!r}")
+    return WEIGHT_DTYPES[precision]
 
-    def __init__(
-        self,
-        pre_b: torch.Tensor,
-        enc: torch.Tensor,
-        dec: torch.Tensor,
-        k: int,
-        origin: SAESource | None = None,
-    ):
-        super().__init__()
-        self.pre_b = nn.Parameter(pre_b.float(), requires_grad=False)
-        self.enc = nn.Parameter(enc.float(), requires_grad=False)
-        self.dec = nn.Parameter(dec.float(), requires_grad=False)
+
+class SAEEncoder:
+    """The encoding half of a TopK SAE: pre_b [d] float32, enc [d, F] in `weights_precision`, k.
+
+    bf16 weights are the operand `encode` would cast the encoder to on every bf16 call, so the codes are the
+    same and the encoder takes half the memory; such an encoder encodes only in bf16.
+    """
+
+    def __init__(self, pre_b: torch.Tensor, enc: torch.Tensor, k: int, origin: SAESource | None = None, *,
+                 weights_precision: str = "fp32", device: torch.device | str | None = None):
+        device = enc.device if device is None else torch.device(device)
+        if enc.ndim != 2 or tuple(pre_b.shape) != (enc.shape[0],):
+            raise ValueError(f"enc must be [d_in, n_features] and pre_b [d_in], not {tuple(enc.shape)} "
+                             f"and {tuple(pre_b.shape)}")
+        if not 0 < int(k) <= enc.shape[1]:
+            raise ValueError(f"k={k} is not in 1..{enc.shape[1]}")
+        self.pre_b = pre_b.detach().to(device, torch.float32)
+        self.enc = enc.detach().to(device, weight_dtype(weights_precision))
         self.k = int(k)
         self.origin = origin
-        self.register_buffer("norm_mean", None)
-        self.register_buffer("norm_std", None)
 
     @property
     def d_in(self) -> int:
@@ -80,39 +102,29 @@ class TopKSAE(nn.Module):
         return self.enc.shape[1]
 
     @property
-    def normalised(self) -> bool:
-        return self.norm_mean is not None
+    def device(self) -> torch.device:
+        return self.enc.device
 
-    def set_normalisation(self, mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
-        """Standardise inputs per dimension before encoding; None restores raw input."""
-        if mean is None:
-            self.norm_mean = self.norm_std = None
-            return
-        device = self.enc.device
-        self.norm_mean = mean.float().to(device)
-        self.norm_std = std.float().clamp_min(1e-6).to(device)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Input as the SAE sees it: raw, or standardised when normalisation is set."""
-        x = x.to(self.enc.device, torch.float32)
-        if self.norm_mean is None:
-            return x
-        return (x - self.norm_mean) / self.norm_std
+    @property
+    def weights_precision(self) -> str:
+        return "bf16" if self.enc.dtype == torch.bfloat16 else "fp32"
 
     @torch.inference_mode()
-    def encode(self, x: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-               precision: str | None = None) -> SparseCode:
+    def encode(self, x: torch.Tensor, *, normalisation: Standardisation | None = None,
+               precision: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseCode:
         """Sparse codes of raw x [..., d_in] -> SparseCode([..., k], [..., k]).
 
-        x is standardised here when normalisation is set (see `prepare`); `decode`
-        then reconstructs `prepare(x)`, the input as the SAE saw it.
-
+        normalisation: standardise x first (the SAE then reads `normalisation.apply(x)`, which is what
+        `decode` reconstructs); None encodes x as it is, as the released package does.
+        precision: `fp32` or `bf16` (None: bf16 on CUDA, fp32 on CPU).
         Tokens are encoded in chunks, so the dense pre-activations never exceed
         chunk_tokens x n_features floats (256 MiB at the defaults, full size).
-        precision: `fp32` or `bf16` (None: bf16 on CUDA, fp32 on CPU).
         """
         lead = x.shape[:-1]
-        flat = self.prepare(x).reshape(-1, self.d_in)
+        x = x.to(self.device, torch.float32)
+        if normalisation is not None:
+            x = normalisation.apply(x)
+        flat = x.reshape(-1, self.d_in)
         values = torch.empty(flat.shape[0], self.k, device=flat.device)
         indices = torch.empty(flat.shape[0], self.k, device=flat.device, dtype=torch.long)
         # bf16 as autocast computes it (bf16 operands and product), with the encoder cast once per call
@@ -128,18 +140,28 @@ class TopKSAE(nn.Module):
             indices[start : start + chunk_tokens] = top.indices
         return SparseCode(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
 
-    def keep_for_encoding(self, precision: str) -> None:
-        """Serving only encodes: free the decoder (half the SAE), and store the encoder in `precision` (bf16:
-        the operand `encode` would cast it to on every call, so codes stay the same; half again)."""
-        self.dec = None
-        if precision == "bf16":
-            self.enc = nn.Parameter(self.enc.data.to(torch.bfloat16), requires_grad=False)
+    def check_fits(self, width: int) -> None:
+        if self.d_in != width:
+            where = self.origin.file if self.origin else "SAE"
+            raise SAELoadError(
+                f"{where}: d_in is {self.d_in} but the model's residual width is {width}"
+            )
+
+
+class TopKSAE(SAEEncoder):
+    """The whole SAE as released, in float32: an `SAEEncoder` plus the decoder dec [F, d]."""
+
+    def __init__(self, pre_b: torch.Tensor, enc: torch.Tensor, dec: torch.Tensor, k: int,
+                 origin: SAESource | None = None, *, device: torch.device | str | None = None):
+        super().__init__(pre_b, enc, k, origin, device=device)
+        if tuple(dec.shape) != (self.n_features, self.d_in):
+            raise ValueError(f"dec must be [n_features, d_in] = {(self.n_features, self.d_in)}, "
+                             f"not {tuple(dec.shape)}")
+        self.dec = dec.detach().to(self.device, torch.float32)
 
     @torch.inference_mode()
     def decode(self, code: SparseCode) -> torch.Tensor:
-        """Reconstruction [..., d_in] from k decoder rows per token (no dense latent)."""
-        if self.dec is None:
-            raise RuntimeError("this SAE was kept for encoding only: it has no decoder")
+        """Reconstruction [..., d_in] of the input the SAE read, from k decoder rows per token (no dense latent)."""
         lead = code.indices.shape[:-1]
         rows = F.embedding_bag(
             code.indices.reshape(-1, self.k),
@@ -148,17 +170,6 @@ class TopKSAE(nn.Module):
             mode="sum",
         )
         return (rows + self.pre_b).reshape(*lead, self.d_in)
-
-    def forward(self, x: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
-        code = self.encode(x)
-        return code, self.decode(code)
-
-    def check_fits(self, width: int) -> None:
-        if self.d_in != width:
-            where = self.origin.file if self.origin else "SAE"
-            raise SAELoadError(
-                f"{where}: d_in is {self.d_in} but the model's residual width is {width}"
-            )
 
 
 def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -44,24 +44,37 @@ class ModelSpec:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for, but no CUDA device is available")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but no CUDA device is available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device} was asked for, but there are {torch.cuda.device_count()} CUDA devices")
     return torch.device(device)
 
 
-class VisionTower(nn.Module):
-    """The vision half of an open_clip CLIP model, with residual-stream capture."""
+class VisionTower:
+    """The vision half of an open_clip CLIP model, with residual-stream capture.
 
-    def __init__(self, visual: nn.Module, preprocess: Callable, spec: ModelSpec):
-        super().__init__()
+    Made on `device` with its matrix weights in `weights_precision`, fixed from then on. `bf16` stores the
+    weights of the matrix products (linear, convolution, attention projections) in bf16, the operands
+    autocast would cast them to on every call: captures are the same, the tower takes half the memory and
+    no time casting, and it captures only in bf16. Norms and embeddings stay float32.
+    """
+
+    def __init__(self, visual: nn.Module, preprocess: Callable, spec: ModelSpec,
+                 device: torch.device | str = "cpu", weights_precision: str = "fp32"):
         if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
             raise ModelLoadError(
                 f"{spec.describe()}: only open_clip ViT towers are supported "
                 f"(got {type(visual).__name__})"
             )
-        self.visual = visual.eval().requires_grad_(False)
-        self.weights_precision = "fp32"
-        _sequence_first(self.visual.transformer)
+        if weights_precision not in ("fp32", "bf16"):
+            raise ValueError(f"weights precision must be fp32 or bf16, not {weights_precision!r}")
+        visual.eval().requires_grad_(False)
+        _sequence_first(visual.transformer)
+        if weights_precision == "bf16":
+            _matrix_weights_in_bf16(visual)
+        self.visual = visual.to(device)
+        self.weights_precision = weights_precision
         self.preprocess = preprocess
         self.spec = spec
 
@@ -85,19 +98,6 @@ class VisionTower(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.visual.conv1.weight.device
-
-    def keep_weights_in(self, precision: str) -> None:
-        """bf16: store the weights of the matrix products (linear, convolution, attention projections) in
-        bf16, the operands autocast would cast them to on every call; results stay the same, the tower
-        takes half the memory and no time casting. `capture` must then run in bf16."""
-        if precision != "bf16":
-            return
-        for module in self.visual.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
-                for name, weight in module.named_parameters(recurse=False):
-                    if name in ("weight", "bias", "in_proj_weight", "in_proj_bias"):
-                        setattr(module, name, nn.Parameter(weight.data.to(torch.bfloat16), requires_grad=False))
-        self.weights_precision = "bf16"
 
     def check_layers(self, layers: Iterable[int]) -> list[int]:
         layers = sorted(set(int(n) for n in layers))
@@ -151,7 +151,15 @@ def _sequence_first(transformer: nn.Module) -> None:
             attention.batch_first = False
 
 
-def _open_clip_create(spec: ModelSpec, require_weights: bool):
+def _matrix_weights_in_bf16(visual: nn.Module) -> None:
+    """Store the weights and biases of the matrix products in bf16 (while the tower is being made)."""
+    for module in visual.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
+            module.to(torch.bfloat16)
+
+
+def _open_clip_visual(spec: ModelSpec, require_weights: bool) -> tuple[nn.Module, Callable]:
+    """The vision tower of the open_clip model and its preprocessing (the text tower is not kept)."""
     import open_clip
 
     try:
@@ -160,15 +168,17 @@ def _open_clip_create(spec: ModelSpec, require_weights: bool):
         )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
         raise ModelLoadError(f"could not load model {spec.describe()}: {error}") from error
-    return model, preprocess
+    return model.visual, preprocess
 
 
 def load_tower(
     spec: ModelSpec | str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
     random_weights: bool = False,
+    weights_precision: str = "fp32",
 ) -> VisionTower:
-    """Load the vision tower; raise ModelLoadError unless real weights were loaded.
+    """Load the vision tower onto `device` with its matrix weights in `weights_precision` (see VisionTower);
+    raise ModelLoadError unless real weights were loaded.
 
     random_weights=True builds the architecture without weights (benchmarks only).
     """
@@ -176,9 +186,6 @@ def load_tower(
         spec = ModelSpec(spec)
     if random_weights:
         spec = ModelSpec(spec.name, None)
-    model, preprocess = _open_clip_create(spec, require_weights=not random_weights)
-    visual = model.visual
-    del model  # drop the text tower
-    tower = VisionTower(visual, preprocess, spec)
     target = resolve_device(device) if isinstance(device, str) else device
-    return tower.to(target)
+    visual, preprocess = _open_clip_visual(spec, require_weights=not random_weights)
+    return VisionTower(visual, preprocess, spec, target, weights_precision)

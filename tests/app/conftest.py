@@ -15,12 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from clipscope_explorer.precompute.index.store import IndexWriter, blob_column
+from clipscope_explorer.precompute.index.rows import (ACTIVE_THRESHOLD, LayerTotals, examples_columns,
+                                                      feature_columns, images_columns, layer_row)
+from clipscope_explorer.precompute.index.store import IndexWriter
 
 LAYERS = (11, 20)
 N_FEATURES = 64
@@ -79,128 +80,107 @@ def _label_terms(captions: list[str | None]) -> list[str]:
     return [w for w, _ in words.most_common(4)]
 
 
+def _feature_examples(rng, feature: int, layer: int, stored: list[int],
+                      theme_of: dict[int, int]) -> tuple[list, int, float]:
+    """Example rows (kind, band, rank, ordinal, activation) of an alive feature, the number of images it
+    fires on among those stored, and its peak activation."""
+    theme = (feature + layer) % len(THEMES)
+    firing = [i for i in stored if theme_of[i] == theme or rng.random() < 0.15]
+    if feature % 11 == 3:  # a rare feature: a single image, no bands
+        firing = firing[:1]
+    acts = np.sort(rng.uniform(0.5, 12.0, len(firing)))[::-1]
+    order = np.argsort(-acts, kind="stable")
+    firing = [firing[j] for j in order]
+    peak = float(acts[0])
+    rows = [("top", 0, r + 1, firing[r], float(acts[r])) for r in range(min(TOP_N, len(firing)))]
+    rest = list(zip(firing[TOP_N:], acts[TOP_N:].tolist()))
+    for band in range(1, BAND_COUNT + 1):
+        low, high = peak * (1 - band / BAND_COUNT), peak * (1 - (band - 1) / BAND_COUNT)
+        chosen = [(i, a) for i, a in rest if low < a <= high][:BAND_SIZE]
+        rows += [("band", band, r + 1, i, a) for r, (i, a) in enumerate(chosen)]
+    return rows, len(firing), peak
+
+
+def _layer(rng, layer: int, stored: list[int], theme_of: dict[int, int], captions: dict[int, str | None],
+           edges: np.ndarray) -> tuple[LayerTotals, list[list[str]], np.ndarray, np.ndarray, dict]:
+    """One layer's totals, labels, neighbours and examples (image ordinals), as the job would count them."""
+    fire = {name: np.zeros(N_FEATURES, np.int64) for name in ("tokens", "images", "cls")}
+    activation_sum, max_activation = np.zeros(N_FEATURES), np.zeros(N_FEATURES)
+    histogram = np.zeros((N_FEATURES, len(edges) - 1), np.int64)
+    position_sum = np.zeros((N_FEATURES, N_TOKENS))
+    similar = np.zeros((N_FEATURES, 10), np.int32), np.zeros((N_FEATURES, 10), np.float32)
+    labels: list[list[str]] = [[] for _ in range(N_FEATURES)]
+    examples: dict[str, list] = {name: [] for name in (
+        "feature", "kind", "band", "rank", "ordinal", "activation", "cls", "scale", "heat")}
+    for feature in range(N_FEATURES):
+        similar[0][feature] = rng.choice([f for f in range(N_FEATURES) if f != feature], 10, replace=False)
+        similar[1][feature] = np.sort(rng.uniform(0.1, 0.9, 10))[::-1]
+        if feature in DEAD:
+            continue
+        rows, n_firing, peak = _feature_examples(rng, feature, layer, stored, theme_of)
+        n_patches_fired = 0
+        for kind, band, rank, ordinal, act in rows:
+            heat = _heatmap(rng, ordinal, act)
+            cls = float(act * rng.uniform(0.2, 0.9)) if rng.random() < 0.5 else 0.0
+            scale = float(heat.max()) / 255
+            n_patches_fired += int((heat > 0).sum())
+            for name, value in (("feature", feature), ("kind", kind), ("band", band), ("rank", rank),
+                                ("ordinal", ordinal), ("activation", max(float(heat.max()), cls)), ("cls", cls),
+                                ("scale", scale), ("heat", np.round(heat / scale).astype(np.uint8))):
+                examples[name].append(value)
+        n_images = n_firing + int(rng.integers(0, 30))
+        fire["tokens"][feature] = n_patches_fired + int(rng.integers(n_images, 4 * n_images + 1))
+        fire["images"][feature] = n_images
+        fire["cls"][feature] = int(rng.integers(0, n_images + 1))
+        activation_sum[feature] = peak * 0.3 * fire["tokens"][feature]
+        max_activation[feature] = peak
+        centres = np.log10(np.sqrt(edges[:-1] * edges[1:]))
+        weights = np.exp(-((centres - np.log10(peak * 0.3)) ** 2) / 0.3)
+        histogram[feature] = rng.multinomial(fire["tokens"][feature], weights / weights.sum())
+        position_sum[feature] = (rng.random(N_TOKENS) * peak * 0.05).astype(np.float32) * N_SAMPLE
+        labels[feature] = _label_terms([captions.get(r[3]) for r in rows if r[0] == "top"])
+    n_tokens = N_SAMPLE * N_TOKENS
+    centre = np.hypot(*(np.mgrid[0:GRID[0], 0:GRID[1]] - 7.5)).reshape(-1)
+    totals = LayerTotals(
+        n_images=N_SAMPLE, n_tokens=n_tokens, fired=int(31.5 * n_tokens), nonpositive_kept=2000,
+        sq_error_by_position=np.array([250.0] + (400.0 - 10 * centre).tolist()) * N_SAMPLE,
+        explained_variance=0.7 * n_tokens, fire_tokens=fire["tokens"], fire_images=fire["images"],
+        fire_cls=fire["cls"], activation_sum=activation_sum, max_activation=max_activation,
+        position_sum=position_sum, histogram=histogram, edges=edges)
+    return totals, labels, similar[0], similar[1], examples
+
+
 def build_index(path: Path) -> Path:
-    """Write the test index at `path` with the project's writer and return the path."""
+    """Write the test index at `path` with the project's writer (precompute/index: `rows` derives the rows
+    from small arrays of totals, `IndexWriter` checks and writes them) and return the path."""
     rng = np.random.default_rng(1234)
-    stored_ids = np.sort(rng.choice(N_SAMPLE, STORED, replace=False)).astype(np.int64)
-    theme_of = {int(i): int(k % len(THEMES)) for k, i in enumerate(stored_ids)}
-    captions = {i: (None if k % 13 == 5 else f"{THEMES[theme_of[i]][2]} #{k}") for k, i in enumerate(stored_ids.tolist())}
+    stored = np.sort(rng.choice(N_SAMPLE, STORED, replace=False)).tolist()
+    theme_of = {i: k % len(THEMES) for k, i in enumerate(stored)}
+    captions = {i: (None if k % 13 == 5 else f"{THEMES[theme_of[i]][2]} #{k}") for k, i in enumerate(stored)}
     edges = np.logspace(-2, 2, 25)
-    referenced: set[int] = set()
+    layers = {layer: _layer(rng, layer, stored, theme_of, captions, edges) for layer in LAYERS}
+    shown = sorted({int(o) for *_, examples in layers.values() for o in examples["ordinal"]})
+    image_id = {ordinal: i for i, ordinal in enumerate(shown)}  # dense from 0 in sample order, as the job's
     with IndexWriter(path) as writer:
+        for layer, (totals, labels, similar, cosines, examples) in layers.items():
+            writer.add_layer(layer_row(layer, totals, d_in=1024, k=32, sae_file=f"{layer}_resid/1200013184.pt",
+                                       checkpoint=1200013184))
+            writer.add_rows("features", feature_columns(layer, totals, labels, similar, cosines))
+            examples["image_id"] = [image_id[o] for o in examples["ordinal"]]
+            writer.add_rows("examples", examples_columns(layer, examples))
+        writer.add_rows("images", images_columns(0, [
+            (i, f"shards/0000{i % 2}.tar", f"{i:09d}", None if i % 7 == 0 else f"https://example.org/img/{i}.jpg",
+             captions[i], 640, 480, _thumbnail(theme_of[i], i)) for i in shown]))
         writer.put_meta(
             model={"name": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"},
             sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184}, released_suite=True,
             layers=list(LAYERS), n_tokens=N_TOKENS, grid=list(GRID), d_model=1024, image_size=224,
-            normalisation="none",
+            normalisation="none", precision="fp32", normalisation_stats={},
             sample={"sources": ["shards/00000.tar", "shards/00001.tar"], "n_images": N_SAMPLE, "n_skipped": 1,
-                    "skipped": [{"source": "shards/00001.tar", "key": "000001234", "reason": "cannot decode"}]},
-            top_n=TOP_N, band_count=BAND_COUNT, band_size=BAND_SIZE, active_threshold=0.01,
-            timings={"encode": 12.5, "neighbours": 0.4, "labels": 0.2, "write": 0.3, "total": 13.4},
-            versions={"clipscope_explorer": "0.1.0", "torch": "2.14.1", "open_clip": "3.3.0", "duckdb": "2.0.1"},
-            demo=False)
-        for layer in LAYERS:
-            n_tokens = N_SAMPLE * N_TOKENS
-            centre = np.hypot(*(np.mgrid[0:GRID[0], 0:GRID[1]] - 7.5)).reshape(-1)
-            writer.add_layer(dict(
-                layer=layer, sae_file=f"{layer}_resid/1200013184.pt", checkpoint=1200013184, d_in=1024,
-                n_features=N_FEATURES, k=32, n_images=N_SAMPLE, n_tokens=n_tokens, mse=300.0 + layer,
-                explained_variance=0.7, mse_raw=300.0 + layer, explained_variance_raw=0.7, l0=31.5,
-                dead_fraction=len(DEAD) / N_FEATURES, active_fraction=0.5, nonpositive_kept_fraction=0.002,
-                mse_by_position=[250.0] + (400.0 - 10 * centre).tolist(), histogram_edges=edges.tolist()))
-            feature_cols: dict[str, list] = {name: [] for name in (
-                "n_fired_tokens", "n_fired_images", "n_fired_cls", "mean_activation", "max_activation", "histogram",
-                "position_mean", "label_terms", "similar_features", "similar_cosines")}
-            ex: dict[str, list] = {name: [] for name in (
-                "feature", "kind", "band", "rank", "image_id", "activation", "cls_activation", "heatmap_scale")}
-            heatmaps = []
-            for feature in range(N_FEATURES):
-                others = rng.choice([f for f in range(N_FEATURES) if f != feature], 10, replace=False)
-                feature_cols["similar_features"].append(others.astype(np.int32).tolist())
-                feature_cols["similar_cosines"].append(np.sort(rng.uniform(0.1, 0.9, 10))[::-1].astype(np.float32).tolist())
-                if feature in DEAD:
-                    for name, value in (("n_fired_tokens", 0), ("n_fired_images", 0), ("n_fired_cls", 0),
-                                        ("mean_activation", None), ("max_activation", None),
-                                        ("histogram", [0] * 24), ("position_mean", [0.0] * N_TOKENS),
-                                        ("label_terms", [])):
-                        feature_cols[name].append(value)
-                    continue
-                theme = (feature + layer) % len(THEMES)
-                firing = [i for i in stored_ids.tolist() if theme_of[i] == theme or rng.random() < 0.15]
-                if feature % 11 == 3:  # a rare feature: a single image, no bands
-                    firing = firing[:1]
-                acts = np.sort(rng.uniform(0.5, 12.0, len(firing)))[::-1]
-                order = np.argsort(-acts, kind="stable")
-                firing = [firing[j] for j in order]
-                peak = float(acts[0])
-                rows = [("top", 0, r + 1, firing[r], float(acts[r])) for r in range(min(TOP_N, len(firing)))]
-                rest = list(zip(firing[TOP_N:], acts[TOP_N:].tolist()))
-                for band in range(1, BAND_COUNT + 1):
-                    low, high = peak * (1 - band / BAND_COUNT), peak * (1 - (band - 1) / BAND_COUNT)
-                    chosen = [(i, a) for i, a in rest if low < a <= high][:BAND_SIZE]
-                    rows += [("band", band, r + 1, i, a) for r, (i, a) in enumerate(chosen)]
-                n_patches_fired = 0
-                for kind, band, rank, image_id, act in rows:
-                    heat = _heatmap(rng, image_id, act)
-                    cls = float(act * rng.uniform(0.2, 0.9)) if rng.random() < 0.5 else 0.0
-                    scale = float(heat.max()) / 255
-                    heatmaps.append(np.round(heat / scale).astype(np.uint8))
-                    n_patches_fired += int((heat > 0).sum())
-                    for name, value in (("feature", feature), ("kind", kind), ("band", band), ("rank", rank),
-                                        ("image_id", image_id), ("activation", max(float(heat.max()), cls)),
-                                        ("cls_activation", cls), ("heatmap_scale", scale)):
-                        ex[name].append(value)
-                    referenced.add(image_id)
-                n_images = len(firing) + int(rng.integers(0, 30))
-                n_tokens_fired = n_patches_fired + int(rng.integers(n_images, 4 * n_images + 1))
-                feature_cols["n_fired_tokens"].append(n_tokens_fired)
-                feature_cols["n_fired_images"].append(n_images)
-                feature_cols["n_fired_cls"].append(int(rng.integers(0, n_images + 1)))
-                feature_cols["mean_activation"].append(peak * 0.3)
-                feature_cols["max_activation"].append(peak)
-                centres = np.log10(np.sqrt(edges[:-1] * edges[1:]))
-                weights = np.exp(-((centres - np.log10(peak * 0.3)) ** 2) / 0.3)
-                feature_cols["histogram"].append(rng.multinomial(n_tokens_fired, weights / weights.sum()).tolist())
-                feature_cols["position_mean"].append((rng.random(N_TOKENS) * peak * 0.05).astype(np.float32).tolist())
-                feature_cols["label_terms"].append(_label_terms([captions.get(r[3]) for r in rows if r[0] == "top"]))
-            fired = np.array(feature_cols["n_fired_tokens"], dtype=np.int64)
-            images_fired = np.array(feature_cols["n_fired_images"], dtype=np.int64)
-            writer.add_rows("features", {
-                "layer": np.full(N_FEATURES, layer, dtype=np.int32),
-                "feature": np.arange(N_FEATURES, dtype=np.int32),
-                "n_fired_tokens": fired, "n_fired_images": images_fired,
-                "n_fired_cls": np.array(feature_cols["n_fired_cls"], dtype=np.int64),
-                "frequency": fired / n_tokens, "image_frequency": images_fired / N_SAMPLE,
-                "cls_frequency": np.array(feature_cols["n_fired_cls"]) / N_SAMPLE,
-                "mean_activation": pa.array(feature_cols["mean_activation"], pa.float64()),
-                "max_activation": pa.array(feature_cols["max_activation"], pa.float64()),
-                "histogram": pa.array(feature_cols["histogram"], pa.list_(pa.int32())),
-                "position_mean": pa.array(feature_cols["position_mean"], pa.list_(pa.float32())),
-                "label_terms": pa.array(feature_cols["label_terms"], pa.list_(pa.string())),
-                "label": pa.array([" ".join(t) for t in feature_cols["label_terms"]], pa.string()),
-                "similar_features": pa.array(feature_cols["similar_features"], pa.list_(pa.int32())),
-                "similar_cosines": pa.array(feature_cols["similar_cosines"], pa.list_(pa.float32())),
-            })
-            n = len(ex["feature"])
-            writer.add_rows("examples", {
-                "layer": np.full(n, layer, dtype=np.int32), "feature": np.array(ex["feature"], dtype=np.int32),
-                "kind": pa.array(ex["kind"], pa.string()), "band": np.array(ex["band"], dtype=np.int8),
-                "rank": np.array(ex["rank"], dtype=np.int32), "image_id": np.array(ex["image_id"], dtype=np.int32),
-                "activation": np.array(ex["activation"], dtype=np.float32),
-                "cls_activation": np.array(ex["cls_activation"], dtype=np.float32),
-                "heatmap_scale": np.array(ex["heatmap_scale"], dtype=np.float32),
-                "heatmap": blob_column(np.stack(heatmaps)),
-            })
-        ids = sorted(referenced)
-        writer.add_rows("images", {
-            "image_id": np.array(ids, dtype=np.int32),
-            "source": pa.array([f"shards/0000{i % 2}.tar" for i in ids]),
-            "key": pa.array([f"{i:09d}" for i in ids]),
-            "url": pa.array([None if i % 7 == 0 else f"https://example.org/img/{i}.jpg" for i in ids], pa.string()),
-            "caption": pa.array([captions[i] for i in ids], pa.string()),
-            "width": np.full(len(ids), 640, dtype=np.int32), "height": np.full(len(ids), 480, dtype=np.int32),
-            "thumbnail": pa.array([_thumbnail(theme_of[i], i) for i in ids], pa.binary()),
-        })
+                    "skipped": [{"source": "shards/00001.tar", "key": "000001234", "reason": "cannot decode"}],
+                    "failed_shards": [], "max_images": None},
+            top_n=TOP_N, band_count=BAND_COUNT, band_size=BAND_SIZE, active_threshold=ACTIVE_THRESHOLD,
+            timings={"encode": 12.5, "neighbours": 0.4, "labels": 0.2, "write": 0.3, "total": 13.4}, demo=False)
         return writer.finish()
 
 
@@ -236,11 +216,12 @@ def index(client):
 
 def live_app_client(tiny_index: Path, store: Path | None, **overrides):
     """A TestClient context over `tiny_index` with live encoding loaded (waits for it). Every request comes
-    from one client address, so the per-client upload rate limit is off unless `overrides` set it."""
+    from one client address, so the per-client upload limits (rate, slots) are off unless `overrides` set them."""
     from clipscope_explorer.app.main import create_app
     from clipscope_explorer.app.settings import Settings
 
-    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None, upload_rate_limit=0)
+    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None, upload_rate_limit=0,
+                   upload_slots_per_client=0)
     if store is None:
         options.pop("upload_store")
     settings = Settings(**{**options, **overrides})

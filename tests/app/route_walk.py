@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.routing import Mount, Route
 
 
@@ -34,7 +35,14 @@ def _walk(routes):
 
 
 def _query_params(dependant) -> list[str]:
-    names = [param.name for param in dependant.query_params]
+    """Query parameter names, with a query model (`Annotated[Model, Query()]`) spelled out field by field."""
+    names = []
+    for param in dependant.query_params:
+        model = param.field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names += [field.alias or name for name, field in model.model_fields.items()]
+        else:
+            names.append(param.name)
     for sub in dependant.dependencies:
         names += _query_params(sub)
     return names

@@ -65,7 +65,8 @@ def test_listed_origins_may_post_to_the_encoder(open_to):
         preflight = open_to.options("/api/encode", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
                                                            "Access-Control-Request-Headers": "content-type"})
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == origin
-        assert preflight.headers["access-control-allow-methods"] == "POST" and preflight.headers["vary"] == "Origin"
+        assert preflight.headers["access-control-allow-methods"] == "POST"
+        assert "Origin" in preflight.headers["vary"].split(", ")  # the answer depends on the origin
         response = open_to.post("/api/encode", headers={"Origin": origin}, files={"file": ("a.jpg", b"x")})
         assert response.status_code == 503 and response.headers["access-control-allow-origin"] == origin
     assert open_to.post("/upload", headers={"Origin": NOTEBOOK}).status_code == 403  # the HTML form: never

@@ -56,3 +56,23 @@ def test_openapi_lists_every_json_route(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/api/layers/{layer}/features/{feature}" in docs.text
     assert '<link rel="alternate" type="application/json" href="/openapi.json">' in docs.text
+
+
+def test_openapi_describes_each_twin_with_its_query_and_model(client):
+    schema = client.get("/openapi.json").json()
+    for path, model, query in [
+        ("/api/layers/{layer}", "LayerPage", ["sort", "order", "min_freq", "max_freq", "q", "page", "page_size"]),
+        ("/api/search", "SearchPage", ["q", "layer", "limit"]),
+        ("/api/layers/{layer}/features/{feature}", "FeaturePage", []),
+        ("/api", "OverviewPage", []),
+        ("/api/uploads/{upload_id}", "UploadResult", ["layers", "sort", "top", "patches"]),
+    ]:
+        operation = schema["paths"][path]["get"]
+        parameters = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "query"}
+        assert list(parameters) == query, path
+        assert all(p.get("description") for p in parameters.values()), path
+        ok = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        assert ok.endswith("/" + model), path
+    assert set(schema["paths"]["/api/layers/{layer}/random"]["get"]["responses"]) >= {"303"}
+    operation_ids = [op["operationId"] for methods in schema["paths"].values() for op in methods.values()]
+    assert len(operation_ids) == len(set(operation_ids))

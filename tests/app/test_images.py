@@ -83,3 +83,47 @@ def test_viridis_endpoints():
     table = viridis()
     assert table.shape == (256, 3)
     assert tuple(table[0]) == (0x44, 0x01, 0x54) and tuple(table[-1]) == (0xfd, 0xe7, 0x25)
+
+
+def _revalidate(client, url: str, *values: str):
+    return client.get(url, headers=[("If-None-Match", value) for value in values])
+
+
+def test_a_validator_for_a_missing_image_is_a_404_not_a_304(client, index):
+    """ETags follow `"<index id>-<object id>"`; one made up for an object that does not exist names nothing."""
+    base = f"/images/{index.index_id}"
+    other = index.examples(20, 9, heatmaps=False)
+    foreign = next(r["image_id"] for r in other if r["image_id"] not in {e["image_id"] for e in _top(index)})
+    for url, etag in [(f"{base}/999999.jpg", f'"{index.index_id}-t999999"'),
+                      (f"{base}/layers/20/features/8/{foreign}.png", f'"{index.index_id}-r1-o20.8.{foreign}"'),
+                      (f"{base}/layers/20/features/64/positions.png", f'"{index.index_id}-r1-p20.64"'),
+                      (f"{base}/layers/99/mse.png", f'"{index.index_id}-r1-m99"')]:
+        for value in (etag, "*", f"W/{etag}"):
+            response = _revalidate(client, url, value)
+            assert response.status_code == 404, (url, value)
+            assert "immutable" not in response.headers.get("cache-control", ""), url
+
+
+def test_if_none_match_star_weak_and_lists(client, index):
+    """RFC 9110: `*` matches any current representation; If-None-Match compares weakly (`W/"x"` matches
+    `"x"`); a field is a comma-separated list and may come in several lines."""
+    url = f"/images/{index.index_id}/{_top(index)[0]['image_id']}.jpg"
+    fresh = client.get(url)
+    etag = fresh.headers["etag"]
+    for values in [("*",), (f"W/{etag}",), (f'"other", {etag}',), (f'W/"a,b", W/{etag}, "c"',),
+                   ('"other"', etag), (f"{etag}, *",)]:
+        response = _revalidate(client, url, *values)
+        assert response.status_code == 304 and response.content == b"", values
+        assert response.headers["etag"] == etag and response.headers["cache-control"] == fresh.headers["cache-control"]
+    for values in [('"other"',), ("W/\"other\", \"x\"",), (etag.strip('"'),), (etag.lower() + "x",),
+                   (f'w/{etag}',), ("",)]:
+        response = _revalidate(client, url, *values)
+        assert response.status_code == 200 and response.content == fresh.content, values
+
+
+def test_none_match_parsing():
+    from clipscope_explorer.app.caching import none_match
+
+    assert none_match(['"a,b"'], '"a,b"') and not none_match(['"a,b"'], '"a"')
+    assert none_match(['"x"', 'W/"y"'], '"y"') and none_match(['W/"y"'], 'W/"y"')
+    assert not none_match([], '"y"') and not none_match(['"y'], '"y"') and not none_match(["y"], '"y"')

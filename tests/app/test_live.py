@@ -160,7 +160,7 @@ def test_another_model_encodes_uploads_without_index_links(live_index, tmp_path)
     with live_app_client(live_index, tmp_path / "store", live_model=other) as client:
         wait_live(client)
         live = client.get("/api/upload").json()["live"]
-        assert live["model"] == other and live["index_layers"] == []
+        assert live["model"] == "local-dir:other_clip" and live["index_layers"] == []  # its folder's name
         layer = upload(client, image(14), layers="2").json()["layers"]["2"]
         assert not layer["in_index"] and layer["features"]
         assert all(f["url"] is None and not f["top_images"] for f in layer["features"])

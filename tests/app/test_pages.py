@@ -11,6 +11,7 @@ import pytest
 from clipscope_explorer.app.queries import dequantise
 from clipscope_explorer.app.templating import percent, sig, thousands
 from tests.app.conftest import DEAD, N_FEATURES
+from tests.app.route_walk import endpoints
 
 ALIVE, RARE = 8, 3  # feature 3 (% 11 == 3) has a single example and no bands
 
@@ -123,6 +124,19 @@ def test_every_page_and_its_twin_carry_the_same_data(client, index, position):
     CHECKS[_kind(url)](page.text, data.json())
 
 
+def test_every_page_route_has_its_twin_with_the_same_parameters(client):
+    gets = {e.path: e for e in endpoints(client.app) if "GET" in e.methods}
+    pages = [path for path in gets if not path.startswith(("/api", "/images/", "/static", "/openapi.json", "/docs"))
+             and not path.endswith((".jpg", ".png"))]
+    assert set(pages) == {"/", "/layers", "/layers/{layer}", "/layers/{layer}/random",
+                          "/layers/{layer}/features/{feature}", "/layers/{layer}/features/{feature}/examples/{image_id}",
+                          "/search", "/upload", "/uploads/{upload_id}"}
+    for path in pages:
+        twin = gets[twin_of(path)]
+        assert (twin.path_params, twin.query_params) == (gets[path].path_params, gets[path].query_params), path
+    assert gets["/layers/{layer}"].query_params == ("sort", "order", "min_freq", "max_freq", "q", "page", "page_size")
+
+
 def test_the_walk_covers_every_page_kind(index):
     pages = _pages(index)
     assert len(pages) == PAGE_COUNT
@@ -162,10 +176,28 @@ def test_page_size_is_capped(client):
 
 
 def test_label_filter_treats_wildcards_literally(client):
-    assert client.get("/api/layers/20?q=%25").json()["paging"]["total"] == 0
+    assert client.get("/api/layers/20?q=%25").json()["paging"]["total"] == N_FEATURES  # `%` is no word: no filter
     assert client.get("/api/layers/20?q=_").json()["paging"]["total"] == 0
+    assert client.get("/api/layers/20?q=ca_").json()["paging"]["total"] == 0  # would match "cat" as a wildcard
     cats = client.get("/api/layers/20?q=cat").json()
     assert cats["paging"]["total"] > 0 and all("cat" in row["label"] for row in cats["features"])
+
+
+@pytest.mark.parametrize("q, words", [
+    ("cat,", ["cat"]), ("Cat.", ["cat"]), ("(cat)", ["cat"]), ("cat;  sofa", ["cat", "sofa"]),
+    ("red,car", ["red", "car"]), ("dog's-day", ["dog's-day"]), (",;.", []),
+])
+def test_label_filter_and_search_split_words_alike(client, q, words):
+    labels = [row["label"] for row in client.get("/api/layers/20?page_size=200").json()["features"]]
+    assert len(labels) == N_FEATURES
+    expected = sum(all(word in label.lower() for word in words) for label in labels)
+    assert client.get("/api/layers/20", params={"q": q}).json()["paging"]["total"] == expected, q
+    search = client.get("/api/search", params={"q": q, "layer": 20}).json()
+    assert search["words"] == words
+    if words:
+        found = {row["feature"] for row in search["label_results"]}
+        same = client.get("/api/layers/20", params={"q": " ".join(words), "page_size": 200}).json()["features"]
+        assert found <= {row["feature"] for row in same}
 
 
 def test_feature_json_contract_and_heatmaps(client, index):

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from clipscope_explorer.app.index_file import IndexOpenError, check_index
-from clipscope_explorer.app.serving.server import serve
+from clipscope_explorer.app.serving.server import ServeOptions, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,10 +65,24 @@ def test_bad_index_is_refused_with_one_line(bad_indexes, kind):
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "version"])
 def test_serve_exits_2_with_one_line(bad_indexes, kind, capsys, monkeypatch):
     monkeypatch.delenv("CLIPSCOPE_INDEX", raising=False)
-    code = serve(Namespace(index=str(bad_indexes[kind]), host="127.0.0.1", port=0, workers=1, verbose=False))
+    code = serve(ServeOptions(index=bad_indexes[kind], port=0))
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("clipscope-explorer: error: ")
+
+
+def test_serve_refuses_a_taken_port_before_loading_anything(index_path, capsys, monkeypatch):
+    """One worker binds its socket before uvicorn starts (and before the app loads a model), as N workers do."""
+    for name in ("CLIPSCOPE_INDEX", "CLIPSCOPE_LIVE"):
+        monkeypatch.setenv(name, "")  # restored afterwards: serve() sets them
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = serve(ServeOptions(index=index_path, port=port, live=False))
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use\n")
 
 
 def test_the_good_index_passes(index_path):
@@ -108,7 +122,10 @@ def test_a_server_without_live_encoding_never_imports_torch(index_path, tmp_path
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['clipscope_explorer.precompute.model', 'clipscope_explorer.precompute.model.imageio']"
+    loaded = eval(result.stdout.strip())  # a printed list of module names
+    assert "torch" not in loaded and not any(name.startswith("open_clip") for name in loaded)
+    model_side = {name for name in loaded if name.startswith("clipscope_explorer.precompute.model")}
+    assert model_side == {"clipscope_explorer.precompute.model", "clipscope_explorer.precompute.model.imageio"}
 
 
 def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_path):
@@ -134,25 +151,29 @@ def test_closing_the_index_keeps_thread_cursors_until_it_goes(index_path, tmp_pa
 
 def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
     """`serve`'s live-encoding flags travel as CLIPSCOPE_* variables (so `--workers N` processes see them)."""
-    from clipscope_explorer.cli import build_parser
     from clipscope_explorer.app.serving.server import live_environment
     from clipscope_explorer.app.settings import Settings
+    from clipscope_explorer.cli import build_parser, options_from
 
-    args = build_parser().parse_args([
-        "serve", "index.duckdb", "--live-model", "local-dir:/models/vit", "--live-sae", "/saes/scope",
-        "--live-layers", "20,5", "--live-device", "cpu", "--live-precision", "bf16", "--no-store-uploads",
-        "--upload-store", str(tmp_path / "store"), "--max-upload-mb", "2.5"])
-    for name, value in live_environment(args).items():
+    def environment(*flags: str) -> dict[str, str]:
+        args = build_parser().parse_args(["serve", "index.duckdb", *flags])
+        return live_environment(options_from(ServeOptions, args))
+
+    for name, value in environment(
+            "--live-model", "local-dir:/models/vit", "--live-sae", "/saes/scope", "--live-layers", "20,5",
+            "--live-device", "cuda:1", "--live-precision", "bf16", "--no-store-uploads",
+            "--upload-store", str(tmp_path / "store"), "--max-upload-mb", "2.5").items():
         monkeypatch.setenv(name, value)
     settings = Settings(index=tmp_path / "index.duckdb")
     assert (settings.live, settings.live_model, settings.live_sae) == (True, "local-dir:/models/vit", "/saes/scope")
-    assert (settings.live_layers, settings.live_device, settings.live_precision) == ([20, 5], "cpu", "bf16")
+    assert (settings.live_layers, settings.live_device, settings.live_precision) == ([20, 5], "cuda:1", "bf16")
     assert not settings.store_uploads and settings.upload_store == tmp_path / "store"
     assert settings.max_upload_bytes == 2_500_000
 
-    monkeypatch.setenv("CLIPSCOPE_LIVE", live_environment(build_parser().parse_args(
-        ["serve", "index.duckdb", "--no-live"]))["CLIPSCOPE_LIVE"])
+    monkeypatch.setenv("CLIPSCOPE_LIVE", environment("--no-live")["CLIPSCOPE_LIVE"])
     assert not Settings(index=tmp_path / "index.duckdb").live
     for name in ("CLIPSCOPE_LIVE", "CLIPSCOPE_MAX_UPLOAD_BYTES"):
         monkeypatch.delenv(name)
     assert Settings(index=tmp_path / "index.duckdb").max_upload_bytes == 20_000_000  # 20 MB by default
+    assert environment() == {}  # no flag given: every setting keeps its variable or default
+    assert environment("--max-upload-mb", "1e-9")["CLIPSCOPE_MAX_UPLOAD_BYTES"] == "1"  # never below one byte

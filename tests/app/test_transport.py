@@ -5,7 +5,7 @@ import socket
 
 import uvicorn
 
-from clipscope_explorer.app.serving.transport import NoDelayHTTPProtocol
+from clipscope_explorer.app.serving.transport import ServerHTTPProtocol
 
 
 class Transport(asyncio.Transport):
@@ -32,7 +32,7 @@ def test_connection_made_turns_nagle_off():
         config.load()
         loop = asyncio.new_event_loop()
         try:
-            protocol = NoDelayHTTPProtocol(config=config, server_state=uvicorn.server.ServerState(), app_state={},
+            protocol = ServerHTTPProtocol(config=config, server_state=uvicorn.server.ServerState(), app_state={},
                                            _loop=loop)
             protocol.connection_made(Transport(accepted))
         finally:

@@ -33,14 +33,15 @@ def e2e_index(tmp_path_factory) -> Path:
 
 
 def run_server(index: Path, *options: str, ready: str = "/", log_path: Path | None = None,
-               processes: list | None = None):
-    """Start `clipscope-explorer serve INDEX` on a free port; yield its base URL; stop it. Its output goes to
-    `log_path` (default INDEX.log); `processes`, when given, receives the server's `Popen`."""
+               processes: list | None = None, cwd: Path = REPO, env: dict | None = None,
+               program: tuple[str, ...] = (sys.executable, "-m", "clipscope_explorer.cli")):
+    """Start `clipscope-explorer serve INDEX` (`program`, run in `cwd` with `env`) on a free port; yield its base
+    URL; stop it. Its output goes to `log_path` (default INDEX.log); `processes`, when given, receives the server's
+    `Popen`."""
     port = _free_port()
     log = open(tmp_log := log_path or index.with_suffix(".log"), "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port), *options],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*program, "serve", str(index), "--port", str(port), *options],
+                               cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if processes is not None:
         processes.append(process)
     base = f"http://127.0.0.1:{port}"
