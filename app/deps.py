@@ -71,6 +71,8 @@ def require_layer(index: Index, layer: int) -> dict:
 def require_feature(index: Index, layer: int, feature: int) -> dict:
     row = require_layer(index, layer)
     if not 0 <= feature < row["n_features"]:
-        raise NotFound(f"Layer {layer} has features 0 to {row['n_features'] - 1}; there is no feature {feature}.",
-                       [(PAGES.layer(layer), f"Layer {layer}"), (PAGES.overview(), "Overview")])
+        raise NotFound(
+            f"Layer {layer} has features 0 to {row['n_features'] - 1}; there is no feature {feature}.",
+            [(PAGES.layer(layer), f"Layer {layer}"), (PAGES.overview(), "Overview")],
+        )
     return row

@@ -43,8 +43,9 @@ def _kind(request: Request) -> str:
     return "html"
 
 
-def error_response(request: Request, status: int, title: str, message: str,
-                   links: list[tuple[str, str]] | None = None, detail=None) -> Response:
+def error_response(
+    request: Request, status: int, title: str, message: str, links: list[tuple[str, str]] | None = None, detail=None
+) -> Response:
     kind = _kind(request)
     urls = urls_for(request)
     offered = [(urls.app(path), text) for path, text in links or []]
@@ -58,8 +59,13 @@ def error_response(request: Request, status: int, title: str, message: str,
     templates = getattr(request.app.state, "templates", None)
     if templates is None:
         return PlainTextResponse(message, status_code=status)
-    context = {**common_context(request), "title": title, "message": message,
-               "links": offered or [(urls.overview(), "Overview")], "status": status}
+    context = {
+        **common_context(request),
+        "title": title,
+        "message": message,
+        "links": offered or [(urls.overview(), "Overview")],
+        "status": status,
+    }
     return htmx.add_vary(templates.TemplateResponse(request, "error.html", context, status_code=status))
 
 

@@ -17,8 +17,18 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-_VIRIDIS_ANCHORS = ["#440154", "#482878", "#3e4a89", "#31688e", "#26828e",
-                    "#1f9e89", "#35b779", "#6dcd59", "#b4de2c", "#fde725"]
+_VIRIDIS_ANCHORS = [
+    "#440154",
+    "#482878",
+    "#3e4a89",
+    "#31688e",
+    "#26828e",
+    "#1f9e89",
+    "#35b779",
+    "#6dcd59",
+    "#b4de2c",
+    "#fde725",
+]
 
 PREVIEW_SIZE = (1200, 630)
 PREVIEW_TILE = 300
@@ -27,7 +37,7 @@ PREVIEW_TILE = 300
 @lru_cache(maxsize=1)
 def viridis() -> np.ndarray:
     """The colormap as a [256, 3] uint8 lookup table."""
-    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in _VIRIDIS_ANCHORS], dtype=np.float64)
+    anchors = np.array([[int(h[i : i + 2], 16) for i in (1, 3, 5)] for h in _VIRIDIS_ANCHORS], dtype=np.float64)
     positions = np.linspace(0.0, 1.0, len(anchors))
     steps = np.linspace(0.0, 1.0, 256)
     return np.stack([np.interp(steps, positions, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
@@ -75,8 +85,7 @@ def grid_png(values: np.ndarray, grid: tuple[int, int]) -> bytes:
 
 
 # Categorical colours for the winning-feature map (Tableau 10); features beyond them are grey.
-PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac"]
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 OTHER = "#7f7f7f"
 
 
@@ -102,7 +111,7 @@ def winner_data_url(winners: list[int | None], ranked: list[int], grid) -> str:
     for patch, feature in enumerate(winners):
         if feature is not None:
             hex_colour = colour.get(feature, OTHER)
-            rgba[patch] = [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)] + [235]
+            rgba[patch] = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)] + [235]
     return _data_url(_encode(Image.fromarray(rgba.reshape(grid[0], grid[1], 4), "RGBA"), "PNG"))
 
 
@@ -129,8 +138,15 @@ def preview_jpeg(tiles: list[tuple[bytes, np.ndarray]], grid: tuple[int, int], v
     return _encode(canvas, "JPEG", quality=82)
 
 
-def _paste_tile(canvas: Image.Image, slot: int, top: int, tile: Image.Image, values: np.ndarray,
-                grid: tuple[int, int], vmax: float | None) -> None:
+def _paste_tile(
+    canvas: Image.Image,
+    slot: int,
+    top: int,
+    tile: Image.Image,
+    values: np.ndarray,
+    grid: tuple[int, int],
+    vmax: float | None,
+) -> None:
     """One preview-card tile: the image with its heatmap at 60 % opacity, in grid slot `slot` (4 per row)."""
     heat = Image.fromarray(overlay_rgba(values, grid, vmax), "RGBA")
     heat = heat.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.NEAREST)

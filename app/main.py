@@ -27,20 +27,20 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from clipscope_explorer.app.serving.cors import CrossOriginMiddleware
 from clipscope_explorer.app.errors import install_error_handlers
+from clipscope_explorer.app.index_file import IndexOpenError, check_index
 from clipscope_explorer.app.live.service import LiveService
 from clipscope_explorer.app.live.spec import LiveSpec
-from clipscope_explorer.app.index_file import IndexOpenError, check_index
-from clipscope_explorer.app.queries import Index, open_index
-from clipscope_explorer.app.serving.ratelimit import upload_limiter
+from clipscope_explorer.app.live.store import UploadStore
 from clipscope_explorer.app.pages import register
+from clipscope_explorer.app.queries import Index, open_index
+from clipscope_explorer.app.serving.cors import CrossOriginMiddleware
 from clipscope_explorer.app.serving.head import HeadMiddleware
 from clipscope_explorer.app.serving.prefix import RootPathMiddleware, check_root_path
+from clipscope_explorer.app.serving.ratelimit import upload_limiter
 from clipscope_explorer.app.serving.security import SecurityHeadersMiddleware
 from clipscope_explorer.app.settings import Settings, get_settings, settings_error
 from clipscope_explorer.app.templating import SiteInfo, make_templates
-from clipscope_explorer.app.live.store import UploadStore
 
 if TYPE_CHECKING:  # the encoder is the torch side: only app/live/service.py imports it, when asked to
     from clipscope_explorer.app.live.encoder import LiveEncoder
@@ -94,14 +94,22 @@ def _live_service(app: FastAPI, index: Index) -> LiveService:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    index = open_index(settings.index, threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit,
-                       image_cache_size=settings.image_cache_size, show_local_paths=settings.show_local_paths)
+    index = open_index(
+        settings.index,
+        threads=settings.duckdb_threads,
+        memory_limit=settings.duckdb_memory_limit,
+        image_cache_size=settings.image_cache_size,
+        show_local_paths=settings.show_local_paths,
+    )
     model = index.meta.get("model") or {}
     app.state.index = index
-    app.state.site = SiteInfo(index_id=index.index_id, layers=sorted(index.layers),
-                              model=index.names.name(str(model.get("name") or "unknown model")),
-                              public_url=settings.public_url,
-                              demo=bool(index.meta.get("demo")))
+    app.state.site = SiteInfo(
+        index_id=index.index_id,
+        layers=sorted(index.layers),
+        model=index.names.name(str(model.get("name") or "unknown model")),
+        public_url=settings.public_url,
+        demo=bool(index.meta.get("demo")),
+    )
     app.state.uploads = _upload_store(settings)
     app.state.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
     app.state.live = _live_service(app, index)
@@ -119,17 +127,23 @@ async def lifespan(app: FastAPI):
 def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> FastAPI:
     """The app for `settings`; `live_encoder` supplies an already loaded encoder (tests, benchmarks)."""
     application = FastAPI(
-        title="CLIP-Scope Explorer", version=app_version(), lifespan=lifespan,
+        title="CLIP-Scope Explorer",
+        version=app_version(),
+        lifespan=lifespan,
         description="Feature explorer for sparse autoencoders on CLIP ViT-L/14. Every page has a JSON twin "
-                    "under /api; see docs/API.md.",
-        docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+        "under /api; see docs/API.md.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     application.state.settings = settings
     application.state.live_encoder = live_encoder
     application.state.templates = make_templates()
     application.state.upload_limiter = upload_limiter(settings)
     install_error_handlers(application)
-    application.add_middleware(CrossOriginMiddleware, allowed_origins=settings.cors_origins,
-                               public_url=settings.public_url)
+    application.add_middleware(
+        CrossOriginMiddleware, allowed_origins=settings.cors_origins, public_url=settings.public_url
+    )
     application.add_middleware(SecurityHeadersMiddleware)  # its headers go on every response
     application.add_middleware(HeadMiddleware)
     application.add_middleware(RootPathMiddleware, root_path=settings.root_path)  # outermost: paths as routed

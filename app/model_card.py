@@ -39,5 +39,6 @@ def model_card_row(layer: int) -> ModelCardRow | None:
     if values is None:
         return None
     mse, ev, dead, active, sort_eval = values
-    return ModelCardRow(mse=mse, explained_variance=ev, dead_fraction=dead, active_fraction=active,
-                        sort_eval_cls=sort_eval)
+    return ModelCardRow(
+        mse=mse, explained_variance=ev, dead_fraction=dead, active_fraction=active, sort_eval_cls=sort_eval
+    )

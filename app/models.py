@@ -77,7 +77,13 @@ def layer_info(index: Index, urls: Urls, layer: int) -> LayerInfo:
 def feature_summary(index: Index, urls: Urls, row: dict) -> FeatureSummary:
     first = index.first_top_images(row["layer"])[row["feature"]]
     return FeatureSummary(
-        layer=row["layer"], feature=row["feature"], label=row.get("label") or "",
-        label_terms=list(row.get("label_terms") or []), frequency=row.get("frequency"),
-        image_frequency=row.get("image_frequency"), max_activation=row.get("max_activation"),
-        image_id=int(first) if first >= 0 else None, url=urls.feature(row["layer"], row["feature"]))
+        layer=row["layer"],
+        feature=row["feature"],
+        label=row.get("label") or "",
+        label_terms=list(row.get("label_terms") or []),
+        frequency=row.get("frequency"),
+        image_frequency=row.get("image_frequency"),
+        max_activation=row.get("max_activation"),
+        image_id=int(first) if first >= 0 else None,
+        url=urls.feature(row["layer"], row["feature"]),
+    )

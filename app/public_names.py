@@ -42,7 +42,7 @@ def public_name(spec: str | None) -> str | None:
         return None
     for prefix in (LOCAL_DIR, FILE_URL):
         if spec.startswith(prefix):
-            rest = spec[len(prefix):]
+            rest = spec[len(prefix) :]
             if not _is_absolute(rest):
                 return spec
             return prefix + _short(rest) if prefix == LOCAL_DIR else _short(rest)
@@ -57,7 +57,7 @@ def public_text(text: str | None) -> str | None:
     def shorten(match: re.Match) -> str:
         path = match.group(0)
         tail = len(path) - len(path.rstrip(".:"))  # sentence punctuation after the path
-        return _short(path[: len(path) - tail]) + path[len(path) - tail:]
+        return _short(path[: len(path) - tail]) + path[len(path) - tail :]
 
     return PATH_IN_TEXT.sub(shorten, text)
 
@@ -76,6 +76,8 @@ class PublicNames:
 
     def sample(self, sample: dict) -> dict:
         """`meta.sample` with its sources and the sources and reasons of what was skipped named so."""
-        skipped = [{**item, "source": self.name(item.get("source")), "reason": self.text(item.get("reason"))}
-                   for item in sample.get("skipped") or []]
+        skipped = [
+            {**item, "source": self.name(item.get("source")), "reason": self.text(item.get("reason"))}
+            for item in sample.get("skipped") or []
+        ]
         return {**sample, "sources": [self.name(str(s)) for s in sample.get("sources") or []], "skipped": skipped}

@@ -25,15 +25,32 @@ from clipscope_explorer.app.public_names import PublicNames
 from clipscope_explorer.precompute.index.schema import select_list
 
 # Column lists are checked against the index schema (precompute/index/schema.py) when this module loads.
-SORT_COLUMNS = {name: select_list("features", name) for name in
-                ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")}
+SORT_COLUMNS = {
+    name: select_list("features", name)
+    for name in ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")
+}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
-FEATURE_COLUMNS = select_list("features", "feature", "n_fired_tokens", "n_fired_images", "n_fired_cls", "frequency",
-                              "image_frequency", "cls_frequency", "mean_activation", "max_activation", "histogram",
-                              "label_terms", "label", "similar_features", "similar_cosines")
-SUMMARY_COLUMNS = select_list("features", "layer", "feature", "label", "label_terms", "frequency", "image_frequency",
-                              "max_activation")
+FEATURE_COLUMNS = select_list(
+    "features",
+    "feature",
+    "n_fired_tokens",
+    "n_fired_images",
+    "n_fired_cls",
+    "frequency",
+    "image_frequency",
+    "cls_frequency",
+    "mean_activation",
+    "max_activation",
+    "histogram",
+    "label_terms",
+    "label",
+    "similar_features",
+    "similar_cosines",
+)
+SUMMARY_COLUMNS = select_list(
+    "features", "layer", "feature", "label", "label_terms", "frequency", "image_frequency", "max_activation"
+)
 EXAMPLE_COLUMNS = select_list("examples", "kind", "band", "rank", "image_id", "activation", "cls_activation")
 IMAGE_COLUMNS = select_list("images", "image_id", "source", "key", "url", "caption", "width", "height")
 TOP_IMAGES = 4  # top images per feature kept in memory (`Index.top_images`)
@@ -50,8 +67,13 @@ def dequantise(scale: float, heatmap: bytes) -> np.ndarray:
     return np.frombuffer(heatmap, dtype=np.uint8).astype(np.float32) * np.float32(scale)
 
 
-def open_index(path: str | Path, threads: int = 1, memory_limit: str | None = None,
-               image_cache_size: int = 100_000, show_local_paths: bool = False) -> "Index":
+def open_index(
+    path: str | Path,
+    threads: int = 1,
+    memory_limit: str | None = None,
+    image_cache_size: int = 100_000,
+    show_local_paths: bool = False,
+) -> Index:
     path = Path(path)
     con = connect(path, threads, memory_limit)
     try:
@@ -65,10 +87,17 @@ def open_index(path: str | Path, threads: int = 1, memory_limit: str | None = No
 class Index:
     """A validated, read-only index. Thread-safe: each thread gets its own cursor."""
 
-    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, meta: dict, layers: dict[int, dict],
-                 image_cache_size: int, names: PublicNames = PublicNames()):
+    def __init__(
+        self,
+        path: Path,
+        con: duckdb.DuckDBPyConnection,
+        meta: dict,
+        layers: dict[int, dict],
+        image_cache_size: int,
+        names: PublicNames | None = None,
+    ):
         self.path = path
-        self.names = names  # how pages name the local files the index records (app/public_names.py)
+        self.names = names or PublicNames()  # how pages name the local files the index records (app/public_names.py)
         self.meta = meta
         self.layers = layers
         self.index_id = str(meta["index_id"])
@@ -118,21 +147,26 @@ class Index:
 
     # -- features -----------------------------------------------------------
     def feature(self, layer: int, feature: int) -> dict | None:
-        rows = self._dicts(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? AND feature = ?",
-                           [layer, feature])
+        rows = self._dicts(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? AND feature = ?", [layer, feature])
         return rows[0] if rows else None
 
     def position_mean(self, layer: int, feature: int) -> list[float] | None:
-        row = self._cursor().execute("SELECT position_mean FROM features WHERE layer = ? AND feature = ?",
-                                     [layer, feature]).fetchone()
+        row = (
+            self._cursor()
+            .execute("SELECT position_mean FROM features WHERE layer = ? AND feature = ?", [layer, feature])
+            .fetchone()
+        )
         return row[0] if row else None
 
     def summaries(self, layer: int, features: list[int]) -> dict[int, dict]:
         """Label and headline numbers of some features of one layer, by feature (from a per-layer cache)."""
         table = self._summary_table(layer)
         names = SUMMARY_COLUMNS.split(", ")
-        return {int(f): {name: table[name][f] for name in names} for f in features
-                if 0 <= f < self.layers[layer]["n_features"]}
+        return {
+            int(f): {name: table[name][f] for name in names}
+            for f in features
+            if 0 <= f < self.layers[layer]["n_features"]
+        }
 
     def _summary_table(self, layer: int) -> dict[str, list]:
         """SUMMARY_COLUMNS of every feature of `layer`, as columns indexed by feature; cached.
@@ -140,10 +174,15 @@ class Index:
         Similar-feature cards need these for ten features per page; one columnar
         scan per layer replaces a query per page (the index never changes).
         """
+
         def build() -> dict[str, list]:
-            rows = self._cursor().execute(
-                f"SELECT {SUMMARY_COLUMNS} FROM features WHERE layer = ? ORDER BY feature", [layer]).fetchall()
+            rows = (
+                self._cursor()
+                .execute(f"SELECT {SUMMARY_COLUMNS} FROM features WHERE layer = ? ORDER BY feature", [layer])
+                .fetchall()
+            )
             return {name: list(values) for name, values in zip(SUMMARY_COLUMNS.split(", "), zip(*rows))}
+
         return self._cached(("summaries", layer), build)
 
     def warm_images(self) -> None:
@@ -168,20 +207,31 @@ class Index:
             f"SELECT {', '.join('e.' + c.strip() for c in EXAMPLE_COLUMNS.split(','))}, e.heatmap_scale, "
             "e.heatmap, f.max_activation FROM examples e, features f WHERE e.layer = $layer AND "
             "e.feature = $feature AND e.image_id = $image AND f.layer = $layer AND f.feature = $feature "
-            "ORDER BY e.band LIMIT 1", {"layer": layer, "feature": feature, "image": image_id})
+            "ORDER BY e.band LIMIT 1",
+            {"layer": layer, "feature": feature, "image": image_id},
+        )
         return rows[0] if rows else None
 
     def top_images(self, layer: int) -> np.ndarray:
         """[n_features, TOP_IMAGES] image_ids of each feature's first top examples by rank (-1: none); cached.
         Upload results show these for each feature they list, and feature cards show the first."""
+
         def build() -> np.ndarray:
             table = np.full((self.layers[layer]["n_features"], TOP_IMAGES), -1, dtype=np.int32)
-            rows = self._cursor().execute(
-                "SELECT feature, rank, image_id FROM examples "
-                "WHERE layer = ? AND kind = 'top' AND rank BETWEEN 1 AND ?", [layer, TOP_IMAGES]).fetchnumpy()
-            table[np.asarray(rows["feature"], dtype=np.int64), np.asarray(rows["rank"], dtype=np.int64) - 1] = \
+            rows = (
+                self._cursor()
+                .execute(
+                    "SELECT feature, rank, image_id FROM examples "
+                    "WHERE layer = ? AND kind = 'top' AND rank BETWEEN 1 AND ?",
+                    [layer, TOP_IMAGES],
+                )
+                .fetchnumpy()
+            )
+            table[np.asarray(rows["feature"], dtype=np.int64), np.asarray(rows["rank"], dtype=np.int64) - 1] = (
                 np.asarray(rows["image_id"], dtype=np.int32)
+            )
             return table
+
         return self._cached(("top_images", layer), build)
 
     def first_top_images(self, layer: int) -> np.ndarray:
@@ -190,18 +240,44 @@ class Index:
 
     def alive_features(self, layer: int) -> np.ndarray:
         """Features of `layer` that fire at least once; cached."""
-        return self._cached(("alive", layer), lambda: np.asarray(self._cursor().execute(
-            "SELECT feature FROM features WHERE layer = ? AND n_fired_tokens > 0 ORDER BY feature",
-            [layer]).fetchnumpy()["feature"], dtype=np.int64))
+        return self._cached(
+            ("alive", layer),
+            lambda: np.asarray(
+                self._cursor()
+                .execute(
+                    "SELECT feature FROM features WHERE layer = ? AND n_fired_tokens > 0 ORDER BY feature", [layer]
+                )
+                .fetchnumpy()["feature"],
+                dtype=np.int64,
+            ),
+        )
 
     def density(self, layer: int) -> dict[int | None, int]:
         """Feature counts per quarter-decade of log10(frequency); None counts dead ones."""
-        return self._cached(("density", layer), lambda: dict(self._cursor().execute(
-            "SELECT CASE WHEN frequency > 0 THEN floor(log10(frequency) * 4)::INTEGER END AS bin, count(*) "
-            "FROM features WHERE layer = ? GROUP BY bin", [layer]).fetchall()))
+        return self._cached(
+            ("density", layer),
+            lambda: dict(
+                self._cursor()
+                .execute(
+                    "SELECT CASE WHEN frequency > 0 THEN floor(log10(frequency) * 4)::INTEGER END AS bin, count(*) "
+                    "FROM features WHERE layer = ? GROUP BY bin",
+                    [layer],
+                )
+                .fetchall()
+            ),
+        )
 
-    def feature_table(self, layer: int, sort: str, order: str, min_freq: float | None, max_freq: float | None,
-                      words: list[str], offset: int, limit: int) -> tuple[list[dict], int]:
+    def feature_table(
+        self,
+        layer: int,
+        sort: str,
+        order: str,
+        min_freq: float | None,
+        max_freq: float | None,
+        words: list[str],
+        offset: int,
+        limit: int,
+    ) -> tuple[list[dict], int]:
         """One page of a layer's features (rows, total matching); sort keys whitelisted."""
         column, direction = SORT_COLUMNS[sort], SORT_ORDERS[order]
         where, params = ["layer = $layer"], {"layer": layer}
@@ -219,7 +295,8 @@ class Index:
         rows = self._dicts(
             f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation FROM features WHERE {condition} "
             f"ORDER BY {column} {direction} NULLS LAST, feature LIMIT $limit OFFSET $offset",
-            {**params, "limit": limit, "offset": offset})
+            {**params, "limit": limit, "offset": offset},
+        )
         return rows, total
 
     # -- search -------------------------------------------------------------
@@ -234,7 +311,9 @@ class Index:
         return self._dicts(
             f"SELECT {SUMMARY_COLUMNS}, len(list_intersect(label_terms, $terms)) AS exact_terms "
             f"FROM features WHERE {' AND '.join(where)} "
-            "ORDER BY exact_terms DESC, image_frequency DESC, layer, feature LIMIT $limit", params)
+            "ORDER BY exact_terms DESC, image_frequency DESC, layer, feature LIMIT $limit",
+            params,
+        )
 
     def search_captions(self, words: list[str], layer: int | None, limit: int, max_images: int = 2000) -> list[dict]:
         """Features ranked by how many of their top images have captions holding every word."""
@@ -247,13 +326,16 @@ class Index:
             layer_filter = "AND e.layer = $layer"
             params["layer"] = layer
         return self._dicts(
-            "WITH hits AS (SELECT image_id FROM images WHERE " + " AND ".join(where) +
-            " ORDER BY image_id LIMIT $max_images), "
+            "WITH hits AS (SELECT image_id FROM images WHERE "
+            + " AND ".join(where)
+            + " ORDER BY image_id LIMIT $max_images), "
             "matched AS (SELECT e.layer, e.feature, count(*) AS caption_matches FROM examples e "
             f"WHERE e.kind = 'top' AND e.image_id IN (SELECT image_id FROM hits) {layer_filter} GROUP BY ALL) "
             f"SELECT m.caption_matches, {', '.join('f.' + c.strip() for c in SUMMARY_COLUMNS.split(','))} "
             "FROM matched m JOIN features f ON f.layer = m.layer AND f.feature = m.feature "
-            "ORDER BY m.caption_matches DESC, f.layer, f.feature LIMIT $limit", params)
+            "ORDER BY m.caption_matches DESC, f.layer, f.feature LIMIT $limit",
+            params,
+        )
 
     # -- images -------------------------------------------------------------
     def images(self, image_ids: list[int]) -> dict[int, dict]:
@@ -283,5 +365,8 @@ class Index:
         return row[0] if row else None
 
     def thumbnails(self, image_ids: list[int]) -> dict[int, bytes]:
-        return dict(self._cursor().execute("SELECT image_id, thumbnail FROM images WHERE image_id = ANY(?)",
-                                           [list(image_ids)]).fetchall())
+        return dict(
+            self._cursor()
+            .execute("SELECT image_id, thumbnail FROM images WHERE image_id = ANY(?)", [list(image_ids)])
+            .fetchall()
+        )

@@ -34,35 +34,101 @@ class Settings(BaseSettings):
     index: Path = Field(description="the index file (.duckdb) written by `precompute`")
     page_size: int = Field(50, ge=1, le=1000, description="rows per page of a layer's feature table by default")
     max_page_size: int = Field(200, ge=1, le=5000, description="largest page_size / limit a request may ask for")
-    duckdb_threads: int = Field(1, ge=1, le=256, description="DuckDB threads per server process (point lookups gain nothing from more)")
-    duckdb_memory_limit: str | None = Field(None, description="DuckDB memory_limit per process, e.g. '2GB' (DuckDB's default when unset)")
-    image_cache_size: int = Field(100_000, ge=0, description="image captions/keys kept in memory per process (0 disables)")
-    public_url: str | None = Field(None, description="this server's public origin for absolute links (OpenGraph, copy-link), e.g. https://explorer.example.org, without a path (the request's own origin when unset)")
-    show_local_paths: bool = Field(False, description="show the absolute local paths the index records (model folder, SAE files, image sources) and those in live-encoding errors; off: pages name them by folder and file name only")
-    root_path: str = Field("", description="path prefix the app is served under behind a reverse proxy, e.g. /explorer: every link, redirect and image URL starts with it, and requests are accepted with or without it")
+    duckdb_threads: int = Field(
+        1, ge=1, le=256, description="DuckDB threads per server process (point lookups gain nothing from more)"
+    )
+    duckdb_memory_limit: str | None = Field(
+        None, description="DuckDB memory_limit per process, e.g. '2GB' (DuckDB's default when unset)"
+    )
+    image_cache_size: int = Field(
+        100_000, ge=0, description="image captions/keys kept in memory per process (0 disables)"
+    )
+    public_url: str | None = Field(
+        None,
+        description="this server's public origin for absolute links (OpenGraph, copy-link), e.g. https://explorer.example.org, without a path (the request's own origin when unset)",
+    )
+    show_local_paths: bool = Field(
+        False,
+        description="show the absolute local paths the index records (model folder, SAE files, image sources) and those in live-encoding errors; off: pages name them by folder and file name only",
+    )
+    root_path: str = Field(
+        "",
+        description="path prefix the app is served under behind a reverse proxy, e.g. /explorer: every link, redirect and image URL starts with it, and requests are accepted with or without it",
+    )
     # live encoding of uploaded images
-    live: bool = Field(True, description="load the model and SAEs at start so images can be uploaded (false: uploads off)")
+    live: bool = Field(
+        True, description="load the model and SAEs at start so images can be uploaded (false: uploads off)"
+    )
     live_model: str | None = Field(None, description="open_clip model for uploads (default: the index's model)")
     live_pretrained: str | None = Field(None, description="pretrained tag or file for a built-in live_model name")
-    live_sae: str | None = Field(None, description="SAE hub repo, folder or file for uploads (default: the index's SAEs)")
-    live_layers: Annotated[list[int] | None, NoDecode] = Field(None, description="layers encoded for uploads, e.g. 20,22 (default: the index's)")
-    live_device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="device for live encoding: auto, cpu or cuda")
-    live_precision: str = Field("auto", pattern="^(auto|fp32|bf16)$", description="fp32 or bf16 autocast for uploads; auto: the precision the index was built in (meta.precision), fp32 on a CPU without native bfloat16 (AMX or AVX512-BF16)")
+    live_sae: str | None = Field(
+        None, description="SAE hub repo, folder or file for uploads (default: the index's SAEs)"
+    )
+    live_layers: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="layers encoded for uploads, e.g. 20,22 (default: the index's)"
+    )
+    live_device: str = Field(
+        "auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="device for live encoding: auto, cpu or cuda"
+    )
+    live_precision: str = Field(
+        "auto",
+        pattern="^(auto|fp32|bf16)$",
+        description="fp32 or bf16 autocast for uploads; auto: the precision the index was built in (meta.precision), fp32 on a CPU without native bfloat16 (AMX or AVX512-BF16)",
+    )
     live_batch_size: int = Field(8, ge=1, le=256, description="most uploads encoded together in one micro-batch")
-    live_queue_size: int = Field(16, ge=1, le=10_000, description="uploads in progress at once; more are answered 503 with Retry-After")
-    max_upload_bytes: int = Field(20_000_000, ge=1, description="largest upload accepted (bytes); larger bodies get 413 while being read")
-    store_uploads: bool = Field(True, description="keep uploads (downscaled, re-encoded) so /uploads/{id} can show them again")
-    upload_store: Path = Field(default_factory=default_upload_store, description="writable folder for stored uploads, apart from the index")
-    upload_store_max_bytes: int = Field(1_000_000_000, ge=0, description="size cap of the upload store; least recently used uploads are evicted beyond it")
-    upload_rate_limit: int = Field(30, ge=0, description="uploads per client address per minute, per server process (0: no limit); more are answered 429 with Retry-After")
-    upload_rate_burst: int = Field(10, ge=1, description="uploads a client may start at once before upload_rate_limit applies")
-    upload_slots_per_client: int = Field(4, ge=0, description="uploads one client address (IPv6: one /64) may have in progress at once, per server process (0: no limit); more are answered 429 with Retry-After")
-    upload_min_rate: int = Field(50_000, ge=1, description="bytes per second an upload's body must average once read_timeout has passed; a slower upload is answered 408 and frees its slot")
+    live_queue_size: int = Field(
+        16, ge=1, le=10_000, description="uploads in progress at once; more are answered 503 with Retry-After"
+    )
+    max_upload_bytes: int = Field(
+        20_000_000, ge=1, description="largest upload accepted (bytes); larger bodies get 413 while being read"
+    )
+    store_uploads: bool = Field(
+        True, description="keep uploads (downscaled, re-encoded) so /uploads/{id} can show them again"
+    )
+    upload_store: Path = Field(
+        default_factory=default_upload_store, description="writable folder for stored uploads, apart from the index"
+    )
+    upload_store_max_bytes: int = Field(
+        1_000_000_000,
+        ge=0,
+        description="size cap of the upload store; least recently used uploads are evicted beyond it",
+    )
+    upload_rate_limit: int = Field(
+        30,
+        ge=0,
+        description="uploads per client address per minute, per server process (0: no limit); more are answered 429 with Retry-After",
+    )
+    upload_rate_burst: int = Field(
+        10, ge=1, description="uploads a client may start at once before upload_rate_limit applies"
+    )
+    upload_slots_per_client: int = Field(
+        4,
+        ge=0,
+        description="uploads one client address (IPv6: one /64) may have in progress at once, per server process (0: no limit); more are answered 429 with Retry-After",
+    )
+    upload_min_rate: int = Field(
+        50_000,
+        ge=1,
+        description="bytes per second an upload's body must average once read_timeout has passed; a slower upload is answered 408 and frees its slot",
+    )
     # connections
-    read_timeout: float = Field(10.0, gt=0, le=300, description="seconds a connection may take to send a request's headers (counted from when it opens, or from the previous response), and the longest pause in an upload's body; slower connections are closed")
-    max_connections: int = Field(1000, ge=16, le=1_000_000, description="open connections per server process; at the cap the longest-waiting idle connection is closed to make room (never more than the open-file limit less 128)")
+    read_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="seconds a connection may take to send a request's headers (counted from when it opens, or from the previous response), and the longest pause in an upload's body; slower connections are closed",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=16,
+        le=1_000_000,
+        description="open connections per server process; at the cap the longest-waiting idle connection is closed to make room (never more than the open-file limit less 128)",
+    )
     # cross-origin requests (browsers): GET /api/... is open to every origin; POSTs only to these
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -86,8 +152,9 @@ class Settings(BaseSettings):
             return None
         origin = value.strip().rstrip("/").lower()
         if not ORIGIN.fullmatch(origin):
-            raise ValueError(f"{value!r} is not an origin (scheme://host[:port]; a path prefix goes in "
-                             "CLIPSCOPE_ROOT_PATH)")
+            raise ValueError(
+                f"{value!r} is not an origin (scheme://host[:port]; a path prefix goes in CLIPSCOPE_ROOT_PATH)"
+            )
         return origin
 
     @field_validator("root_path")

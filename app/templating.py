@@ -65,8 +65,15 @@ def thousands(value) -> str:
 def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     env = templates.env
-    env.filters.update(sig=sig, percent=percent, thousands=thousands, colour=colour_hex, overlay_src=overlay_data_url,
-                       winner_src=winner_data_url, palette=palette_hex)
+    env.filters.update(
+        sig=sig,
+        percent=percent,
+        thousands=thousands,
+        colour=colour_hex,
+        overlay_src=overlay_data_url,
+        winner_src=winner_data_url,
+        palette=palette_hex,
+    )
     env.globals.update(min=min, max=max)
     env.trim_blocks = True
     env.lstrip_blocks = True
@@ -94,8 +101,15 @@ def common_context(request: Request) -> dict:
     return {"site": site, "urls": urls, "base": base, "canonical": base + _here(request, urls)}
 
 
-def render_page(request: Request, template: str, page: BaseModel, *, fragments: dict[str, str] | None = None,
-                status_code: int = 200, extra: dict | None = None) -> HTMLResponse:
+def render_page(
+    request: Request,
+    template: str,
+    page: BaseModel,
+    *,
+    fragments: dict[str, str] | None = None,
+    status_code: int = 200,
+    extra: dict | None = None,
+) -> HTMLResponse:
     """Render `page` with `template`, or only one of its `fragments` when htmx asks for it.
     `extra` adds page-specific names to the context (the upload result and its image source)."""
     name = htmx.choose_template(request, template, fragments or {})

@@ -25,7 +25,7 @@ def app_path(scope) -> str:
     """The request's path inside the app: its ASGI `path` without the `root_path` prefix."""
     path, root = scope["path"], scope.get("root_path", "").rstrip("/")
     if root and (path == root or path.startswith(root + "/")):
-        return path[len(root):] or "/"
+        return path[len(root) :] or "/"
     return path
 
 

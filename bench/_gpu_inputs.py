@@ -32,8 +32,11 @@ def make_model(folder: Path, architecture: str) -> Path:
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config
 
     if not (folder / "open_clip_pytorch_model.bin").is_file():
-        config = (open_clip.get_model_config(architecture) if architecture != "tiny"
-                  else tiny_clip_config(width=32, layers=23, heads=2))
+        config = (
+            open_clip.get_model_config(architecture)
+            if architecture != "tiny"
+            else tiny_clip_config(width=32, layers=23, heads=2)
+        )
         save_tiny_clip(folder, config)
     return folder
 
@@ -73,8 +76,14 @@ def write_shard(path: Path, first: int, count: int) -> Path:
                 key = f"{n:09d}"
                 _member(tar, f"{key}.jpg", data.getvalue())
                 _member(tar, f"{key}.txt", caption.encode())
-                meta = {"key": key, "caption": caption, "url": None, "width": image.width, "height": image.height,
-                        "status": "success"}
+                meta = {
+                    "key": key,
+                    "caption": caption,
+                    "url": None,
+                    "width": image.width,
+                    "height": image.height,
+                    "status": "success",
+                }
                 _member(tar, f"{key}.json", json.dumps(meta).encode())
         path.with_name(f"{path.stem}_stats.json").write_text(json.dumps({"successes": count}))
         partial.replace(path)
@@ -90,8 +99,12 @@ def make_inputs(work: Path, architecture: str, n_features: int, k: int, shards: 
         list(pool.map(write_shard, paths, [n * shard_size for n in range(shards)], [shard_size] * shards))
     model = make_model(work / "model", architecture)
     width = json.loads((model / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]["width"]
-    return {"model": f"local-dir:{model}", "sae": str(make_saes(work / "sae", width, n_features, k)),
-            "shards": [str(p) for p in paths], "shard_size": shard_size}
+    return {
+        "model": f"local-dir:{model}",
+        "sae": str(make_saes(work / "sae", width, n_features, k)),
+        "shards": [str(p) for p in paths],
+        "shard_size": shard_size,
+    }
 
 
 def shard_list(inputs: dict, images: float) -> list[str]:

@@ -34,8 +34,10 @@ class BatchClock:
     def __enter__(self) -> BatchClock:
         missing = [name for name in ("encode_batch", "checkpoint") if not hasattr(self.job, name)]
         if missing:
-            raise SystemExit(f"the job has no {', '.join(missing)} any more: bench/_job_clock.py times the job "
-                             f"through them, follow its new names")
+            raise SystemExit(
+                f"the job has no {', '.join(missing)} any more: bench/_job_clock.py times the job "
+                f"through them, follow its new names"
+            )
         self.saved = self.job.encode_batch, self.job.checkpoint
         self.job.encode_batch, self.job.checkpoint = self._encode_batch, self._checkpoint
         return self
@@ -78,10 +80,15 @@ class BatchClock:
         seconds = closed - opened
         images = sum(n for _, _, n in inside)
         spans = [(s, e) for s, e in self.checkpoints if opened < s and e <= closed]
-        return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
-                "warmed_up": self.opened is not None,
-                "encode_batch_share": round(sum(e - s for s, e, _ in inside) / seconds, 3),
-                "checkpoints": len(spans), "checkpoint_s": round(sum(e - s for s, e in spans), 3)}
+        return {
+            "images": images,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 1),
+            "warmed_up": self.opened is not None,
+            "encode_batch_share": round(sum(e - s for s, e, _ in inside) / seconds, 3),
+            "checkpoints": len(spans),
+            "checkpoint_s": round(sum(e - s for s, e in spans), 3),
+        }
 
 
 def timed_run(config, warmup_s: float, window_s: float, stop: bool, on_state=None) -> dict:
@@ -95,8 +102,13 @@ def timed_run(config, warmup_s: float, window_s: float, stop: bool, on_state=Non
     try:
         with BatchClock(warmup_s, window_s, stop) as clock:
             run(config)
-        figures = {"batch_size": config.batch_size, "layers": list(config.layers), **clock.window(),
-                   "wall_s": round(time.perf_counter() - started, 1), "index_written": out.is_file()}
+        figures = {
+            "batch_size": config.batch_size,
+            "layers": list(config.layers),
+            **clock.window(),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "index_written": out.is_file(),
+        }
         if on_state is not None:
             figures.update(on_state(clock.state))
     finally:  # what a stopped or failed run leaves: its work folder, and its state on the device until collected
@@ -105,8 +117,10 @@ def timed_run(config, warmup_s: float, window_s: float, stop: bool, on_state=Non
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print(f"  batch {config.batch_size}, layers {','.join(map(str, config.layers))}: "
-          f"{figures['images_per_s']:,.0f} img/s over {figures['seconds']:.1f} s ({figures['images']:,} images, "
-          f"{figures['encode_batch_share']:.0%} of the time in encode_batch, {figures['checkpoint_s']:.1f} s in "
-          f"{figures['checkpoints']} checkpoints); the run took {figures['wall_s']:.0f} s")
+    print(
+        f"  batch {config.batch_size}, layers {','.join(map(str, config.layers))}: "
+        f"{figures['images_per_s']:,.0f} img/s over {figures['seconds']:.1f} s ({figures['images']:,} images, "
+        f"{figures['encode_batch_share']:.0%} of the time in encode_batch, {figures['checkpoint_s']:.1f} s in "
+        f"{figures['checkpoints']} checkpoints); the run took {figures['wall_s']:.0f} s"
+    )
     return figures

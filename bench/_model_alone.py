@@ -53,16 +53,21 @@ def agreement(code: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Te
     same = (code[1].sort(-1).values == reference[1].sort(-1).values).all(-1)
     mine, theirs = (values.sort(-1, descending=True).values for values in (code[0], reference[0]))
     relative = (mine - theirs).abs().amax(-1) / theirs.abs().amax(-1).clamp_min(1e-12)
-    return {"same_sets": round(float(same.float().mean()), 4), "max_rel_diff": float(relative.max()),
-            "median_rel_diff": float(relative.median())}
+    return {
+        "same_sets": round(float(same.float().mean()), 4),
+        "max_rel_diff": float(relative.max()),
+        "median_rel_diff": float(relative.median()),
+    }
 
 
 def layer_codes(components, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) at LAYER of the first `count` images, on the CPU, as the job's `encode_pixels` gives them."""
     from clipscope_explorer.precompute.model.encode import encode_pixels
 
-    parts = [encode_pixels(components.tower, components.saes, part, components.precision)[LAYER].code
-             for part in first_pixels(components, count).split(16)]
+    parts = [
+        encode_pixels(components.tower, components.saes, part, components.precision)[LAYER].code
+        for part in first_pixels(components, count).split(16)
+    ]
     return torch.cat([p.values.float().cpu() for p in parts]), torch.cat([p.indices.cpu() for p in parts])
 
 
@@ -77,5 +82,9 @@ def fidelity(config, run_on: str, images: int, loaded=None) -> dict:
         return layer_codes(have[device, precision], images)
 
     bf16, fp32, cpu = codes(run_on, "bf16"), codes(run_on, "fp32"), codes("cpu", "fp32")
-    return {"images": images, "bf16_vs_fp32": agreement(bf16, fp32),
-            "fp32_vs_cpu_fp32": agreement(fp32, cpu), "bf16_vs_cpu_fp32": agreement(bf16, cpu)}
+    return {
+        "images": images,
+        "bf16_vs_fp32": agreement(bf16, fp32),
+        "fp32_vs_cpu_fp32": agreement(fp32, cpu),
+        "bf16_vs_cpu_fp32": agreement(bf16, cpu),
+    }

@@ -69,6 +69,7 @@ def describe_processes(root: int) -> list[str]:
             continue
         role = "supervisor" if pid == root else "resource tracker" if b"resource_tracker" in words else "worker"
         rss, cpu = rss_and_cpu([pid])
-        lines.append(f"server process {pid} ({role}): RSS {rss / 2**20:.0f} MiB, CPU {cpu:.1f} s, "
-                     f"{open_sockets(pid)} sockets")
+        lines.append(
+            f"server process {pid} ({role}): RSS {rss / 2**20:.0f} MiB, CPU {cpu:.1f} s, {open_sockets(pid)} sockets"
+        )
     return lines

@@ -13,8 +13,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` without `pip install -e .`
@@ -64,7 +64,11 @@ def interleaved_medians(
         note = "  WARNING: machine was shared, timings are suspect" if others > 0.1 else ""
         print(f"  other processes used {others:.2f} of {os.cpu_count()} cores while timing{note}")
     for name in names:
-        print(f"  {name}: " + " ".join(f"{t:.3f}" for t in times[name]) + f" s (median {statistics.median(times[name]):.3f})")
+        print(
+            f"  {name}: "
+            + " ".join(f"{t:.3f}" for t in times[name])
+            + f" s (median {statistics.median(times[name]):.3f})"
+        )
     return {name: statistics.median(times[name]) for name in names}, times
 
 
@@ -88,5 +92,7 @@ def print_results(name: str, results: list[tuple[str, bool]]) -> None:
     for line, _ in results:
         print(line)
     passed = sum(ok for _, ok in results)
-    print(f"RESULT {name} {passed}/{len(results)} target =={len(results)}/{len(results)} "
-          f"{'PASS' if passed == len(results) else 'MISS'}")
+    print(
+        f"RESULT {name} {passed}/{len(results)} target =={len(results)}/{len(results)} "
+        f"{'PASS' if passed == len(results) else 'MISS'}"
+    )

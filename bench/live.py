@@ -61,46 +61,105 @@ def build_index(path: Path) -> None:
     rng = np.random.default_rng(0)
     edges = histogram_edges().numpy()
     with IndexWriter(path) as writer:
-        writer.add_layer({"layer": LAYER, "sae_file": "random", "checkpoint": None, "d_in": 1024,
-                          "n_features": N_FEATURES, "k": K, "n_images": N_IMAGES, "n_tokens": N_IMAGES * 257,
-                          "mse": 300.0, "explained_variance": 0.7, "mse_raw": 300.0, "explained_variance_raw": 0.7,
-                          "l0": 32.0, "dead_fraction": 0.0, "active_fraction": 0.1, "nonpositive_kept_fraction": 0.0,
-                          "mse_by_position": [300.0] * 257, "histogram_edges": edges.tolist()})
+        writer.add_layer(
+            {
+                "layer": LAYER,
+                "sae_file": "random",
+                "checkpoint": None,
+                "d_in": 1024,
+                "n_features": N_FEATURES,
+                "k": K,
+                "n_images": N_IMAGES,
+                "n_tokens": N_IMAGES * 257,
+                "mse": 300.0,
+                "explained_variance": 0.7,
+                "mse_raw": 300.0,
+                "explained_variance_raw": 0.7,
+                "l0": 32.0,
+                "dead_fraction": 0.0,
+                "active_fraction": 0.1,
+                "nonpositive_kept_fraction": 0.0,
+                "mse_by_position": [300.0] * 257,
+                "histogram_edges": edges.tolist(),
+            }
+        )
         features = np.arange(N_FEATURES, dtype=np.int32)
         frequency = 10 ** rng.uniform(-6, -1, N_FEATURES)
         words = [["synthetic", f"w{f % 997}", f"t{f % 89}"] for f in features]
-        writer.add_rows("features", {
-            "layer": np.full(N_FEATURES, LAYER, np.int32), "feature": features,
-            "n_fired_tokens": (frequency * N_IMAGES * 257).astype(np.int64),
-            "n_fired_images": (frequency * N_IMAGES).astype(np.int64), "n_fired_cls": np.zeros(N_FEATURES, np.int64),
-            "frequency": frequency, "image_frequency": frequency, "cls_frequency": frequency / 10,
-            "mean_activation": rng.uniform(1, 5, N_FEATURES), "max_activation": rng.uniform(5, 50, N_FEATURES),
-            "histogram": rng.integers(0, 100, (N_FEATURES, len(edges) - 1)).astype(np.int32),
-            "position_mean": rng.random((N_FEATURES, 257), dtype=np.float32), "label_terms": words,
-            "label": [" ".join(w) for w in words],
-            "similar_features": rng.integers(0, N_FEATURES, (N_FEATURES, 10)).astype(np.int32),
-            "similar_cosines": np.sort(rng.random((N_FEATURES, 10), dtype=np.float32))[:, ::-1].copy()})
+        writer.add_rows(
+            "features",
+            {
+                "layer": np.full(N_FEATURES, LAYER, np.int32),
+                "feature": features,
+                "n_fired_tokens": (frequency * N_IMAGES * 257).astype(np.int64),
+                "n_fired_images": (frequency * N_IMAGES).astype(np.int64),
+                "n_fired_cls": np.zeros(N_FEATURES, np.int64),
+                "frequency": frequency,
+                "image_frequency": frequency,
+                "cls_frequency": frequency / 10,
+                "mean_activation": rng.uniform(1, 5, N_FEATURES),
+                "max_activation": rng.uniform(5, 50, N_FEATURES),
+                "histogram": rng.integers(0, 100, (N_FEATURES, len(edges) - 1)).astype(np.int32),
+                "position_mean": rng.random((N_FEATURES, 257), dtype=np.float32),
+                "label_terms": words,
+                "label": [" ".join(w) for w in words],
+                "similar_features": rng.integers(0, N_FEATURES, (N_FEATURES, 10)).astype(np.int32),
+                "similar_cosines": np.sort(rng.random((N_FEATURES, 10), dtype=np.float32))[:, ::-1].copy(),
+            },
+        )
         rows = N_FEATURES * TOP_N
         activation = np.sort(rng.uniform(1, 50, (N_FEATURES, TOP_N)).astype(np.float32))[:, ::-1].reshape(-1)
-        writer.add_rows("examples", {
-            "layer": np.full(rows, LAYER, np.int32), "feature": np.repeat(features, TOP_N), "kind": ["top"] * rows,
-            "band": np.zeros(rows, np.int8), "rank": np.tile(np.arange(1, TOP_N + 1, dtype=np.int32), N_FEATURES),
-            "image_id": rng.integers(0, N_IMAGES, rows).astype(np.int32), "activation": activation,
-            "cls_activation": activation / 3, "heatmap_scale": activation / 255,
-            "heatmap": blob_column(rng.integers(0, 256, (rows, 256), dtype=np.uint8))})
+        writer.add_rows(
+            "examples",
+            {
+                "layer": np.full(rows, LAYER, np.int32),
+                "feature": np.repeat(features, TOP_N),
+                "kind": ["top"] * rows,
+                "band": np.zeros(rows, np.int8),
+                "rank": np.tile(np.arange(1, TOP_N + 1, dtype=np.int32), N_FEATURES),
+                "image_id": rng.integers(0, N_IMAGES, rows).astype(np.int32),
+                "activation": activation,
+                "cls_activation": activation / 3,
+                "heatmap_scale": activation / 255,
+                "heatmap": blob_column(rng.integers(0, 256, (rows, 256), dtype=np.uint8)),
+            },
+        )
         thumb = io.BytesIO()
         Image.new("RGB", (224, 224), (90, 120, 160)).save(thumb, "JPEG")
         ids = np.arange(N_IMAGES, dtype=np.int32)
-        writer.add_rows("images", {
-            "image_id": ids, "source": ["synthetic"] * N_IMAGES, "key": [f"{i:09d}" for i in ids],
-            "url": [None] * N_IMAGES, "caption": [f"synthetic image {i}" for i in ids],
-            "width": np.full(N_IMAGES, 640, np.int32), "height": np.full(N_IMAGES, 480, np.int32),
-            "thumbnail": [thumb.getvalue()] * N_IMAGES})
-        writer.put_meta(model={"name": "ViT-L-14", "pretrained": None}, sae={"source": "random", "checkpoint": None},
-                        released_suite=False, layers=[LAYER], n_tokens=257, grid=[16, 16], d_model=1024,
-                        image_size=224, normalisation="none", sample={"sources": ["synthetic"], "n_images": N_IMAGES,
-                        "n_skipped": 0, "skipped": []}, top_n=TOP_N, band_count=0, band_size=0,
-                        active_threshold=0.01, timings={}, versions={}, demo=False, precision=INDEX_PRECISION)
+        writer.add_rows(
+            "images",
+            {
+                "image_id": ids,
+                "source": ["synthetic"] * N_IMAGES,
+                "key": [f"{i:09d}" for i in ids],
+                "url": [None] * N_IMAGES,
+                "caption": [f"synthetic image {i}" for i in ids],
+                "width": np.full(N_IMAGES, 640, np.int32),
+                "height": np.full(N_IMAGES, 480, np.int32),
+                "thumbnail": [thumb.getvalue()] * N_IMAGES,
+            },
+        )
+        writer.put_meta(
+            model={"name": "ViT-L-14", "pretrained": None},
+            sae={"source": "random", "checkpoint": None},
+            released_suite=False,
+            layers=[LAYER],
+            n_tokens=257,
+            grid=[16, 16],
+            d_model=1024,
+            image_size=224,
+            normalisation="none",
+            sample={"sources": ["synthetic"], "n_images": N_IMAGES, "n_skipped": 0, "skipped": []},
+            top_n=TOP_N,
+            band_count=0,
+            band_size=0,
+            active_threshold=0.01,
+            timings={},
+            versions={},
+            demo=False,
+            precision=INDEX_PRECISION,
+        )
         writer.finish()
 
 
@@ -118,8 +177,7 @@ def model_and_sae():
     tower = load_tower("ViT-L-14", device=device, random_weights=True, weights_precision=precision)
     generator = torch.Generator().manual_seed(1)
     enc = torch.randn(1024, N_FEATURES, generator=generator) / 32
-    sae = SAEEncoder(0.1 * torch.randn(1024, generator=generator), enc, K, weights_precision=precision,
-                     device=device)
+    sae = SAEEncoder(0.1 * torch.randn(1024, generator=generator), enc, K, weights_precision=precision, device=device)
     return tower, sae, precision
 
 
@@ -140,10 +198,17 @@ def serve(port: int, index: Path, store: Path, pipes: tuple[int, int] | None = N
     from clipscope_explorer.app.settings import Settings
 
     tower, sae, precision = model_and_sae()
-    spec = LiveSpec(model="ViT-L-14 (random weights)", pretrained=None, sae="random", layers=(LAYER,),
-                    index_layers=(LAYER,))
-    settings = Settings(index=index, upload_store=store, live_queue_size=16, live_batch_size=8,
-                        upload_rate_limit=0, upload_slots_per_client=0)  # one client address sends every upload
+    spec = LiveSpec(
+        model="ViT-L-14 (random weights)", pretrained=None, sae="random", layers=(LAYER,), index_layers=(LAYER,)
+    )
+    settings = Settings(
+        index=index,
+        upload_store=store,
+        live_queue_size=16,
+        live_batch_size=8,
+        upload_rate_limit=0,
+        upload_slots_per_client=0,
+    )  # one client address sends every upload
     encoder = LiveEncoder(tower, {LAYER: sae}, spec, 8, 16, precision)
     if pipes:
         threading.Thread(target=answer_bare_requests, args=(tower, sae, precision, *pipes), daemon=True).start()
@@ -167,8 +232,11 @@ def answer_bare_requests(tower, sae, precision: str, requests: int, replies: int
         if tower.device.type == "cuda":
             torch.cuda.synchronize()
 
-    runs = {"one": lambda: run(pixels), "batch of 8": lambda: run(batch),
-            "8 x 1": lambda: [run(pixels) for _ in range(8)]}
+    runs = {
+        "one": lambda: run(pixels),
+        "batch of 8": lambda: run(batch),
+        "8 x 1": lambda: [run(pixels) for _ in range(8)],
+    }
     with open(requests) as inbox, open(replies, "w", buffering=1) as outbox:
         for line in inbox:
             start = time.perf_counter()
@@ -323,15 +391,20 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     bare = BareCompute()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(index), str(store),
-                               *map(str, bare.server_fds())], cwd=REPO_ROOT, pass_fds=bare.server_fds())
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), str(index), str(store), *map(str, bare.server_fds())],
+        cwd=REPO_ROOT,
+        pass_fds=bare.server_fds(),
+    )
     bare.close_server_ends()
     results = []
     try:
         on_gpu = torch.cuda.is_available()
         precision = live_precision(torch.device("cuda" if on_gpu else "cpu"))
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'cuda' if on_gpu else 'cpu'}, "
-              f"{precision}; ViT-L-14 (random) + SAE 1024 x {N_FEATURES}, k {K}, layer {LAYER}")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'cuda' if on_gpu else 'cpu'}, "
+            f"{precision}; ViT-L-14 (random) + SAE 1024 x {N_FEATURES}, k {K}, layer {LAYER}"
+        )
         wait_ready(base, server)
         served = httpx_json(base + "/api/upload")["live"]["precision"]
         if served != precision:
@@ -340,8 +413,7 @@ def main() -> None:
 
         print("1. one upload against the bare model + SAE, timed in the server process on its own model:")
         with CpuShare(server.pid):
-            medians, times = interleaved_medians({"upload": one.upload, "bare compute": lambda: bare("one")},
-                                                 repeats=7)
+            medians, times = interleaved_medians({"upload": one.upload, "bare compute": lambda: bare("one")}, repeats=7)
         ratio = paired_ratio(times, "upload", "bare compute")
         print(f"  upload {medians['upload'] * 1e3:.0f} ms, bare {medians['bare compute'] * 1e3:.0f} ms")
         results.append(result_line("live_latency_ratio", ratio, "<=", 1.15))
@@ -361,21 +433,31 @@ def main() -> None:
         print("2. 8 uploads, concurrent against serial; and the bare compute's own gain from a batch of 8:")
         before = httpx_json(base + "/api/upload")["live"]["batches"]
         with CpuShare(server.pid):
-            medians, times = interleaved_medians({"8 concurrent": concurrent, "8 serial": serial,
-                                                 "bare batch of 8": lambda: bare("batch of 8"),
-                                                 "bare 8 x 1": lambda: bare("8 x 1")},
-                                                repeats=3)
+            medians, times = interleaved_medians(
+                {
+                    "8 concurrent": concurrent,
+                    "8 serial": serial,
+                    "bare batch of 8": lambda: bare("batch of 8"),
+                    "bare 8 x 1": lambda: bare("8 x 1"),
+                },
+                repeats=3,
+            )
         live = httpx_json(base + "/api/upload")["live"]
         speedup = paired_ratio(times, "8 serial", "8 concurrent")
         ceiling = paired_ratio(times, "bare 8 x 1", "bare batch of 8")
-        print(f"  throughput {8 / medians['8 concurrent']:.2f} uploads/s concurrent, "
-              f"{8 / medians['8 serial']:.2f} serial: x{speedup:.2f}; the bare compute gains x{ceiling:.2f} "
-              f"from batching 8 (the ceiling here); server: {live['batches'] - before} batches, "
-              f"largest {live['largest_batch']}")
+        print(
+            f"  throughput {8 / medians['8 concurrent']:.2f} uploads/s concurrent, "
+            f"{8 / medians['8 serial']:.2f} serial: x{speedup:.2f}; the bare compute gains x{ceiling:.2f} "
+            f"from batching 8 (the ceiling here); server: {live['batches'] - before} batches, "
+            f"largest {live['largest_batch']}"
+        )
         print(f"  info: live_concurrent_throughput_ratio {speedup:.3f} (8 concurrent against 8 serial)")
         relative = statistics.median(
-            (serial / together) / (one_by_one / batched) for serial, together, one_by_one, batched in zip(
-                times["8 serial"], times["8 concurrent"], times["bare 8 x 1"], times["bare batch of 8"]))
+            (serial / together) / (one_by_one / batched)
+            for serial, together, one_by_one, batched in zip(
+                times["8 serial"], times["8 concurrent"], times["bare 8 x 1"], times["bare batch of 8"]
+            )
+        )
         results.append(result_line("live_concurrent_gain_vs_bare", relative, ">=", 0.9))
 
         print("3. feature pages while 4 clients upload continuously:")
@@ -397,8 +479,10 @@ def main() -> None:
                 worker.result()
         p99_idle, p99 = np.percentile(idle, 99) * 1e3, np.percentile(busy, 99) * 1e3
         print(f"  idle: {len(idle)} pages, p50 {np.percentile(idle, 50) * 1e3:.1f} ms, p99 {p99_idle:.1f} ms")
-        print(f"  4 uploading: {len(busy)} pages, p50 {np.percentile(busy, 50) * 1e3:.1f} ms, p99 {p99:.1f} ms, "
-              f"max {max(busy) * 1e3:.0f} ms; {len(uploaded)} uploads done, median {statistics.median(uploaded):.1f} s")
+        print(
+            f"  4 uploading: {len(busy)} pages, p50 {np.percentile(busy, 50) * 1e3:.1f} ms, p99 {p99:.1f} ms, "
+            f"max {max(busy) * 1e3:.0f} ms; {len(uploaded)} uploads done, median {statistics.median(uploaded):.1f} s"
+        )
         results.append(result_line("live_browse_p99_ms_while_uploading", p99, "<=", 150, 1))
         if not on_gpu:
             print("  (no GPU: the GPU target, p50 upload <= 60 ms, is not measured)")

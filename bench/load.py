@@ -36,17 +36,25 @@ import threading
 import time
 from collections import Counter, defaultdict
 
-from _procs import describe_processes, machine_busy, rss_and_cpu, server_tree
-from _timing import REPO_ROOT, result_line, print_results
-from serve import free_port, wait_ready
-
 import numpy as np
+from _procs import describe_processes, machine_busy, rss_and_cpu, server_tree
+from _timing import REPO_ROOT, print_results, result_line
+from serve import free_port, wait_ready
 
 CACHE = REPO_ROOT / "bench" / ".cache" / "load"
 SECONDS = float(os.environ.get("BENCH_SECONDS", 60))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", 32))
-MIX = [("feature_page", 30), ("feature_json", 12), ("layer_page", 8), ("layer_json", 4), ("search", 6),
-       ("search_json", 3), ("thumbnail", 22), ("overlay", 12), ("upload", 3)]
+MIX = [
+    ("feature_page", 30),
+    ("feature_json", 12),
+    ("layer_page", 8),
+    ("layer_json", 4),
+    ("search", 6),
+    ("search_json", 3),
+    ("thumbnail", 22),
+    ("overlay", 12),
+    ("upload", 3),
+]
 PAGES = {"feature_page", "feature_json", "layer_page", "layer_json", "search", "search_json"}
 
 
@@ -95,8 +103,14 @@ def photos(count: int) -> list[bytes]:
 
 def multipart(image: bytes) -> tuple[bytes, str]:
     boundary = "clipscope-load-bench"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -135,7 +149,7 @@ class Workload:
             "feature_page": f"/layers/{layer}/features/{feature}",
             "feature_json": f"/api/layers/{layer}/features/{feature}",
             "layer_page": f"/layers/{layer}?sort={rng.choice(['frequency', 'max_activation', 'feature'])}"
-                          f"&order=desc&page={rng.randrange(1, 4)}",
+            f"&order=desc&page={rng.randrange(1, 4)}",
             "layer_json": f"/api/layers/{layer}?min_freq=0&page={rng.randrange(1, 4)}",
             "search": f"/search?q={rng.choice(self.words).replace(' ', '+')}",
             "search_json": f"/api/search?q={rng.choice(self.words).replace(' ', '+')}",
@@ -167,7 +181,7 @@ async def drive(port: int, workload: Workload, clients: int, seconds: float, kin
             start = time.perf_counter()
             try:
                 status = await asyncio.wait_for(connection.request(method, path, body, content_type), 30)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError) as error:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionError, ValueError) as error:
                 stats.connection_errors.append(f"{kind} {path}: {error!r}")
                 connection.close()
                 continue
@@ -219,17 +233,34 @@ def main() -> None:
     store = tempfile.mkdtemp(prefix="store-", dir=CACHE)
     port = free_port()
     log = open(CACHE / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port),
-                               "--workers", "2", "--upload-store", store],
-                              cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clipscope_explorer.cli",
+            "serve",
+            str(index),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--upload-store",
+            store,
+        ],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_ready(port, server)
         wait_live(port, server)
         workload = Workload(port, seed=0)
         baseline = asyncio.run(drive_static(port, 5))
         idle = asyncio.run(drive(port, workload, 1, 5, kinds={"feature_page"}))
-        print(f"baseline, 1 client: static favicon {percentiles_ms(baseline)}; "
-              f"feature pages {percentiles_ms(idle.latency['feature_page'])}")
+        print(
+            f"baseline, 1 client: static favicon {percentiles_ms(baseline)}; "
+            f"feature pages {percentiles_ms(idle.latency['feature_page'])}"
+        )
         samples, midway = [], []
         stop = threading.Event()
         sampler = threading.Thread(target=sample_rss, args=(server.pid, samples, midway, stop), daemon=True)
@@ -266,15 +297,22 @@ def report(stats: Stats, samples: list, cpu: tuple[float, float]) -> None:
         statuses = ", ".join(f"{s}: {n}" for s, n in sorted(stats.status[kind].items()))
         print(f"  {kind:13s} {percentiles_ms(stats.latency[kind]):32s} {statuses}")
     uploads = stats.status["upload"]
-    server_errors = sum(n for kind, c in stats.status.items() for s, n in c.items()
-                        if s >= 500 and not (kind == "upload" and s == 503))
-    print(f"uploads: {uploads.get(200, 0)} encoded, {uploads.get(503, 0)} busy (503, deliberate backpressure), "
-          f"{uploads.get(429, 0)} rate-limited (429)")
+    server_errors = sum(
+        n for kind, c in stats.status.items() for s, n in c.items() if s >= 500 and not (kind == "upload" and s == 503)
+    )
+    print(
+        f"uploads: {uploads.get(200, 0)} encoded, {uploads.get(503, 0)} busy (503, deliberate backpressure), "
+        f"{uploads.get(429, 0)} rate-limited (429)"
+    )
     print(f"5xx other than upload backpressure: {server_errors}; connection errors: {len(stats.connection_errors)}")
     for line in stats.connection_errors[:5]:
         print(f"  {line}")
-    unexpected = sum(n for kind, c in stats.status.items() for s, n in c.items()
-                     if 400 <= s < 500 and not (kind == "upload" and s == 429))
+    unexpected = sum(
+        n
+        for kind, c in stats.status.items()
+        for s, n in c.items()
+        if 400 <= s < 500 and not (kind == "upload" and s == 429)
+    )
     print(f"other 4xx (would be a bench bug): {unexpected}")
     pages = [t for kind in PAGES for t in stats.latency[kind]]
     p99 = float(np.percentile(pages, 99) * 1e3)
@@ -282,17 +320,23 @@ def report(stats: Stats, samples: list, cpu: tuple[float, float]) -> None:
     at10 = min(samples, key=lambda s: abs(s[0] - 10))
     last = samples[-1]
     growth = (last[1] - at10[1]) / at10[1] * 100
-    print(f"server RSS (all processes): {at10[1] / 2**20:.0f} MiB at {at10[0]:.0f} s, {last[1] / 2**20:.0f} MiB "
-          f"at {last[0]:.0f} s ({growth:+.1f} %); first sample {samples[0][1] / 2**20:.0f} MiB")
+    print(
+        f"server RSS (all processes): {at10[1] / 2**20:.0f} MiB at {at10[0]:.0f} s, {last[1] / 2**20:.0f} MiB "
+        f"at {last[0]:.0f} s ({growth:+.1f} %); first sample {samples[0][1] / 2**20:.0f} MiB"
+    )
     server_cpu = samples[-1][2] - samples[0][2]
     busy, own = cpu
     others = max(0.0, busy - own - server_cpu) / SECONDS
-    print(f"CPU: server {server_cpu / SECONDS:.2f} cores, this client {own / SECONDS:.2f} cores, other processes "
-          f"{others:.2f} cores of {os.cpu_count()}{'  WARNING: machine was shared' if others > 0.1 else ''}")
-    results = [result_line("load_5xx", server_errors, "<=", 0, 0),
-               result_line("load_connection_errors", len(stats.connection_errors), "<=", 0, 0),
-               result_line("load_page_p99_ms", p99, "<=", 500, 1),
-               result_line("load_rss_growth_pct", growth, "<=", 10, 1)]
+    print(
+        f"CPU: server {server_cpu / SECONDS:.2f} cores, this client {own / SECONDS:.2f} cores, other processes "
+        f"{others:.2f} cores of {os.cpu_count()}{'  WARNING: machine was shared' if others > 0.1 else ''}"
+    )
+    results = [
+        result_line("load_5xx", server_errors, "<=", 0, 0),
+        result_line("load_connection_errors", len(stats.connection_errors), "<=", 0, 0),
+        result_line("load_page_p99_ms", p99, "<=", 500, 1),
+        result_line("load_rss_growth_pct", growth, "<=", 10, 1),
+    ]
     print_results("load", results)
 
 

@@ -16,10 +16,9 @@ import json
 import shutil
 import time
 
-from _timing import REPO_ROOT, result_line
-
 import duckdb
 import torch
+from _timing import REPO_ROOT, result_line
 
 CACHE = REPO_ROOT / "bench" / ".cache" / "precompute"
 N_IMAGES, BATCH, LAYER, TARGET = 48, 16, 20, 1.15
@@ -29,8 +28,8 @@ def prepare_inputs():
     """A ViT-L-14 CLIP with random weights in the hub layout, a full-size SAE, 48 images (cached)."""
     import open_clip
 
-    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, write_scenes
+    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
     model_dir = CACHE / "vit-l-14-random"
     if not (model_dir / "open_clip_pytorch_model.bin").is_file():
@@ -48,8 +47,8 @@ def prepare_inputs():
 
 def baseline_seconds(model_dir, sae_dir, images) -> float:
     from clipscope_explorer.precompute.model.checkpoints import load_sae
-    from clipscope_explorer.precompute.sources import ShardBatches, resolve_sources
     from clipscope_explorer.precompute.model.vision import load_tower
+    from clipscope_explorer.precompute.sources import ShardBatches, resolve_sources
 
     tower = load_tower(f"local-dir:{model_dir}", device="cpu")
     sae = load_sae(str(sae_dir), LAYER)
@@ -68,8 +67,17 @@ def precompute_seconds(model_dir, sae_dir, images) -> dict:
     out = CACHE / "bench.duckdb"
     for leftover in (out, out.with_name(out.name + ".work")):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    config = PrecomputeConfig(images=[str(images)], out=out, model=f"local-dir:{model_dir}", sae=str(sae_dir),
-                              layers=[LAYER], batch_size=BATCH, device="cpu", workers=1, progress=False)
+    config = PrecomputeConfig(
+        images=[str(images)],
+        out=out,
+        model=f"local-dir:{model_dir}",
+        sae=str(sae_dir),
+        layers=[LAYER],
+        batch_size=BATCH,
+        device="cpu",
+        workers=1,
+        progress=False,
+    )
     start = time.perf_counter()
     run(config)
     wall = time.perf_counter() - start
@@ -100,8 +108,10 @@ def main() -> None:
     run = precompute_seconds(model_dir, sae_dir, images)
     work = run["wall"] - loading - run["neighbours"]
     print(f"baseline capture+encode+decode: {base:.2f} s ({N_IMAGES / base:.2f} img/s)")
-    print(f"precompute: wall {run['wall']:.2f} s, encode {run['encode']:.2f} s, neighbours {run['neighbours']:.2f} s "
-          f"(cached), labels {run['labels']:.2f} s, write {run['write']:.2f} s")
+    print(
+        f"precompute: wall {run['wall']:.2f} s, encode {run['encode']:.2f} s, neighbours {run['neighbours']:.2f} s "
+        f"(cached), labels {run['labels']:.2f} s, write {run['write']:.2f} s"
+    )
     print(f"precompute without loading and neighbours: {work:.2f} s")
     line, _ = result_line("precompute_overhead_ratio", work / base, "<=", TARGET)
     print(line)

@@ -95,8 +95,12 @@ def prepare() -> None:
 
 def measure(n_images: int) -> dict:
     """Bytes of RSS at the points the child records, for one run on `n_images` images."""
-    result = subprocess.run([sys.executable, "-c", CHILD, str(CACHE), str(n_images), json.dumps(LAYERS),
-                             str(TOP_N), str(BAND_SAMPLES)], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(CACHE), str(n_images), json.dumps(LAYERS), str(TOP_N), str(BAND_SAMPLES)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"the run on {n_images} images failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,11 +113,13 @@ def main() -> None:
     runs = {n: measure(n) for n in SIZES}
     mib = 2**20
     for n, run in runs.items():
-        print(f"{n} images: RSS {run['before_state'] / mib:.0f} MiB before the accumulators, "
-              f"+{(run['after_state'] - run['before_state']) / mib:.1f} MiB when made (predicted "
-              f"{run['predicted'] / mib:.1f} MiB), {run['after_encode'] / mib:.0f} MiB after the last batch, "
-              f"peak {run['peak'] / mib:.0f} MiB; example lists full for {run['lists_full']:.0%} of the live "
-              f"features (the least filled kind and layer)")
+        print(
+            f"{n} images: RSS {run['before_state'] / mib:.0f} MiB before the accumulators, "
+            f"+{(run['after_state'] - run['before_state']) / mib:.1f} MiB when made (predicted "
+            f"{run['predicted'] / mib:.1f} MiB), {run['after_encode'] / mib:.0f} MiB after the last batch, "
+            f"peak {run['peak'] / mib:.0f} MiB; example lists full for {run['lists_full']:.0%} of the live "
+            f"features (the least filled kind and layer)"
+        )
     small, large = (runs[n] for n in SIZES)
     if small["lists_full"] < FULL:
         print(f"  WARNING: at {SIZES[0]:,} images the example lists are still filling: growth is not a leak measure")
@@ -122,12 +128,18 @@ def main() -> None:
     growth = (large["after_encode"] - small["after_encode"]) / images / 1024
     peak_growth = (large["peak"] - small["peak"]) / images / 1024
     released = 8 * predicted_state_bytes(65_536, 257, TOP_N, BAND_SAMPLES) / 2**30
-    print(f"  info: peak RSS grows {peak_growth:.2f} KiB per image; {SIZES[1]:,} / {SIZES[0]:,} images: "
-          f"{large['peak'] / small['peak']:.3f}")
+    print(
+        f"  info: peak RSS grows {peak_growth:.2f} KiB per image; {SIZES[1]:,} / {SIZES[0]:,} images: "
+        f"{large['peak'] / small['peak']:.3f}"
+    )
     print(f"  info: the released suite (8 layers x 65,536 features, 257 tokens) predicts {released:.2f} GiB of state")
-    print_results("precompute_memory", [
-        result_line("precompute_memory_state_ratio", ratio, "<=", STATE_TARGET),
-        result_line("precompute_memory_growth_kib_per_image", growth, "<=", GROWTH_TARGET_KIB, 2)])
+    print_results(
+        "precompute_memory",
+        [
+            result_line("precompute_memory_state_ratio", ratio, "<=", STATE_TARGET),
+            result_line("precompute_memory_growth_kib_per_image", growth, "<=", GROWTH_TARGET_KIB, 2),
+        ],
+    )
 
 
 if __name__ == "__main__":

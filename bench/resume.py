@@ -31,8 +31,8 @@ def prepare() -> None:
     import torch
 
     from clipscope_explorer.precompute.demo.build import DEMO_MODEL, DEMO_POSITION_SCALE
-    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
+    from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
     write_scenes(CACHE / "images", N_IMAGES)
     if not (CACHE / "model" / "open_clip_pytorch_model.bin").is_file():
@@ -46,9 +46,30 @@ def prepare() -> None:
 
 
 def command(out) -> list[str]:
-    return [sys.executable, "-m", "precompute", "--images", str(CACHE / "images"), "--out", str(out),
-            "--model", f"local-dir:{CACHE / 'model'}", "--sae", str(CACHE / "sae"), "--layers", "1,3",
-            "--batch-size", "32", "--device", "cpu", "--workers", "1", "--save-state-every", "64", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "precompute",
+        "--images",
+        str(CACHE / "images"),
+        "--out",
+        str(out),
+        "--model",
+        f"local-dir:{CACHE / 'model'}",
+        "--sae",
+        str(CACHE / "sae"),
+        "--layers",
+        "1,3",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--save-state-every",
+        "64",
+        "--no-progress",
+    ]
 
 
 def clean(out) -> None:
@@ -71,8 +92,9 @@ def main() -> None:
         out = CACHE / f"trial{trial}.duckdb"
         clean(out)
         delay = rng.uniform(0.05, 0.95) * duration
-        process = subprocess.Popen(command(out), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command(out), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         time.sleep(delay)
         finished = process.poll() is not None
         if not finished:
@@ -82,12 +104,16 @@ def main() -> None:
         resumed = subprocess.run(command(out), cwd=REPO_ROOT, capture_output=True, text=True)
         same = resumed.returncode == 0 and index_contents(out) == reference
         identical += same
-        print(f"trial {trial + 1}: killed after {delay:.1f} s ({'finished first' if finished else 'SIGKILL'}, "
-              f"{'resumed from a checkpoint' if had_checkpoint else 'no checkpoint yet'}), "
-              f"resumed: {'identical' if same else 'DIFFERENT'}")
+        print(
+            f"trial {trial + 1}: killed after {delay:.1f} s ({'finished first' if finished else 'SIGKILL'}, "
+            f"{'resumed from a checkpoint' if had_checkpoint else 'no checkpoint yet'}), "
+            f"resumed: {'identical' if same else 'DIFFERENT'}"
+        )
         clean(out)
-    print(f"RESULT resume_identical {identical}/{TRIALS} target =={TRIALS}/{TRIALS} "
-          f"{'PASS' if identical == TRIALS else 'MISS'}")
+    print(
+        f"RESULT resume_identical {identical}/{TRIALS} target =={TRIALS}/{TRIALS} "
+        f"{'PASS' if identical == TRIALS else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

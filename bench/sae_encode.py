@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which adds the repo root)
 
 import torch  # noqa: E402
-
 from _timing import interleaved_medians, paired_ratio, result_line  # noqa: E402
+
 from clipscope_explorer.precompute.model.sae import TopKSAE  # noqa: E402
 
 D_IN, N_FEATURES, K, TOKENS = 1024, 65_536, 32, 2_056
@@ -64,14 +64,21 @@ def main() -> None:
     assert torch.allclose(ours_recon, ref_recon, atol=1e-4, rtol=1e-4), f"reconstructions differ by {max_err}"
 
     medians, times = interleaved_medians(
-        {"ours (encode+decode)": lambda: ours(sae, x), "dense (released)": lambda: dense_reference(x, pre_b, enc, dec, K)},
+        {
+            "ours (encode+decode)": lambda: ours(sae, x),
+            "dense (released)": lambda: dense_reference(x, pre_b, enc, dec, K),
+        },
         repeats=REPEATS,
     )
     t_ours, t_dense = medians["ours (encode+decode)"], medians["dense (released)"]
-    print(f"ours {t_ours:.3f} s, dense {t_dense:.3f} s, "
-          f"ours {TOKENS / t_ours:.0f} tok/s, dense {TOKENS / t_dense:.0f} tok/s")
-    print(f"(for reference, median of per-round ratios: "
-          f"{paired_ratio(times, 'ours (encode+decode)', 'dense (released)'):.3f})")
+    print(
+        f"ours {t_ours:.3f} s, dense {t_dense:.3f} s, "
+        f"ours {TOKENS / t_ours:.0f} tok/s, dense {TOKENS / t_dense:.0f} tok/s"
+    )
+    print(
+        f"(for reference, median of per-round ratios: "
+        f"{paired_ratio(times, 'ours (encode+decode)', 'dense (released)'):.3f})"
+    )
     line, _ = result_line("sae_encode_ratio", t_ours / t_dense, TARGET_OP, TARGET)
     print(line)
 

@@ -24,9 +24,8 @@ import subprocess
 import sys
 import time
 
-from _timing import REPO_ROOT, result_line, print_results
-
 import numpy as np
+from _timing import REPO_ROOT, print_results, result_line
 
 CACHE = REPO_ROOT / "bench" / ".cache" / "serve"
 LAYERS = (2, 5, 8, 11, 14, 17, 20, 22)
@@ -40,7 +39,7 @@ def thumbnails(count: int, rng) -> list[bytes]:
     from PIL import Image
 
     pool = []
-    for i in range(count):
+    for _ in range(count):
         pixels = rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).resize((224, 224), Image.BICUBIC).save(buffer, "JPEG", quality=85)
@@ -57,57 +56,106 @@ def build_index(path) -> None:
     with IndexWriter(path) as writer:
         for layer in LAYERS:
             frequency = 10 ** rng.uniform(-6, -1, N_FEATURES)
-            writer.add_layer({
-                "layer": layer, "sae_file": f"{layer}_resid/1200013184.pt", "checkpoint": 1200013184,
-                "d_in": 1024, "n_features": N_FEATURES, "k": 32, "n_images": 1_000_000, "n_tokens": 257_000_000,
-                "mse": 300.0, "explained_variance": 0.7, "mse_raw": 300.0, "explained_variance_raw": 0.7,
-                "l0": 32.0, "dead_fraction": 0.0, "active_fraction": 0.1, "nonpositive_kept_fraction": 0.001,
-                "mse_by_position": rng.uniform(200, 400, N_TOKENS).tolist(), "histogram_edges": edges.tolist(),
-            })
+            writer.add_layer(
+                {
+                    "layer": layer,
+                    "sae_file": f"{layer}_resid/1200013184.pt",
+                    "checkpoint": 1200013184,
+                    "d_in": 1024,
+                    "n_features": N_FEATURES,
+                    "k": 32,
+                    "n_images": 1_000_000,
+                    "n_tokens": 257_000_000,
+                    "mse": 300.0,
+                    "explained_variance": 0.7,
+                    "mse_raw": 300.0,
+                    "explained_variance_raw": 0.7,
+                    "l0": 32.0,
+                    "dead_fraction": 0.0,
+                    "active_fraction": 0.1,
+                    "nonpositive_kept_fraction": 0.001,
+                    "mse_by_position": rng.uniform(200, 400, N_TOKENS).tolist(),
+                    "histogram_edges": edges.tolist(),
+                }
+            )
             for start in range(0, N_FEATURES, 16_384):
                 n = min(16_384, N_FEATURES - start)
                 features = np.arange(start, start + n, dtype=np.int32)
                 words = [["synthetic", f"w{f % 997}", f"t{f % 89}"] for f in features]
-                writer.add_rows("features", {
-                    "layer": np.full(n, layer, np.int32), "feature": features,
-                    "n_fired_tokens": (frequency[features] * 257e6).astype(np.int64),
-                    "n_fired_images": (frequency[features] * 1e6 * 3).astype(np.int64),
-                    "n_fired_cls": (frequency[features] * 1e5).astype(np.int64),
-                    "frequency": frequency[features], "image_frequency": np.minimum(frequency[features] * 3, 1),
-                    "cls_frequency": frequency[features] / 10, "mean_activation": rng.uniform(1, 5, n),
-                    "max_activation": rng.uniform(5, 50, n),
-                    "histogram": rng.integers(0, 1000, (n, len(edges) - 1)).astype(np.int32),
-                    "position_mean": rng.random((n, N_TOKENS), dtype=np.float32),
-                    "label_terms": words, "label": [" ".join(w) for w in words],
-                    "similar_features": rng.integers(0, N_FEATURES, (n, 10)).astype(np.int32),
-                    "similar_cosines": np.sort(rng.random((n, 10), dtype=np.float32))[:, ::-1].copy(),
-                })
+                writer.add_rows(
+                    "features",
+                    {
+                        "layer": np.full(n, layer, np.int32),
+                        "feature": features,
+                        "n_fired_tokens": (frequency[features] * 257e6).astype(np.int64),
+                        "n_fired_images": (frequency[features] * 1e6 * 3).astype(np.int64),
+                        "n_fired_cls": (frequency[features] * 1e5).astype(np.int64),
+                        "frequency": frequency[features],
+                        "image_frequency": np.minimum(frequency[features] * 3, 1),
+                        "cls_frequency": frequency[features] / 10,
+                        "mean_activation": rng.uniform(1, 5, n),
+                        "max_activation": rng.uniform(5, 50, n),
+                        "histogram": rng.integers(0, 1000, (n, len(edges) - 1)).astype(np.int32),
+                        "position_mean": rng.random((n, N_TOKENS), dtype=np.float32),
+                        "label_terms": words,
+                        "label": [" ".join(w) for w in words],
+                        "similar_features": rng.integers(0, N_FEATURES, (n, 10)).astype(np.int32),
+                        "similar_cosines": np.sort(rng.random((n, 10), dtype=np.float32))[:, ::-1].copy(),
+                    },
+                )
                 rows = n * TOP_N
                 activation = np.sort(rng.uniform(1, 50, (n, TOP_N)).astype(np.float32))[:, ::-1].reshape(-1)
-                writer.add_rows("examples", {
-                    "layer": np.full(rows, layer, np.int32), "feature": np.repeat(features, TOP_N),
-                    "kind": ["top"] * rows, "band": np.zeros(rows, np.int8),
-                    "rank": np.tile(np.arange(1, TOP_N + 1, dtype=np.int32), n),
-                    "image_id": rng.integers(0, N_IMAGES, rows).astype(np.int32), "activation": activation,
-                    "cls_activation": activation / 3, "heatmap_scale": activation / 255,
-                    "heatmap": blob_column(rng.integers(0, 256, (rows, N_TOKENS - 1), dtype=np.uint8)),
-                })
+                writer.add_rows(
+                    "examples",
+                    {
+                        "layer": np.full(rows, layer, np.int32),
+                        "feature": np.repeat(features, TOP_N),
+                        "kind": ["top"] * rows,
+                        "band": np.zeros(rows, np.int8),
+                        "rank": np.tile(np.arange(1, TOP_N + 1, dtype=np.int32), n),
+                        "image_id": rng.integers(0, N_IMAGES, rows).astype(np.int32),
+                        "activation": activation,
+                        "cls_activation": activation / 3,
+                        "heatmap_scale": activation / 255,
+                        "heatmap": blob_column(rng.integers(0, 256, (rows, N_TOKENS - 1), dtype=np.uint8)),
+                    },
+                )
             print(f"  layer {layer} written", flush=True)
         pool = thumbnails(500, rng)
         for start in range(0, N_IMAGES, 10_000):
             ids = np.arange(start, min(start + 10_000, N_IMAGES), dtype=np.int32)
-            writer.add_rows("images", {
-                "image_id": ids, "source": ["laion/00000.tar"] * len(ids), "key": [f"{i:09d}" for i in ids],
-                "url": [f"https://example.org/{i}.jpg" for i in ids], "caption": [f"synthetic image {i}" for i in ids],
-                "width": np.full(len(ids), 640, np.int32), "height": np.full(len(ids), 480, np.int32),
-                "thumbnail": [pool[i % len(pool)] for i in ids],
-            })
-        writer.put_meta(model={"name": "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "pretrained": None},
-                        sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
-                        released_suite=False, layers=list(LAYERS), n_tokens=N_TOKENS, grid=[16, 16], d_model=1024,
-                        image_size=224, normalisation="none", sample={"sources": ["synthetic"], "n_images": 1_000_000,
-                        "n_skipped": 0, "skipped": []}, top_n=TOP_N, band_count=4, band_size=4,
-                        active_threshold=0.01, timings={}, versions={}, demo=False)
+            writer.add_rows(
+                "images",
+                {
+                    "image_id": ids,
+                    "source": ["laion/00000.tar"] * len(ids),
+                    "key": [f"{i:09d}" for i in ids],
+                    "url": [f"https://example.org/{i}.jpg" for i in ids],
+                    "caption": [f"synthetic image {i}" for i in ids],
+                    "width": np.full(len(ids), 640, np.int32),
+                    "height": np.full(len(ids), 480, np.int32),
+                    "thumbnail": [pool[i % len(pool)] for i in ids],
+                },
+            )
+        writer.put_meta(
+            model={"name": "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "pretrained": None},
+            sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
+            released_suite=False,
+            layers=list(LAYERS),
+            n_tokens=N_TOKENS,
+            grid=[16, 16],
+            d_model=1024,
+            image_size=224,
+            normalisation="none",
+            sample={"sources": ["synthetic"], "n_images": 1_000_000, "n_skipped": 0, "skipped": []},
+            top_n=TOP_N,
+            band_count=4,
+            band_size=4,
+            active_threshold=0.01,
+            timings={},
+            versions={},
+            demo=False,
+        )
         writer.finish()
 
 
@@ -123,7 +171,9 @@ class Client:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
         await self.reader.readexactly(length)
         return status
 
@@ -180,8 +230,23 @@ def main() -> None:
         build_index(index)
         print(f"  generated in {time.perf_counter() - start:.0f} s, {index.stat().st_size / 2**30:.1f} GiB")
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(index), "--port", str(port),
-                               "--workers", str(WORKERS), "--no-live"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clipscope_explorer.cli",
+            "serve",
+            str(index),
+            "--port",
+            str(port),
+            "--workers",
+            str(WORKERS),
+            "--no-live",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_ready(port, server)
         rng = random.Random(0)
@@ -212,8 +277,10 @@ def main() -> None:
         many, errors = asyncio.run(drive(port, feature_pages(), 16, SECONDS))
         rate, p99 = len(many) / SECONDS, np.percentile(many, 99) * 1e3
         print(f"16 clients: {rate:.0f} feature pages/s, p99 {p99:.1f} ms, {errors} errors")
-        results += [result_line("serve_pages_per_s", rate, ">=", 300, 1),
-                    result_line("serve_pages_p99_ms", p99, "<=", 150)]
+        results += [
+            result_line("serve_pages_per_s", rate, ">=", 300, 1),
+            result_line("serve_pages_p99_ms", p99, "<=", 150),
+        ]
         images, errors = asyncio.run(drive(port, thumbs(), 16, SECONDS / 2))
         rate = len(images) / (SECONDS / 2)
         print(f"16 clients: {rate:.0f} thumbnails/s, {errors} errors")

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _timing (which adds the repo root)
 
 import torch  # noqa: E402
+from _timing import interleaved_medians, paired_ratio, print_results, result_line  # noqa: E402
 
-from _timing import interleaved_medians, paired_ratio, result_line, print_results  # noqa: E402
 from clipscope_explorer.precompute.model.vision import load_tower  # noqa: E402
 
 BATCH, LAYER = 4, 20
@@ -49,8 +49,10 @@ def main() -> None:
     tower = load_tower("ViT-L-14", device="cpu", random_weights=True)
     visual = tower.visual
     n_blocks = tower.n_blocks
-    print(f"ViT-L-14 (random weights): {n_blocks} blocks, width {tower.width}, {tower.n_tokens} tokens; "
-          f"batch {BATCH}, capture layer {LAYER}; {REPEATS} interleaved repeats")
+    print(
+        f"ViT-L-14 (random weights): {n_blocks} blocks, width {tower.width}, {tower.n_tokens} tokens; "
+        f"batch {BATCH}, capture layer {LAYER}; {REPEATS} interleaved repeats"
+    )
     pixels = torch.randn(BATCH, 3, 224, 224)
 
     # Correctness: capture must return exactly the plain forward's block-20 output.
@@ -71,13 +73,25 @@ def main() -> None:
     )
     cap, full, plain = "capture [20]", f"full forward ({n_blocks} blocks)", f"plain forward ({LAYER + 1} blocks)"
     t_cap, t_full, t_plain = medians[cap], medians[full], medians[plain]
-    print(f"capture {t_cap:.3f} s, full {t_full:.3f} s, plain-21 {t_plain:.3f} s "
-          f"(ideal capture/full = {(LAYER + 1) / n_blocks:.3f}); capture {BATCH / t_cap:.2f} img/s")
-    print(f"(for reference, medians of per-round ratios: capture/full {paired_ratio(times, cap, full):.3f}, "
-          f"capture/plain-21 {paired_ratio(times, cap, plain):.3f})")
+    print(
+        f"capture {t_cap:.3f} s, full {t_full:.3f} s, plain-21 {t_plain:.3f} s "
+        f"(ideal capture/full = {(LAYER + 1) / n_blocks:.3f}); capture {BATCH / t_cap:.2f} img/s"
+    )
+    print(
+        f"(for reference, medians of per-round ratios: capture/full {paired_ratio(times, cap, full):.3f}, "
+        f"capture/plain-21 {paired_ratio(times, cap, plain):.3f})"
+    )
 
-    print_results("vision", [result_line(name, measured, *TARGETS[name]) for name, measured in
-                             (("vision_capture_vs_full", t_cap / t_full), ("vision_capture_overhead", t_cap / t_plain))])
+    print_results(
+        "vision",
+        [
+            result_line(name, measured, *TARGETS[name])
+            for name, measured in (
+                ("vision_capture_vs_full", t_cap / t_full),
+                ("vision_capture_overhead", t_cap / t_plain),
+            )
+        ],
+    )
 
 
 if __name__ == "__main__":

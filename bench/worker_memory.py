@@ -22,13 +22,12 @@ import sys
 import tempfile
 import time
 
+import httpx
+import torch
 from _timing import REPO_ROOT, result_line
 from live import live_precision
 from load import CACHE, photos
 from serve import free_port, wait_ready
-
-import httpx
-import torch
 
 GIB = 2**30
 VIT_L_VISION, SAE_ENCODER_PARAMS, CHUNK_BYTES = 303_966_208, 1024 * 65_536, 1024 * 65_536 * 4
@@ -99,10 +98,13 @@ def main() -> None:
         large = measure("65,536-feature index, live ViT-L-14 + one 65,536-feature SAE", command, port, True)
     precision = live_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     weights = (VIT_L_VISION + SAE_ENCODER_PARAMS) * (2 if precision == "bf16" else 4)  # no decoder is kept
-    print(f"estimate for ViT-L-14 + one SAE encoder in {precision}: weights {weights / GIB:.2f} GiB + encode chunk "
-          f"{CHUNK_BYTES / GIB:.2f} GiB "
-          f"+ a worker without live encoding ({bare / GIB:.2f} GiB here) = {(weights + CHUNK_BYTES + bare) / GIB:.2f} GiB; "
-          f"measured {large / GIB:.2f} GiB; the tiny model adds {(tiny - bare) / 2**20:.0f} MiB")
+    print(
+        f"estimate for ViT-L-14 + one SAE encoder in {precision}: weights {weights / GIB:.2f} GiB + encode chunk "
+        f"{CHUNK_BYTES / GIB:.2f} GiB "
+        f"+ a worker without live encoding ({bare / GIB:.2f} GiB here) "
+        f"= {(weights + CHUNK_BYTES + bare) / GIB:.2f} GiB; "
+        f"measured {large / GIB:.2f} GiB; the tiny model adds {(tiny - bare) / 2**20:.0f} MiB"
+    )
     line, ok = result_line("worker_rss_vitl_gib", large / GIB, "<=", 3.0, 2)
     print(line)
 

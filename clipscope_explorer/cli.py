@@ -35,11 +35,18 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def _add_images_and_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", nargs="+", required=True, metavar="SRC",
-                        help="tar shards (paths, globs, {00000..00099} ranges, http(s):// or s3:// URLs) "
-                             "or image folders")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model: hf-hub:..., local-dir:..., "
-                                                                "or a built-in name with --pretrained")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        metavar="SRC",
+        help="tar shards (paths, globs, {00000..00099} ranges, http(s):// or s3:// URLs) or image folders",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="open_clip model: hf-hub:..., local-dir:..., or a built-in name with --pretrained",
+    )
     parser.add_argument("--pretrained", default=None, help="pretrained tag or weights file for a built-in name")
 
 
@@ -53,13 +60,20 @@ def _check_images(args: argparse.Namespace) -> str | None:
 
 def _add_precompute(parser: argparse.ArgumentParser) -> None:
     _add_images_and_model(parser)
-    parser.add_argument("--out", required=True, type=flags.file_to_write, metavar="INDEX",
-                        help="the index file to write (.duckdb)")
+    parser.add_argument(
+        "--out", required=True, type=flags.file_to_write, metavar="INDEX", help="the index file to write (.duckdb)"
+    )
     parser.add_argument("--sae", default=DEFAULT_SAE_REPO, help="hub repo, local folder in the hub layout, or one file")
     parser.add_argument("--layers", type=flags.layer_list, default=[20], help="comma-separated blocks (default 20)")
     tokens = whole(1, 10**15)
-    parser.add_argument("--sae-checkpoint", dest="checkpoint", type=tokens, default=None, metavar="TOKENS",
-                        help="which SAE checkpoint: its training token count (default: the final one)")
+    parser.add_argument(
+        "--sae-checkpoint",
+        dest="checkpoint",
+        type=tokens,
+        default=None,
+        metavar="TOKENS",
+        help="which SAE checkpoint: its training token count (default: the final one)",
+    )
     parser.add_argument("--checkpoint", dest="checkpoint", type=tokens, action=DeprecatedAlias, new="--sae-checkpoint")
     parser.add_argument("--top-n", type=whole(1, 256), default=32, help="top images kept per feature (1-256)")
     parser.add_argument("--band-size", type=whole(1, 64), default=4, help="examples per lower activation band")
@@ -67,20 +81,44 @@ def _add_precompute(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=whole(1, 16384), default=64)
     parser.add_argument("--device", type=flags.device, default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=whole(0, 256), default=2, help="data-loading worker processes (0-256)")
-    parser.add_argument("--normalise", choices=("none", "sample"), default="none",
-                        help="raw activations (released default) or standardised with sample statistics")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="forward pass in fp32 or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--normalise",
+        choices=("none", "sample"),
+        default="none",
+        help="raw activations (released default) or standardised with sample statistics",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="forward pass in fp32 or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)",
+    )
     every = whole(1, 10**12)
-    parser.add_argument("--save-state-every", dest="checkpoint_every", type=every, default=20_000, metavar="N",
-                        help="images between saves of the run state, which a rerun resumes from")
-    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=every, action=DeprecatedAlias,
-                        new="--save-state-every")
+    parser.add_argument(
+        "--save-state-every",
+        dest="checkpoint_every",
+        type=every,
+        default=20_000,
+        metavar="N",
+        help="images between saves of the run state, which a rerun resumes from",
+    )
+    parser.add_argument(
+        "--checkpoint-every", dest="checkpoint_every", type=every, action=DeprecatedAlias, new="--save-state-every"
+    )
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished run instead of resuming it")
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="do nothing when --out already holds an index (for unattended pipelines)")
-    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                        help="run on a Ray cluster (no address: start or join a local one)")
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="do nothing when --out already holds an index (for unattended pipelines)",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (no address: start or join a local one)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -105,8 +143,13 @@ def run_precompute(args: argparse.Namespace) -> int:
 def _add_fit(parser: argparse.ArgumentParser) -> None:
     _add_images_and_model(parser)
     parser.add_argument("--layers", type=flags.layer_list, required=True, help="comma-separated blocks")
-    parser.add_argument("--out", type=flags.folder_to_write, required=True, metavar="FOLDER",
-                        help="folder to write {layer}_resid/{tokens}.pt into")
+    parser.add_argument(
+        "--out",
+        type=flags.folder_to_write,
+        required=True,
+        metavar="FOLDER",
+        help="folder to write {layer}_resid/{tokens}.pt into",
+    )
     parser.add_argument("--features", type=whole(1, 2**20), default=512)
     parser.add_argument("--k", type=whole(1, 4096), default=8, help="features kept per token (at most --features)")
     parser.add_argument("--steps", type=whole(1, 10**7), default=1500)
@@ -133,8 +176,9 @@ def run_fit(args: argparse.Namespace) -> int:
         layers = tower.check_layers(args.layers)
     except (SourceError, ModelLoadError, ValueError) as error:
         return _fail("fit", error)
-    settings = FitSettings(n_features=args.features, k=args.k, steps=args.steps, batch_tokens=args.batch_tokens,
-                           lr=args.lr)
+    settings = FitSettings(
+        n_features=args.features, k=args.k, steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr
+    )
     tokens = collect_tokens(tower, shards, layers, args.max_images)
     for layer in layers:
         path = save_fitted(fit_topk_sae(tokens[layer].to(tower.device), settings), args.out, layer, args.k)
@@ -150,8 +194,13 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     _add_address(parser)
     parser.add_argument("--images", type=whole(1, 100_000), default=2000, help="procedural images to generate")
-    parser.add_argument("--data", type=flags.folder_to_write, default="data/demo", metavar="FOLDER",
-                        help="where everything is cached (default data/demo)")
+    parser.add_argument(
+        "--data",
+        type=flags.folder_to_write,
+        default="data/demo",
+        metavar="FOLDER",
+        help="where everything is cached (default data/demo)",
+    )
     parser.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing the cache")
     parser.add_argument("--build-only", action="store_true", help="build the demo index, do not serve it")
 
@@ -171,27 +220,51 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", type=flags.path, help="the index file (.duckdb) written by `precompute`")
     _add_address(parser)
     parser.add_argument("--workers", type=whole(1, 64), default=1, help="server processes (1-64)")
-    parser.add_argument("--root-path", type=flags.root_path, metavar="PREFIX",
-                        help="path prefix behind a reverse proxy, e.g. /explorer (CLIPSCOPE_ROOT_PATH)")
+    parser.add_argument(
+        "--root-path",
+        type=flags.root_path,
+        metavar="PREFIX",
+        help="path prefix behind a reverse proxy, e.g. /explorer (CLIPSCOPE_ROOT_PATH)",
+    )
     live = parser.add_argument_group("live encoding of uploaded images")
     live.add_argument("--no-live", dest="live", action="store_false", help="do not load a model: uploads are off")
-    live.add_argument("--live-model", metavar="MODEL", help="open_clip model for uploads (default: the index's): "
-                                                            "hf-hub:..., local-dir:..., or a built-in name")
+    live.add_argument(
+        "--live-model",
+        metavar="MODEL",
+        help="open_clip model for uploads (default: the index's): hf-hub:..., local-dir:..., or a built-in name",
+    )
     live.add_argument("--live-pretrained", metavar="TAG", help="pretrained tag or file for a built-in --live-model")
     live.add_argument("--live-sae", metavar="SAE", help="SAE hub repo, folder or file (default: the index's SAEs)")
-    live.add_argument("--live-layers", type=flags.layer_list, metavar="LAYERS",
-                      help="comma-separated layers (default: the index's)")
-    live.add_argument("--live-device", type=flags.device, metavar="DEVICE",
-                      help="device for uploads: auto, cpu, cuda or cuda:N")
-    live.add_argument("--live-precision", choices=PRECISIONS, default=None,
-                      help="fp32 or bf16 autocast (default auto: as the index was built, fp32 on a CPU without "
-                           "native bfloat16)")
-    live.add_argument("--upload-store", type=flags.folder_to_write, metavar="DIR",
-                      help="writable folder for stored uploads (default: ~/.cache/clipscope-explorer/uploads)")
-    live.add_argument("--no-store-uploads", dest="store_uploads", action="store_false",
-                      help="keep nothing: results have no share link")
-    live.add_argument("--max-upload-mb", type=flags.positive(1000), metavar="MB",
-                      help="largest upload accepted (default 20, at most 1000)")
+    live.add_argument(
+        "--live-layers", type=flags.layer_list, metavar="LAYERS", help="comma-separated layers (default: the index's)"
+    )
+    live.add_argument(
+        "--live-device", type=flags.device, metavar="DEVICE", help="device for uploads: auto, cpu, cuda or cuda:N"
+    )
+    live.add_argument(
+        "--live-precision",
+        choices=PRECISIONS,
+        default=None,
+        help="fp32 or bf16 autocast (default auto: as the index was built, fp32 on a CPU without native bfloat16)",
+    )
+    live.add_argument(
+        "--upload-store",
+        type=flags.folder_to_write,
+        metavar="DIR",
+        help="writable folder for stored uploads (default: ~/.cache/clipscope-explorer/uploads)",
+    )
+    live.add_argument(
+        "--no-store-uploads",
+        dest="store_uploads",
+        action="store_false",
+        help="keep nothing: results have no share link",
+    )
+    live.add_argument(
+        "--max-upload-mb",
+        type=flags.positive(1000),
+        metavar="MB",
+        help="largest upload accepted (default 20, at most 1000)",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -201,10 +274,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {  # name: (help, flags, check across flags, run)
-    "precompute": ("run the model and SAEs over images into an index", _add_precompute, _check_images,
-                   run_precompute),
-    "fit": ("fit small TopK SAEs (released checkpoint format) on a model's activations", _add_fit, _check_fit,
-            run_fit),
+    "precompute": ("run the model and SAEs over images into an index", _add_precompute, _check_images, run_precompute),
+    "fit": ("fit small TopK SAEs (released checkpoint format) on a model's activations", _add_fit, _check_fit, run_fit),
     "demo": ("build the offline demo index (procedural images, tiny model) and serve it", _add_demo, None, run_demo),
     "serve": ("serve an index in the browser and as JSON", _add_serve, None, run_serve),
 }
@@ -223,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return int(args.run(args) or 0)
 
 

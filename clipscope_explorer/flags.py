@@ -66,20 +66,24 @@ def _shown(number: float) -> str:
 
 def whole(low: int, high: int) -> Callable[[str], int]:
     """A checker for a whole number from `low` to `high`."""
+
     def check(text: str) -> int:
         if WHOLE.fullmatch(text) and len(text.lstrip("0")) <= len(str(high)) and low <= int(text) <= high:
             return int(text)
         raise _bad(text, f"a whole number from {_shown(low)} to {_shown(high)}")
+
     return check
 
 
 def positive(high: float) -> Callable[[str], float]:
     """A checker for a finite decimal number above 0 and at most `high` (``2.5``, ``1e-3``)."""
+
     def check(text: str) -> float:
         value = float(text) if DECIMAL.fullmatch(text) else math.nan
         if math.isfinite(value) and 0 < value <= high:
             return value
         raise _bad(text, f"a number above 0 and at most {_shown(high)}")
+
     return check
 
 

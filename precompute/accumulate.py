@@ -22,8 +22,9 @@ NO_ORDINAL = torch.iinfo(torch.long).max
 
 def histogram_edges() -> torch.Tensor:
     """Fixed log-spaced edges shared by every feature of a layer (float64)."""
-    return torch.logspace(torch.log10(torch.tensor(HIST_LOW)), torch.log10(torch.tensor(HIST_HIGH)),
-                          HIST_BINS + 1, dtype=torch.float64)
+    return torch.logspace(
+        torch.log10(torch.tensor(HIST_LOW)), torch.log10(torch.tensor(HIST_HIGH)), HIST_BINS + 1, dtype=torch.float64
+    )
 
 
 def sample_priority(ordinals: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ class ExampleList:
     scale: torch.Tensor
 
     @classmethod
-    def empty(cls, n_features: int, capacity: int, n_patches: int, device) -> "ExampleList":
+    def empty(cls, n_features: int, capacity: int, n_patches: int, device) -> ExampleList:
         shape = (n_features, capacity)
         return cls(
             score=torch.full(shape, float("-inf"), device=device, dtype=torch.float64),
@@ -99,7 +100,7 @@ class ExampleList:
             merged = torch.where(keep, torch.gather(mine, 1, index), fresh[name][pick])
             getattr(self, name)[rows] = merged
 
-    def merge(self, other: "ExampleList") -> None:
+    def merge(self, other: ExampleList) -> None:
         n_rows, other_capacity = other.score.shape
         rows = torch.arange(n_rows, device=self.score.device)
         source = self.winners(rows, other.score, other.ordinal)
@@ -121,8 +122,7 @@ def quantise(heat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LayerAccumulator:
     """Everything the index needs about one layer, accumulated batch by batch."""
 
-    def __init__(self, n_features: int, n_tokens: int, top_n: int, band_samples: int, device,
-                 track_raw: bool = False):
+    def __init__(self, n_features: int, n_tokens: int, top_n: int, band_samples: int, device, track_raw: bool = False):
         self.n_features, self.n_tokens = n_features, n_tokens
         self.device = torch.device(device)
         f, t, d = n_features, n_tokens, self.device
@@ -153,8 +153,14 @@ class LayerAccumulator:
     # ------------------------------------------------------------ update
 
     @torch.inference_mode()
-    def update(self, code: SparseCode, ordinals: torch.Tensor, sq_error: torch.Tensor,
-               explained: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def update(
+        self,
+        code: SparseCode,
+        ordinals: torch.Tensor,
+        sq_error: torch.Tensor,
+        explained: torch.Tensor,
+        raw: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Add one batch: code [B, T, k], ordinals [B], per-token sq_error and explained [B, T].
 
         Returns a bool mask [B] of the images that entered some example list.
@@ -205,12 +211,12 @@ class LayerAccumulator:
         values, indices, fires, ordinals = context
         entered = torch.zeros(len(ordinals), dtype=torch.bool, device=self.device)
         floor = examples.score[:, -1]
-        rows = torch.nonzero((score_fb.max(1).values >= floor) & (score_fb.max(1).values > float("-inf")),
-                             as_tuple=True)[0]
+        rows = torch.nonzero(
+            (score_fb.max(1).values >= floor) & (score_fb.max(1).values > float("-inf")), as_tuple=True
+        )[0]
         if rows.numel() == 0:
             return entered
-        cand_ordinal = torch.where(score_fb[rows] > float("-inf"), ordinals[None, :].expand(len(rows), -1),
-                                   NO_ORDINAL)
+        cand_ordinal = torch.where(score_fb[rows] > float("-inf"), ordinals[None, :].expand(len(rows), -1), NO_ORDINAL)
         source = examples.winners(rows, score_fb[rows], cand_ordinal)
         new = source >= examples.capacity
         r_new, slot_new = torch.nonzero(new, as_tuple=True)
@@ -220,8 +226,14 @@ class LayerAccumulator:
         f_new = rows[r_new]
         heat, cls = self._heatmaps(values, indices, fires, b_new, f_new)
         q, scale = quantise(heat)
-        fresh = {"score": score_fb[f_new, b_new], "ordinal": ordinals[b_new], "activation": image_max[b_new, f_new],
-                 "cls": cls, "heat": q, "scale": scale}
+        fresh = {
+            "score": score_fb[f_new, b_new],
+            "ordinal": ordinals[b_new],
+            "activation": image_max[b_new, f_new],
+            "cls": cls,
+            "heat": q,
+            "scale": scale,
+        }
         fresh_index = torch.zeros_like(source)
         fresh_index[r_new, slot_new] = torch.arange(len(r_new), device=self.device)
         examples.take(rows, source, fresh, fresh_index)
@@ -241,7 +253,7 @@ class LayerAccumulator:
 
     # ------------------------------------------------------------ merge / save
 
-    def merge(self, other: "LayerAccumulator") -> None:
+    def merge(self, other: LayerAccumulator) -> None:
         for name, tensor in self.counts.items():
             tensor += other.counts[name].to(self.device)
         for name, tensor in self.sums.items():
@@ -253,8 +265,13 @@ class LayerAccumulator:
     def state_bytes(self) -> int:
         """Bytes of the accumulated state: what a checkpoint holds, allocated whole (and zero-filled) when the
         accumulator is made; it does not grow with the images seen."""
-        tensors = [*self.counts.values(), *self.sums.values(), self.max_activation,
-                   *vars(self.top).values(), *vars(self.samples).values()]
+        tensors = [
+            *self.counts.values(),
+            *self.sums.values(),
+            self.max_activation,
+            *vars(self.top).values(),
+            *vars(self.samples).values(),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def referenced(self) -> set[int]:
@@ -273,7 +290,7 @@ class LayerAccumulator:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, device) -> "LayerAccumulator":
+    def from_state_dict(cls, state: dict, device) -> LayerAccumulator:
         n_features, n_tokens, top_n, band_samples = state["shape"]
         acc = cls(n_features, n_tokens, top_n, band_samples, device, track_raw="sq_error_raw" in state["sums"])
         acc.counts = {k: v.to(acc.device) for k, v in state["counts"].items()}
@@ -284,8 +301,9 @@ class LayerAccumulator:
         return acc
 
 
-def predicted_state_bytes(n_features: int, n_tokens: int, top_n: int, band_samples: int,
-                          track_raw: bool = False) -> int:
+def predicted_state_bytes(
+    n_features: int, n_tokens: int, top_n: int, band_samples: int, track_raw: bool = False
+) -> int:
     """`state_bytes()` of a layer accumulator of this shape, computed without allocating it."""
     return LayerAccumulator(n_features, n_tokens, top_n, band_samples, "meta", track_raw).state_bytes()
 

@@ -66,8 +66,12 @@ def encode_on_ray(components, config, state, workdir) -> None:
 
     if not ray.is_initialized():
         address = None if config.ray in (None, "auto", "local") else config.ray
-        ray.init(address=address, num_cpus=None if address else max(2, config.workers),
-                 log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address=address,
+            num_cpus=None if address else max(2, config.workers),
+            log_to_driver=False,
+            include_dashboard=False,
+        )
     n_workers, resources = _cluster_workers(ray, config.workers)
     todo = [s.index for s in components.shards if s.index not in state.done]
     groups = [todo[i::n_workers] for i in range(n_workers) if todo[i::n_workers]]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from clipscope_explorer.precompute.neighbours import cached_neighbours
-from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
 from clipscope_explorer.precompute.index.rows import ACTIVE_THRESHOLD, images_columns
 from clipscope_explorer.precompute.index.store import IndexWriter
+from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
+from clipscope_explorer.precompute.neighbours import cached_neighbours
 from clipscope_explorer.precompute.tables import chosen_examples, examples_columns, layer_columns
-
 
 IMAGE_CHUNK = 2000
 
@@ -38,8 +37,9 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
     ordinals = sorted({int(o) for c in chosen.values() for o in c["ordinal"]})
     captions = workdir.captions(ordinals)
     if len(captions) != len(ordinals):
-        raise RuntimeError(f"{len(ordinals) - len(captions)} example images are missing from {workdir.path}; "
-                           f"rerun with --fresh")
+        raise RuntimeError(
+            f"{len(ordinals) - len(captions)} example images are missing from {workdir.path}; rerun with --fresh"
+        )
     image_id = {ordinal: i for i, ordinal in enumerate(ordinals)}
     labels = {
         layer: _labels(c, components.saes[layer].n_features, captions, state.captions) for layer, c in chosen.items()
@@ -64,16 +64,26 @@ def write_index(components, config, state, workdir, elapsed_before: float) -> Pa
             sae={"source": config.sae, "checkpoint": sae_any.origin.checkpoint if sae_any.origin else None},
             released_suite=config.model == DEFAULT_MODEL and config.sae == DEFAULT_SAE_REPO,
             layers=sorted(components.saes),
-            n_tokens=tower.n_tokens, grid=list(tower.grid), d_model=tower.width,
+            n_tokens=tower.n_tokens,
+            grid=list(tower.grid),
+            d_model=tower.width,
             image_size=int(tower.visual.image_size[0]),
             normalisation=config.normalise,
             precision=components.precision,
-            normalisation_stats={str(layer): {"mean": m.tolist(), "std": s.tolist()}
-                                 for layer, (m, s) in state.normalisation.items()},
-            sample={"sources": config.images, "n_images": state.n_images, "n_skipped": state.n_skipped,
-                    "skipped": state.skipped, "failed_shards": state.failed_shards,
-                    "max_images": config.max_images},
-            top_n=config.top_n, band_count=config.band_count, band_size=config.band_size,
+            normalisation_stats={
+                str(layer): {"mean": m.tolist(), "std": s.tolist()} for layer, (m, s) in state.normalisation.items()
+            },
+            sample={
+                "sources": config.images,
+                "n_images": state.n_images,
+                "n_skipped": state.n_skipped,
+                "skipped": state.skipped,
+                "failed_shards": state.failed_shards,
+                "max_images": config.max_images,
+            },
+            top_n=config.top_n,
+            band_count=config.band_count,
+            band_size=config.band_size,
             active_threshold=ACTIVE_THRESHOLD,
             timings=timings,
             demo=config.demo,

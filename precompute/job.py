@@ -17,16 +17,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipscope_explorer.precompute.accumulate import LayerAccumulator
+from clipscope_explorer.precompute.model.checkpoints import load_saes
 from clipscope_explorer.precompute.model.encode import encode_pixels
 from clipscope_explorer.precompute.model.precision import resolve_precision
 from clipscope_explorer.precompute.model.release import DEFAULT_MODEL, DEFAULT_SAE_REPO
-from clipscope_explorer.precompute.run_state import RunState
 from clipscope_explorer.precompute.model.sae import Standardisation, TopKSAE, explained_variance, squared_error
-from clipscope_explorer.precompute.model.checkpoints import load_saes
+from clipscope_explorer.precompute.model.vision import ModelSpec, VisionTower, load_tower, resolve_device
+from clipscope_explorer.precompute.run_state import RunState
 from clipscope_explorer.precompute.shard_reader import count_samples, known_size
 from clipscope_explorer.precompute.sources import Batch, Shard, ShardBatches, resolve_sources
 from clipscope_explorer.precompute.tables import ExampleSettings
-from clipscope_explorer.precompute.model.vision import ModelSpec, VisionTower, load_tower, resolve_device
 from clipscope_explorer.precompute.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,23 @@ class PrecomputeConfig:
 
     def identity(self) -> dict:
         """What makes two runs the same run (resume is refused across different ones)."""
-        keep = ("images", "model", "pretrained", "sae", "layers", "checkpoint", "top_n", "band_count",
-                "band_size", "band_samples", "max_images", "batch_size", "normalise", "precision", "demo")
+        keep = (
+            "images",
+            "model",
+            "pretrained",
+            "sae",
+            "layers",
+            "checkpoint",
+            "top_n",
+            "band_count",
+            "band_size",
+            "band_samples",
+            "max_images",
+            "batch_size",
+            "normalise",
+            "precision",
+            "demo",
+        )
         return {k: v for k, v in asdict(self).items() if k in keep}
 
     @property
@@ -102,21 +117,37 @@ def prepare(config: PrecomputeConfig) -> Components:
 
 def new_state(components: Components, config: PrecomputeConfig) -> RunState:
     accumulators = {
-        layer: LayerAccumulator(sae.n_features, components.tower.n_tokens, config.top_n, config.band_samples,
-                                components.device, track_raw=config.normalise == "sample")
+        layer: LayerAccumulator(
+            sae.n_features,
+            components.tower.n_tokens,
+            config.top_n,
+            config.band_samples,
+            components.device,
+            track_raw=config.normalise == "sample",
+        )
         for layer, sae in components.saes.items()
     }
     return RunState(accumulators)
 
 
-def loader(components: Components, config: PrecomputeConfig, state: RunState, shards=None,
-           quota=None) -> DataLoader:
-    dataset = ShardBatches(shards or components.shards, components.tower.preprocess, config.batch_size,
-                           components.tower.visual.image_size[0], progress=state.progress, done=state.done,
-                           quota=components.quota if quota is None else quota)
-    return DataLoader(dataset, batch_size=None, num_workers=config.workers,
-                      pin_memory=components.device.type == "cuda",
-                      prefetch_factor=4 if config.workers else None, persistent_workers=False)
+def loader(components: Components, config: PrecomputeConfig, state: RunState, shards=None, quota=None) -> DataLoader:
+    dataset = ShardBatches(
+        shards or components.shards,
+        components.tower.preprocess,
+        config.batch_size,
+        components.tower.visual.image_size[0],
+        progress=state.progress,
+        done=state.done,
+        quota=components.quota if quota is None else quota,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=config.workers,
+        pin_memory=components.device.type == "cuda",
+        prefetch_factor=4 if config.workers else None,
+        persistent_workers=False,
+    )
 
 
 @torch.inference_mode()
@@ -161,8 +192,7 @@ def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
     state.record(batch)
     if batch.pixels is None:
         return []
-    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision,
-                            state.normalisation)
+    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision, state.normalisation)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
         acts, code = encoded[layer].acts, encoded[layer].code
@@ -183,12 +213,20 @@ def total_images(components: Components) -> int | None:
     return None if None in sizes else sum(sizes)
 
 
-def encode_all(components: Components, config: PrecomputeConfig, state: RunState, workdir: WorkDir | None,
-               shards=None) -> None:
+def encode_all(
+    components: Components, config: PrecomputeConfig, state: RunState, workdir: WorkDir | None, shards=None
+) -> None:
     """The main loop over every remaining batch, with progress and checkpoints."""
     total = total_images(components) if shards is None else None
-    bar = tqdm(total=total, initial=state.n_images + state.n_skipped, unit="img", dynamic_ncols=True,
-               disable=not config.progress, desc="encode", smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        initial=state.n_images + state.n_skipped,
+        unit="img",
+        dynamic_ncols=True,
+        disable=not config.progress,
+        desc="encode",
+        smoothing=0.1,
+    )
     since_checkpoint = encoded = 0
     started = loop_start = time.perf_counter()
     for batch in loader(components, config, state, shards=shards):
@@ -243,7 +281,9 @@ def run(config: PrecomputeConfig) -> Path:
     workdir.remove()
     if config.progress:
         elapsed = time.perf_counter() - started
-        tqdm.write(f"done: {state.n_images:,} images encoded ({state.n_skipped:,} skipped) on layers "
-                   f"{', '.join(map(str, sorted(components.saes)))} in {elapsed:,.0f} s "
-                   f"({state.n_images / max(state.encode_seconds, 1e-9):,.1f} images/s while encoding)")
+        tqdm.write(
+            f"done: {state.n_images:,} images encoded ({state.n_skipped:,} skipped) on layers "
+            f"{', '.join(map(str, sorted(components.saes)))} in {elapsed:,.0f} s "
+            f"({state.n_images / max(state.encode_seconds, 1e-9):,.1f} images/s while encoding)"
+        )
     return out

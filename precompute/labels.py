@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 WORD = re.compile(r"[a-z][a-z'-]{2,}")
 STOPWORDS = frozenset(
@@ -45,7 +45,7 @@ class DocumentFrequency:
             self.documents += 1
             self.counts.update(caption_terms(caption))
 
-    def merge(self, other: "DocumentFrequency") -> None:
+    def merge(self, other: DocumentFrequency) -> None:
         self.counts.update(other.counts)
         self.documents += other.documents
 
@@ -53,7 +53,7 @@ class DocumentFrequency:
         return {"counts": dict(self.counts), "documents": self.documents}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "DocumentFrequency":
+    def from_state_dict(cls, state: dict) -> DocumentFrequency:
         return cls(Counter(state["counts"]), state["documents"])
 
     def label_terms(self, captions: list[str | None], min_count: int = 2) -> list[str]:

@@ -34,20 +34,29 @@ class RunState:
     def state_dict(self) -> dict:
         return {
             "accumulators": {layer: acc.state_dict() for layer, acc in self.accumulators.items()},
-            "progress": self.progress, "done": sorted(self.done), "captions": self.captions.state_dict(),
-            "skipped": self.skipped, "n_skipped": self.n_skipped, "failed_shards": self.failed_shards,
+            "progress": self.progress,
+            "done": sorted(self.done),
+            "captions": self.captions.state_dict(),
+            "skipped": self.skipped,
+            "n_skipped": self.n_skipped,
+            "failed_shards": self.failed_shards,
             "encode_seconds": self.encode_seconds,
             "normalisation": {layer: (stats.mean, stats.std) for layer, stats in self.normalisation.items()},
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, device) -> "RunState":
+    def from_state_dict(cls, state: dict, device) -> RunState:
         return cls(
-            accumulators={int(layer): LayerAccumulator.from_state_dict(acc, device)
-                          for layer, acc in state["accumulators"].items()},
-            progress=dict(state["progress"]), done=set(state["done"]),
-            captions=DocumentFrequency.from_state_dict(state["captions"]), skipped=list(state["skipped"]),
-            n_skipped=state["n_skipped"], failed_shards=state["failed_shards"],
+            accumulators={
+                int(layer): LayerAccumulator.from_state_dict(acc, device)
+                for layer, acc in state["accumulators"].items()
+            },
+            progress=dict(state["progress"]),
+            done=set(state["done"]),
+            captions=DocumentFrequency.from_state_dict(state["captions"]),
+            skipped=list(state["skipped"]),
+            n_skipped=state["n_skipped"],
+            failed_shards=state["failed_shards"],
             normalisation={int(layer): Standardisation(*stats) for layer, stats in state["normalisation"].items()},
             encode_seconds=state["encode_seconds"],
         )
@@ -66,7 +75,7 @@ class RunState:
         if batch.pixels is not None:
             self.captions.add(s.caption for s in batch.samples)
 
-    def merge(self, other: "RunState") -> None:
+    def merge(self, other: RunState) -> None:
         for layer, acc in self.accumulators.items():
             acc.merge(other.accumulators[layer])
         self.progress.update(other.progress)

@@ -7,13 +7,13 @@ up with a ShardReadError that names the shard; the job records it and goes on.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from clipscope_explorer.precompute.sources import Shard
@@ -32,8 +32,9 @@ def _open(location: str):
         if location.startswith(("http://", "https://")):
             import aiohttp
 
-            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_TIMEOUT_S,
-                                                                         sock_read=REMOTE_TIMEOUT_S)}
+            options["client_kwargs"] = {
+                "timeout": aiohttp.ClientTimeout(total=None, sock_connect=REMOTE_TIMEOUT_S, sock_read=REMOTE_TIMEOUT_S)
+            }
         return fsspec.open(location, "rb", **options).open()
     return open(location, "rb")
 
@@ -93,13 +94,14 @@ def read_groups(shard: Shard, start: int = 0) -> Iterator[tuple[int, str, dict[s
                     yield position, key, group
                     wanted = position + 1
             break
-        except (OSError, tarfile.TarError, EOFError, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError, tarfile.TarError, EOFError) as error:
             reason = f"{type(error).__name__}: {error}"
             if attempt < READ_RETRIES:
                 time.sleep(RETRY_BACKOFF_S * 2**attempt)
     else:
-        raise ShardReadError(f"{shard.label}: gave up after {READ_RETRIES + 1} attempts, "
-                             f"{wanted} samples read ({reason})")
+        raise ShardReadError(
+            f"{shard.label}: gave up after {READ_RETRIES + 1} attempts, {wanted} samples read ({reason})"
+        )
     expected = known_size(shard)
     if expected is not None and wanted < expected:  # a tar cut at a member boundary reads as a short tar
         raise ShardReadError(f"{shard.label}: truncated, {wanted} of the {expected} samples its stats file lists")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -87,8 +87,7 @@ def ordinal(shard: int, position: int) -> int:
 
 def _folder_shards(folder: Path, first_index: int) -> list[Shard]:
     files = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not files:
         raise SourceError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -140,8 +139,9 @@ def _image_bytes(group: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def decode_sample(shard: Shard, position: int, key: str, group: dict[str, bytes],
-                  preprocess: Callable, thumb_size: int) -> Sample:
+def decode_sample(
+    shard: Shard, position: int, key: str, group: dict[str, bytes], preprocess: Callable, thumb_size: int
+) -> Sample:
     sample = Sample(ordinal(shard.index, position), shard.location, key)
     meta = {}
     if "json" in group:
@@ -176,9 +176,16 @@ class ShardBatches(torch.utils.data.IterableDataset):
     quota: {shard index: max samples} (for --max-images).
     """
 
-    def __init__(self, shards: list[Shard], preprocess: Callable, batch_size: int, thumb_size: int,
-                 progress: dict[int, int] | None = None, done: set[int] | None = None,
-                 quota: dict[int, int] | None = None):
+    def __init__(
+        self,
+        shards: list[Shard],
+        preprocess: Callable,
+        batch_size: int,
+        thumb_size: int,
+        progress: dict[int, int] | None = None,
+        done: set[int] | None = None,
+        quota: dict[int, int] | None = None,
+    ):
         self.shards, self.preprocess, self.batch_size = shards, preprocess, batch_size
         self.thumb_size = thumb_size
         self.progress, self.done, self.quota = progress or {}, done or set(), quota or {}
@@ -213,8 +220,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
         yield self._collate(shard, pending, done=True, end=end, failure=failure)
 
     @staticmethod
-    def _collate(shard: Shard, samples: list[Sample], done: bool, end: int | None = None,
-                 failure: str | None = None) -> Batch:
+    def _collate(
+        shard: Shard, samples: list[Sample], done: bool, end: int | None = None, failure: str | None = None
+    ) -> Batch:
         good = [s for s in samples if s.error is None]
         pixels = torch.stack([s.pixels for s in good]) if good else None
         for s in good:
@@ -222,7 +230,13 @@ class ShardBatches(torch.utils.data.IterableDataset):
         first = (samples[0].ordinal & 0xFFFFFFFF) if samples else (end or 0)
         last = (samples[-1].ordinal & 0xFFFFFFFF) + 1 if samples else (end or 0)
         return Batch(
-            shard=shard.index, start=first, end=end if end is not None else last, shard_done=done,
-            pixels=pixels, ordinals=torch.tensor([s.ordinal for s in good], dtype=torch.long),
-            samples=good, skipped=[s for s in samples if s.error is not None], failure=failure,
+            shard=shard.index,
+            start=first,
+            end=end if end is not None else last,
+            shard_done=done,
+            pixels=pixels,
+            ordinals=torch.tensor([s.ordinal for s in good], dtype=torch.long),
+            samples=good,
+            skipped=[s for s in samples if s.error is not None],
+            failure=failure,
         )

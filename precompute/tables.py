@@ -29,22 +29,38 @@ def layer_totals(acc: LayerAccumulator) -> LayerTotals:
         return float(s[name]) if name in s else None
 
     return LayerTotals(
-        n_images=int(c["images"]), n_tokens=int(c["tokens"]), fired=int(c["fired"]),
-        nonpositive_kept=int(c["nonpositive_kept"]), sq_error_by_position=s["sq_error_by_position"].cpu().numpy(),
-        explained_variance=float(s["explained_variance"]), fire_tokens=c["fire_tokens"].cpu().numpy(),
-        fire_images=c["fire_images"].cpu().numpy(), fire_cls=c["fire_cls"].cpu().numpy(),
-        activation_sum=s["activation"].cpu().numpy(), max_activation=acc.max_activation.cpu().numpy(),
-        position_sum=s["position"].cpu().numpy(), histogram=c["histogram"].cpu().numpy(),
-        edges=acc.edges.cpu().numpy(), sq_error_raw=number("sq_error_raw"),
-        explained_variance_raw=number("explained_variance_raw"))
+        n_images=int(c["images"]),
+        n_tokens=int(c["tokens"]),
+        fired=int(c["fired"]),
+        nonpositive_kept=int(c["nonpositive_kept"]),
+        sq_error_by_position=s["sq_error_by_position"].cpu().numpy(),
+        explained_variance=float(s["explained_variance"]),
+        fire_tokens=c["fire_tokens"].cpu().numpy(),
+        fire_images=c["fire_images"].cpu().numpy(),
+        fire_cls=c["fire_cls"].cpu().numpy(),
+        activation_sum=s["activation"].cpu().numpy(),
+        max_activation=acc.max_activation.cpu().numpy(),
+        position_sum=s["position"].cpu().numpy(),
+        histogram=c["histogram"].cpu().numpy(),
+        edges=acc.edges.cpu().numpy(),
+        sq_error_raw=number("sq_error_raw"),
+        explained_variance_raw=number("explained_variance_raw"),
+    )
 
 
-def layer_columns(acc: LayerAccumulator, layer: int, sae, labels: list[list[str]],
-                  neighbours: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, dict]:
+def layer_columns(
+    acc: LayerAccumulator, layer: int, sae, labels: list[list[str]], neighbours: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[dict, dict]:
     """The layer's `layers` row and its `features` columns."""
     totals = layer_totals(acc)
-    row = layer_row(layer, totals, d_in=sae.d_in, k=sae.k, sae_file=sae.origin.file if sae.origin else None,
-                    checkpoint=sae.origin.checkpoint if sae.origin else None)
+    row = layer_row(
+        layer,
+        totals,
+        d_in=sae.d_in,
+        k=sae.k,
+        sae_file=sae.origin.file if sae.origin else None,
+        checkpoint=sae.origin.checkpoint if sae.origin else None,
+    )
     return row, feature_columns(layer, totals, labels, neighbours[0].numpy(), neighbours[1].numpy())
 
 

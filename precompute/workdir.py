@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -80,8 +80,7 @@ class WorkDir:
         return self._db
 
     def keep_images(self, samples: Iterable[Sample]) -> None:
-        self.keep_rows((s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail)
-                       for s in samples)
+        self.keep_rows((s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail) for s in samples)
 
     def keep_rows(self, rows: Iterable[tuple]) -> None:
         try:

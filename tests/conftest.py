@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 from clipscope_explorer.precompute.demo.scenes import save_tiny_clip
+from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
 TINY_LAYERS = (1, 2)
 TINY_FEATURES = 256
@@ -24,8 +24,9 @@ def random_sae_tensors(d_in: int, n_features: int, seed: int):
     return pre_b, enc, dec
 
 
-def write_sae_repo(root: Path, layers=TINY_LAYERS, checkpoints=(1000, 2000), d_in=TINY_WIDTH,
-                   n_features=TINY_FEATURES, k=TINY_K) -> Path:
+def write_sae_repo(
+    root: Path, layers=TINY_LAYERS, checkpoints=(1000, 2000), d_in=TINY_WIDTH, n_features=TINY_FEATURES, k=TINY_K
+) -> Path:
     """A folder shaped like the hub repo: {layer}_resid/{token_count}.pt, plus the extras."""
     for layer in layers:
         for index, token_count in enumerate(checkpoints):
@@ -71,9 +72,18 @@ def precompute_config(shard_dir: Path, model_spec: str, sae_repo: Path, out: Pat
     from clipscope_explorer.precompute.job import PrecomputeConfig
 
     settings = dict(
-        images=[f"{shard_dir}/{{00000..00002}}.tar"], out=out, model=model_spec, sae=str(sae_repo),
-        layers=list(TINY_LAYERS), top_n=6, band_size=2, band_samples=12, batch_size=8, device="cpu",
-        workers=0, progress=False,
+        images=[f"{shard_dir}/{{00000..00002}}.tar"],
+        out=out,
+        model=model_spec,
+        sae=str(sae_repo),
+        layers=list(TINY_LAYERS),
+        top_n=6,
+        band_size=2,
+        band_samples=12,
+        batch_size=8,
+        device="cpu",
+        workers=0,
+        progress=False,
     )
     settings.update(overrides)
     return PrecomputeConfig(**settings)

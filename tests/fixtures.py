@@ -38,8 +38,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, n_shards: int, per_shard: int, corrupt: set[int] = frozenset(),
-                 seed: int = 0) -> list[Path]:
+def write_shards(
+    folder: Path, n_shards: int, per_shard: int, corrupt: set[int] = frozenset(), seed: int = 0
+) -> list[Path]:
     """img2dataset output: NNNNN.tar with KEY.jpg/.txt/.json, plus .parquet and _stats.json beside."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -53,8 +54,14 @@ def write_shards(folder: Path, n_shards: int, per_shard: int, corrupt: set[int] 
                 data = b"\xff\xd8 not really a jpeg" if n in corrupt else jpeg(image)
                 _add(tar, f"{key}.jpg", data)
                 _add(tar, f"{key}.txt", caption.encode())
-                meta = {"url": f"https://example.org/{key}.jpg", "caption": caption, "key": key,
-                        "width": image.width, "height": image.height, "status": "success"}
+                meta = {
+                    "url": f"https://example.org/{key}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "width": image.width,
+                    "height": image.height,
+                    "status": "success",
+                }
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": per_shard}))
         (folder / f"{shard:05d}.parquet").write_bytes(b"")
@@ -84,13 +91,13 @@ def index_contents(path) -> dict:
     con = duckdb.connect(str(path), read_only=True)
     try:
         return {
-            "meta": {k: v for k, v in con.execute("SELECT key, value FROM meta").fetchall()
-                     if k not in VOLATILE_META},
+            "meta": {k: v for k, v in con.execute("SELECT key, value FROM meta").fetchall() if k not in VOLATILE_META},
             "layers": con.execute("SELECT * FROM layers ORDER BY layer").fetchall(),
             "features": con.execute("SELECT * FROM features ORDER BY layer, feature").fetchall(),
             "examples": con.execute(
                 "SELECT e.* EXCLUDE (image_id), i.key FROM examples e JOIN images i USING (image_id) "
-                "ORDER BY layer, feature, kind, band, rank").fetchall(),
+                "ORDER BY layer, feature, kind, band, rank"
+            ).fetchall(),
             "images": con.execute("SELECT * FROM images ORDER BY image_id").fetchall(),
         }
     finally:

@@ -88,16 +88,18 @@ def corrupt_png() -> bytes:
     """A PNG whose compressed pixel data is garbage (CRCs fixed, so only decoding fails)."""
     raw = bytearray(encode(noisy((64, 64)), "PNG"))
     start = raw.index(b"IDAT") + 4
-    length = int.from_bytes(raw[start - 8:start - 4], "big")
-    raw[start + 2:start + length] = bytes((b * 7 + 13) % 256 for b in raw[start + 2:start + length])
-    crc = zlib.crc32(bytes(raw[start - 4:start + length])) & 0xFFFFFFFF
-    raw[start + length:start + length + 4] = crc.to_bytes(4, "big")
+    length = int.from_bytes(raw[start - 8 : start - 4], "big")
+    raw[start + 2 : start + length] = bytes((b * 7 + 13) % 256 for b in raw[start + 2 : start + length])
+    crc = zlib.crc32(bytes(raw[start - 4 : start + length])) & 0xFFFFFFFF
+    raw[start + length : start + length + 4] = crc.to_bytes(4, "big")
     return bytes(raw)
 
 
 def svg() -> bytes:
-    return (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-            b'<rect width="64" height="64" fill="red"/></svg>')
+    return (
+        b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+        b'<rect width="64" height="64" fill="red"/></svg>'
+    )
 
 
 TINY = {"1x1": (1, 1), "2x2": (2, 2), "thin-tall": (1, 400), "thin-wide": (900, 3)}
@@ -135,13 +137,25 @@ def in_mode(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 # (mode, format, save options) of every kind of file the decoder meets, each in a mode that format stores
 FORMAT_CASES = {
-    "png-rgb": ("RGB", "PNG", {}), "png-rgba": ("RGBA", "PNG", {}), "png-la": ("LA", "PNG", {}),
-    "png-l": ("L", "PNG", {}), "png-p": ("P", "PNG", {}), "png-1": ("1", "PNG", {}), "png-16bit": ("I;16", "PNG", {}),
-    "jpeg": ("RGB", "JPEG", {}), "jpeg-progressive": ("RGB", "JPEG", {"progressive": True, "subsampling": 0}),
-    "jpeg-cmyk": ("CMYK", "JPEG", {}), "jpeg-grey": ("L", "JPEG", {}),
-    "webp": ("RGB", "WEBP", {"lossless": True}), "webp-rgba": ("RGBA", "WEBP", {"lossless": True}),
-    "gif": ("P", "GIF", {}), "bmp": ("RGB", "BMP", {}), "tga": ("RGB", "TGA", {}), "ppm": ("RGB", "PPM", {}),
-    "tiff-float": ("F", "TIFF", {"compression": "tiff_deflate"}), "tiff-int": ("I", "TIFF", {}),
+    "png-rgb": ("RGB", "PNG", {}),
+    "png-rgba": ("RGBA", "PNG", {}),
+    "png-la": ("LA", "PNG", {}),
+    "png-l": ("L", "PNG", {}),
+    "png-p": ("P", "PNG", {}),
+    "png-1": ("1", "PNG", {}),
+    "png-16bit": ("I;16", "PNG", {}),
+    "jpeg": ("RGB", "JPEG", {}),
+    "jpeg-progressive": ("RGB", "JPEG", {"progressive": True, "subsampling": 0}),
+    "jpeg-cmyk": ("CMYK", "JPEG", {}),
+    "jpeg-grey": ("L", "JPEG", {}),
+    "webp": ("RGB", "WEBP", {"lossless": True}),
+    "webp-rgba": ("RGBA", "WEBP", {"lossless": True}),
+    "gif": ("P", "GIF", {}),
+    "bmp": ("RGB", "BMP", {}),
+    "tga": ("RGB", "TGA", {}),
+    "ppm": ("RGB", "PPM", {}),
+    "tiff-float": ("F", "TIFF", {"compression": "tiff_deflate"}),
+    "tiff-int": ("I", "TIFF", {}),
     "tiff-cmyk": ("CMYK", "TIFF", {"compression": "tiff_lzw"}),
 }
 
@@ -163,5 +177,7 @@ def icon_around(frame: bytes) -> bytes:
     header = (0).to_bytes(2, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
     entry = bytes([16, 16, 0, 0]) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
     return header + entry + len(frame).to_bytes(4, "little") + (6 + 16).to_bytes(4, "little") + frame
+
+
 if features.check("avif"):  # an optional codec of Pillow
     FORMAT_CASES["avif"] = ("RGBA", "AVIF", {"subsampling": "4:4:4", "speed": 10})

@@ -65,11 +65,13 @@ def precompute_job(path: Path, preprocess) -> Job:
         batches = list(ShardBatches(resolve_sources([str(path.parent)]), preprocess, batch_size=4, thumb_size=224))
         if [len(batch.samples) for batch in batches] != [1]:
             raise RuntimeError(f"{path} was not decoded: {[s.error for b in batches for s in b.skipped]}")
+
     return job
 
 
 def together(job: Job, at_once: int) -> Job:
     """`job` run by `at_once` threads at the same time; the first failure is raised."""
+
     def run() -> None:
         failures: list[BaseException] = []
 
@@ -78,6 +80,7 @@ def together(job: Job, at_once: int) -> Job:
                 job()
             except BaseException as error:  # handed to the caller below
                 failures.append(error)
+
         threads = [threading.Thread(target=guarded) for _ in range(at_once)]
         for thread in threads:
             thread.start()
@@ -85,6 +88,7 @@ def together(job: Job, at_once: int) -> Job:
             thread.join()
         if failures:
             raise failures[0]
+
     return run
 
 

@@ -73,9 +73,14 @@ def test_web_is_safe_to_publish_without_a_proxy(compose):
     web = compose["services"]["web"]
     assert web["ports"] == ["8000:8000"]
     environment = web.get("environment") or {}
-    settings = Settings(index="/data/clipscope.duckdb",
-                        **{name.removeprefix("CLIPSCOPE_").lower(): value for name, value in environment.items()
-                           if name.startswith("CLIPSCOPE_")})
+    settings = Settings(
+        index="/data/clipscope.duckdb",
+        **{
+            name.removeprefix("CLIPSCOPE_").lower(): value
+            for name, value in environment.items()
+            if name.startswith("CLIPSCOPE_")
+        },
+    )
     assert 0 < settings.read_timeout <= 30  # idle and slow-header connections are closed
     assert 1 <= settings.upload_slots_per_client < settings.live_queue_size  # one address never holds every slot
     assert settings.upload_min_rate >= 10_000  # a stalled upload frees its slot within minutes

@@ -11,9 +11,32 @@ from tests.fixtures import index_contents
 
 
 def cli(shard_dir, model_spec, sae, out):
-    return ["precompute", "--images", f"{shard_dir}/{{00000..00002}}.tar", "--out", str(out), "--model",
-            model_spec, "--sae", str(sae), "--layers", "1,2", "--top-n", "6", "--band-size", "2",
-            "--batch-size", "8", "--device", "cpu", "--workers", "0", "--save-state-every", "8", "--no-progress"]
+    return [
+        "precompute",
+        "--images",
+        f"{shard_dir}/{{00000..00002}}.tar",
+        "--out",
+        str(out),
+        "--model",
+        model_spec,
+        "--sae",
+        str(sae),
+        "--layers",
+        "1,2",
+        "--top-n",
+        "6",
+        "--band-size",
+        "2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--save-state-every",
+        "8",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture
@@ -32,8 +55,9 @@ def digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_disk_full_keeps_previous_index_and_resumes(small_disk, tmp_path, shard_dir, tiny_model_spec,
-                                                    tiny_sae_repo, tiny_index, capsys):
+def test_disk_full_keeps_previous_index_and_resumes(
+    small_disk, tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, tiny_index, capsys
+):
     out = small_disk / "index.duckdb"
     shutil.copy(tiny_index, out)  # the previous index, which a failed rebuild must not touch
     before = digest(out)
@@ -162,8 +186,15 @@ def test_job_completes_and_reports_a_truncated_shard(tmp_path, quick_retries, ti
     paths = write_shards(tmp_path / "shards", 2, 10)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2 + 100])
-    out = run(precompute_config(tmp_path / "shards", tiny_model_spec, tiny_sae_repo, tmp_path / "t.duckdb",
-                                images=[str(tmp_path / "shards" / "*.tar")]))
+    out = run(
+        precompute_config(
+            tmp_path / "shards",
+            tiny_model_spec,
+            tiny_sae_repo,
+            tmp_path / "t.duckdb",
+            images=[str(tmp_path / "shards" / "*.tar")],
+        )
+    )
     with duckdb.connect(str(out), read_only=True) as con:
         sample = json.loads(con.execute("SELECT value FROM meta WHERE key = 'sample'").fetchone()[0])
     assert [f["shard"] for f in sample["failed_shards"]] == [1]

@@ -19,9 +19,16 @@ import pytest
 from clipscope_explorer.precompute.job import PrecomputeConfig
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ["gpu_precompute_img_s", "gpu_precompute_bare_ratio", "gpu_fidelity_fp32_vs_cpu_same_sets",
-           "gpu_fidelity_fp32_vs_cpu_max_rel_diff_pct", "gpu_fidelity_bf16_vs_fp32_max_rel_diff_pct",
-           "gpu_8_layers_state_gb_per_layer", "gpu_8_layers_peak_gb", "live_gpu_p50_ms"]
+FIGURES = [
+    "gpu_precompute_img_s",
+    "gpu_precompute_bare_ratio",
+    "gpu_fidelity_fp32_vs_cpu_same_sets",
+    "gpu_fidelity_fp32_vs_cpu_max_rel_diff_pct",
+    "gpu_fidelity_bf16_vs_fp32_max_rel_diff_pct",
+    "gpu_8_layers_state_gb_per_layer",
+    "gpu_8_layers_peak_gb",
+    "live_gpu_p50_ms",
+]
 RESULT = re.compile(r"^RESULT (\S+) (-?[0-9.]+)(?:/([0-9]+))? target (<=|>=|==)([0-9.]+)(?:/[0-9]+)? (PASS|MISS)$")
 OPS = {"<=": operator.le, ">=": operator.ge}
 
@@ -30,8 +37,14 @@ OPS = {"<=": operator.le, ">=": operator.ge}
 def dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     out, work = root / "out", root / "work"
-    done = subprocess.run(["bash", "bench/gpu.sh", str(out), "--dry-run", "--work", str(work)], cwd=REPO,
-                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", "bench/gpu.sh", str(out), "--dry-run", "--work", str(work)],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout.strip().splitlines(), json.loads((out / "gpu.json").read_text()), out, work
 
@@ -60,8 +73,18 @@ def test_result_lines_agree_with_their_targets_and_the_summary(dry_run):
 def test_summary_holds_the_figures_the_results_were_made_of(dry_run):
     lines, summary, _, _ = dry_run
     assert summary["dry_run"] is True and summary["gpu"].startswith("cpu")
-    assert set(summary) >= {"date", "torch", "plan", "target_images_per_s", "precompute", "fidelity",
-                            "eight_layers", "live", "stages_s", "results"}
+    assert set(summary) >= {
+        "date",
+        "torch",
+        "plan",
+        "target_images_per_s",
+        "precompute",
+        "fidelity",
+        "eight_layers",
+        "live",
+        "stages_s",
+        "results",
+    }
     pre = summary["precompute"]
     assert [s["batch_size"] for s in pre["sweep"]] == list(summary["plan"]["batch_sizes"])
     assert summary["errors"] == {} and not any("error" in s for s in pre["sweep"])

@@ -27,8 +27,13 @@ AT_THE_LIMIT = (9400, 9400)  # 88.4 megapixels, under Pillow's 89.5-megapixel li
 
 def probe(kind: str, files: list[Path], at_once: int = 1) -> dict[Path, int]:
     """{file: bytes the peak RSS rose by while `kind` (upload or precompute) decoded it}."""
-    result = subprocess.run([sys.executable, "-m", "tests.memory_probe", kind, str(at_once), *map(str, files)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.memory_probe", kind, str(at_once), *map(str, files)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {Path(name): peak for name, peak in json.loads(result.stdout.splitlines()[-1]).items()}
 
@@ -49,8 +54,10 @@ STRIPS = {  # name: (bytes, extension); every one is many thousand times longer 
     "jpeg-65000x8": (lambda: cases.encode(Image.new("RGB", (65_000, 8), (30, 200, 30)), "JPEG"), "jpg"),
     "gif-animated-1x65000": (lambda: cases.animated((1, 65_000)), "gif"),
     "webp-16383x1": (lambda: cases.encode(Image.new("RGB", (16_383, 1), (1, 2, 3)), "WEBP", lossless=True), "webp"),
-    "tiff-float-1x100000": (lambda: cases.encode(Image.new("F", (1, 100_000), 3.5), "TIFF",
-                                                 compression="tiff_deflate"), "tif"),
+    "tiff-float-1x100000": (
+        lambda: cases.encode(Image.new("F", (1, 100_000), 3.5), "TIFF", compression="tiff_deflate"),
+        "tif",
+    ),
     "bmp-100000x1": (lambda: cases.encode(Image.new("RGB", (100_000, 1), (4, 5, 6)), "BMP"), "bmp"),
 }
 
@@ -87,8 +94,11 @@ def test_large_images_of_every_format_cost_at_most_their_decode_cost(tmp_path):
         files.append(path)
         bounds[path] = cost * pixels + len(data) + OUTPUT_BUDGET  # the upload's bytes are in memory too
     peaks = probe("upload", files)
-    over = {path.parent.name: f"{peaks[path] / MB:.0f} MB > {bound / MB:.0f} MB" for path, bound in bounds.items()
-            if peaks[path] > bound}
+    over = {
+        path.parent.name: f"{peaks[path] / MB:.0f} MB > {bound / MB:.0f} MB"
+        for path, bound in bounds.items()
+        if peaks[path] > bound
+    }
     assert not over, over
 
 

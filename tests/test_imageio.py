@@ -25,8 +25,19 @@ from tests import image_cases as cases
 OPEN_CLIP = image_transform_v2(PreprocessCfg(size=224), is_train=False)  # CLIP ViT-L/14's own preprocessing
 
 
-@pytest.mark.parametrize("make", [cases.cmyk_jpeg, cases.palette_png, cases.palette_transparent_png, cases.grey_png,
-                                  cases.grey_alpha_png, cases.rgba_png, cases.sixteen_bit_png, cases.animated_gif])
+@pytest.mark.parametrize(
+    "make",
+    [
+        cases.cmyk_jpeg,
+        cases.palette_png,
+        cases.palette_transparent_png,
+        cases.grey_png,
+        cases.grey_alpha_png,
+        cases.rgba_png,
+        cases.sixteen_bit_png,
+        cases.animated_gif,
+    ],
+)
 def test_every_mode_becomes_8_bit_rgb(make):
     image = open_rgb(make())
     assert image.mode == "RGB" and image.width > 0
@@ -59,10 +70,17 @@ def test_exif_orientation_is_applied():
     assert open_rgb(cases.exif_rotated_jpeg(1)).size == (60, 30)
 
 
-@pytest.mark.parametrize("make, kind", [
-    (lambda: b"", "empty"), (lambda: b"just some text, not an image", "not_image"), (cases.svg, "svg"),
-    (cases.truncated_jpeg, "truncated"), (cases.corrupt_png, "corrupt"), (cases.bomb_png, "too_large"),
-])
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: b"", "empty"),
+        (lambda: b"just some text, not an image", "not_image"),
+        (cases.svg, "svg"),
+        (cases.truncated_jpeg, "truncated"),
+        (cases.corrupt_png, "corrupt"),
+        (cases.bomb_png, "too_large"),
+    ],
+)
 def test_bad_bytes_raise_one_line_errors(make, kind):
     with pytest.raises(ImageDecodeError) as error:
         open_rgb(make())
@@ -98,8 +116,24 @@ def centre_of_long_side(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return 0, 0, width, height
 
 
-ORDINARY = [(1, 1), (2, 3), (7, 5), (224, 224), (225, 223), (300, 200), (199, 301), (640, 480), (480, 640),
-            (997, 61), (61, 997), (1000, 50), (50, 1000), (21, 420), (1, 20), (20, 1)]
+ORDINARY = [
+    (1, 1),
+    (2, 3),
+    (7, 5),
+    (224, 224),
+    (225, 223),
+    (300, 200),
+    (199, 301),
+    (640, 480),
+    (480, 640),
+    (997, 61),
+    (61, 997),
+    (1000, 50),
+    (50, 1000),
+    (21, 420),
+    (1, 20),
+    (20, 1),
+]
 
 
 @pytest.mark.parametrize("size", ORDINARY, ids=str)
@@ -120,12 +154,16 @@ def _grey(values: np.ndarray) -> Image.Image:
 
 
 WHOLE_IMAGE = {  # each mode converted all at once, from its definition
-    "RGBA": _on_white, "LA": _on_white, "PA": _on_white,
+    "RGBA": _on_white,
+    "LA": _on_white,
+    "PA": _on_white,
     "I;16": lambda image: _grey(np.asarray(image, np.float64) / 257),
     "I": lambda image: _grey(np.asarray(image, np.float64) / 257),  # some values are above 255
     "F": lambda image: _grey(np.asarray(image, np.float64)),
-    "CMYK": lambda image: image.convert("RGB"), "P": lambda image: image.convert("RGB"),
-    "1": lambda image: image.convert("RGB"), "L": lambda image: image.convert("RGB"),
+    "CMYK": lambda image: image.convert("RGB"),
+    "P": lambda image: image.convert("RGB"),
+    "1": lambda image: image.convert("RGB"),
+    "L": lambda image: image.convert("RGB"),
 }
 
 
@@ -204,8 +242,10 @@ def test_formats_that_cost_more_to_decode_get_fewer_pixels():
     with pytest.raises(ImageDecodeError) as error:
         open_picture(cases.encode(Image.new("RGB", size), "WEBP", lossless=True), max_pixels=limit)
     assert error.value.kind == "too_large"
-    assert str(error.value) == ("the image is 100 x 100 pixels; a WEBP RGB image takes 16 bytes a pixel to decode, "
-                                "so at most 7,500 pixels are accepted")
+    assert str(error.value) == (
+        "the image is 100 x 100 pixels; a WEBP RGB image takes 16 bytes a pixel to decode, "
+        "so at most 7,500 pixels are accepted"
+    )
 
 
 def test_the_view_is_the_centre_square():

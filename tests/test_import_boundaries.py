@@ -74,8 +74,9 @@ def _reraise(name: str) -> None:
 
 
 def first_to_load_torch(modules: list[str]) -> str:
-    result = subprocess.run([sys.executable, "-c", FIRST_TO_LOAD_TORCH, *modules], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_TO_LOAD_TORCH, *modules], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -83,8 +84,13 @@ def first_to_load_torch(modules: list[str]) -> str:
 def test_the_torch_side_is_listed_by_real_module_names():
     modules = set(package_modules())
     assert TORCH_SIDE <= modules, sorted(TORCH_SIDE - modules)
-    assert {"clipscope_explorer.cli", "clipscope_explorer.app.main", "clipscope_explorer.app.pages.features",
-            "clipscope_explorer.app.live.service", "clipscope_explorer.precompute.index.store"} <= modules
+    assert {
+        "clipscope_explorer.cli",
+        "clipscope_explorer.app.main",
+        "clipscope_explorer.app.pages.features",
+        "clipscope_explorer.app.live.service",
+        "clipscope_explorer.precompute.index.store",
+    } <= modules
 
 
 def test_no_module_outside_the_torch_side_imports_torch():
@@ -97,7 +103,8 @@ def test_no_module_outside_the_torch_side_imports_torch():
 def test_the_probe_sees_torch_arrive_with_the_live_encoder():
     """The check above can fail: the live encoder is the torch side, and importing it loads torch."""
     assert first_to_load_torch(["clipscope_explorer.app.live.service", "clipscope_explorer.app.live.encoder"]) == (
-        "clipscope_explorer.app.live.encoder")
+        "clipscope_explorer.app.live.encoder"
+    )
 
 
 def imported_names(path: Path, module: str) -> set[str]:
@@ -118,14 +125,15 @@ def test_the_model_layer_knows_no_web():
     assert {f"{model.__name__}.{info.name}" for info in modules} >= MODEL_LAYER
     for info in modules:
         name = f"{model.__name__}.{info.name}"
-        web = sorted(n for n in imported_names(Path(model.__path__[0]) / f"{info.name}.py", name)
-                     if n.startswith(WEB))
+        web = sorted(n for n in imported_names(Path(model.__path__[0]) / f"{info.name}.py", name) if n.startswith(WEB))
         assert web == [], f"{name} imports {web}"
-    code = ("import importlib, pkgutil, sys\n"
-            "import clipscope_explorer.precompute.model as model\n"
-            "for info in pkgutil.iter_modules(model.__path__):\n"
-            "    importlib.import_module(f'{model.__name__}.{info.name}')\n"
-            f"print(sorted(m for m in sys.modules if m.startswith({WEB!r})))\n")
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import clipscope_explorer.precompute.model as model\n"
+        "for info in pkgutil.iter_modules(model.__path__):\n"
+        "    importlib.import_module(f'{model.__name__}.{info.name}')\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({WEB!r})))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"importing the model layer loads {result.stdout.strip()}"

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 
 from clipscope_explorer.precompute.index.check import check_index_file
-from clipscope_explorer.precompute.index.rows import (ACTIVE_THRESHOLD, LayerTotals, examples_columns, feature_columns,
-                                                      images_columns, layer_row)
+from clipscope_explorer.precompute.index.rows import (
+    ACTIVE_THRESHOLD,
+    LayerTotals,
+    examples_columns,
+    feature_columns,
+    images_columns,
+    layer_row,
+)
 from clipscope_explorer.precompute.index.schema import META, SCHEMA_MINOR, SCHEMA_VERSION, VERSIONED_PACKAGES
 from clipscope_explorer.precompute.index.store import IndexWriteError, IndexWriter
 
@@ -22,30 +28,74 @@ N_TOKENS = 1 + GRID[0] * GRID[1]
 EDGES = np.array([0.1, 1.0, 10.0])
 
 META_VALUES = dict(
-    model={"name": "local-dir:/models/tiny", "pretrained": None}, sae={"source": "/saes/tiny", "checkpoint": None},
-    released_suite=False, layers=[3], n_tokens=N_TOKENS, grid=list(GRID), d_model=8, image_size=28,
-    normalisation="none", precision="fp32", normalisation_stats={},
+    model={"name": "local-dir:/models/tiny", "pretrained": None},
+    sae={"source": "/saes/tiny", "checkpoint": None},
+    released_suite=False,
+    layers=[3],
+    n_tokens=N_TOKENS,
+    grid=list(GRID),
+    d_model=8,
+    image_size=28,
+    normalisation="none",
+    precision="fp32",
+    normalisation_stats={},
     sample={"sources": ["/images"], "n_images": N_IMAGES, "n_skipped": 0, "skipped": []},
-    top_n=2, band_count=0, band_size=0, active_threshold=ACTIVE_THRESHOLD, timings={}, demo=False)
+    top_n=2,
+    band_count=0,
+    band_size=0,
+    active_threshold=ACTIVE_THRESHOLD,
+    timings={},
+    demo=False,
+)
 
 
 def write_small_index(writer: IndexWriter, **meta_overrides) -> None:
     """One layer of 3 features (feature 2 dead) over 2 images, each shown by feature 0 or 1."""
     totals = LayerTotals(
-        n_images=N_IMAGES, n_tokens=N_IMAGES * N_TOKENS, fired=4, nonpositive_kept=0,
-        sq_error_by_position=np.full(N_TOKENS, 2.0), explained_variance=5.0, fire_tokens=np.array([3, 1, 0]),
-        fire_images=np.array([2, 1, 0]), fire_cls=np.array([1, 0, 0]), activation_sum=np.array([6.0, 2.0, 0.0]),
-        max_activation=np.array([3.0, 2.0, 0.0]), position_sum=np.zeros((N_FEATURES, N_TOKENS)),
-        histogram=np.array([[1, 2], [0, 1], [0, 0]]), edges=EDGES)
+        n_images=N_IMAGES,
+        n_tokens=N_IMAGES * N_TOKENS,
+        fired=4,
+        nonpositive_kept=0,
+        sq_error_by_position=np.full(N_TOKENS, 2.0),
+        explained_variance=5.0,
+        fire_tokens=np.array([3, 1, 0]),
+        fire_images=np.array([2, 1, 0]),
+        fire_cls=np.array([1, 0, 0]),
+        activation_sum=np.array([6.0, 2.0, 0.0]),
+        max_activation=np.array([3.0, 2.0, 0.0]),
+        position_sum=np.zeros((N_FEATURES, N_TOKENS)),
+        histogram=np.array([[1, 2], [0, 1], [0, 0]]),
+        edges=EDGES,
+    )
     writer.add_layer(layer_row(3, totals, d_in=8, k=2, sae_file="/saes/tiny/3_resid/10.pt", checkpoint=10))
-    writer.add_rows("features", feature_columns(3, totals, [["red"], ["blue"], []], np.zeros((3, 2), np.int32),
-                                                np.zeros((3, 2), np.float32)))
-    writer.add_rows("examples", examples_columns(3, {
-        "feature": [1, 0, 0], "kind": ["top"] * 3, "band": [0, 0, 0], "rank": [1, 2, 1], "image_id": [1, 0, 1],
-        "activation": [2.0, 2.5, 3.0], "cls": [0.0, 0.0, 3.0], "scale": [2 / 255, 2.5 / 255, 3 / 255],
-        "heat": np.full((3, GRID[0] * GRID[1]), 255, np.uint8)}))
-    writer.add_rows("images", images_columns(0, [(10, "/images", "a.png", None, "red", 4, 4, b"jpeg"),
-                                                 (20, "/images", "b.png", None, None, 4, 4, b"jpeg")]))
+    writer.add_rows(
+        "features",
+        feature_columns(3, totals, [["red"], ["blue"], []], np.zeros((3, 2), np.int32), np.zeros((3, 2), np.float32)),
+    )
+    writer.add_rows(
+        "examples",
+        examples_columns(
+            3,
+            {
+                "feature": [1, 0, 0],
+                "kind": ["top"] * 3,
+                "band": [0, 0, 0],
+                "rank": [1, 2, 1],
+                "image_id": [1, 0, 1],
+                "activation": [2.0, 2.5, 3.0],
+                "cls": [0.0, 0.0, 3.0],
+                "scale": [2 / 255, 2.5 / 255, 3 / 255],
+                "heat": np.full((3, GRID[0] * GRID[1]), 255, np.uint8),
+            },
+        ),
+    )
+    writer.add_rows(
+        "images",
+        images_columns(
+            0,
+            [(10, "/images", "a.png", None, "red", 4, 4, b"jpeg"), (20, "/images", "b.png", None, None, 4, 4, b"jpeg")],
+        ),
+    )
     writer.put_meta(**{**META_VALUES, **meta_overrides})
 
 
@@ -61,19 +111,23 @@ def test_the_writer_stamps_version_ids_and_software_versions(tmp_path):
     assert set(meta) == set(META)  # every key the schema defines, and no other
     checked_meta, layers = check_index_file(con, str(path))
     assert checked_meta == meta and layers[3]["n_features"] == N_FEATURES
-    features = con.execute("SELECT feature, frequency, mean_activation, max_activation, label FROM features "
-                           "ORDER BY feature").fetchall()
+    features = con.execute(
+        "SELECT feature, frequency, mean_activation, max_activation, label FROM features ORDER BY feature"
+    ).fetchall()
     assert features == [(0, 3 / 10, 2.0, 3.0, "red"), (1, 1 / 10, 2.0, 2.0, "blue"), (2, 0.0, None, None, "")]
     assert con.execute("SELECT feature, rank, image_id FROM examples").fetchall() == [(0, 1, 1), (0, 2, 0), (1, 1, 1)]
 
 
-@pytest.mark.parametrize("items, problem", [
-    ({"normalisation_statistics": {}}, "meta.normalisation_statistics is not in the index schema"),
-    ({"grid": [16]}, "meta.grid: has 1 items, not 2"),
-    ({"model": "x"}, 'meta.model: "x" is not an object'),
-    ({"versions": {"clipscope_explorer": "0.1.0"}}, "meta.versions: has unknown field 'clipscope_explorer'"),
-    ({"sample": {**META_VALUES["sample"], "extra": 1}}, "meta.sample: has unknown field 'extra'"),
-])
+@pytest.mark.parametrize(
+    "items, problem",
+    [
+        ({"normalisation_statistics": {}}, "meta.normalisation_statistics is not in the index schema"),
+        ({"grid": [16]}, "meta.grid: has 1 items, not 2"),
+        ({"model": "x"}, 'meta.model: "x" is not an object'),
+        ({"versions": {"clipscope_explorer": "0.1.0"}}, "meta.versions: has unknown field 'clipscope_explorer'"),
+        ({"sample": {**META_VALUES["sample"], "extra": 1}}, "meta.sample: has unknown field 'extra'"),
+    ],
+)
 def test_meta_outside_the_schema_is_refused(tmp_path, items, problem):
     with IndexWriter(tmp_path / "index.duckdb") as writer:
         with pytest.raises(ValueError) as error:
@@ -89,10 +143,13 @@ def test_columns_outside_the_schema_are_refused(tmp_path):
         writer.abandon()
 
 
-@pytest.mark.parametrize("overrides, problem", [
-    ({"layers": [3, 4]}, "meta.layers lists layer 4, which has no row in the layers table"),
-    ({"n_tokens": 7}, "meta.n_tokens is 7, not 1 + 2 x 2"),
-])
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        ({"layers": [3, 4]}, "meta.layers lists layer 4, which has no row in the layers table"),
+        ({"n_tokens": 7}, "meta.n_tokens is 7, not 1 + 2 x 2"),
+    ],
+)
 def test_an_index_the_server_would_refuse_is_not_published(tmp_path, overrides, problem):
     out = tmp_path / "index.duckdb"
     out.write_bytes(b"the previous index")

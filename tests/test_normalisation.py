@@ -21,18 +21,25 @@ from tests.test_precompute import read_shards
 @pytest.fixture(scope="module")
 def normalised_index(tmp_path_factory, shard_dir, tiny_model_spec, tiny_sae_repo):
     out = tmp_path_factory.mktemp("normalised") / "n.duckdb"
-    return run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, normalise="sample",
-                                 precision="fp32"))
+    return run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, normalise="sample", precision="fp32"))
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_normalised_run_resumes_to_the_same_index(tmp_path, monkeypatch, normalised_index,
-                                                                  shard_dir, tiny_model_spec, tiny_sae_repo):
-    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "r.duckdb",
-                               normalise="sample", precision="fp32", checkpoint_every=8)
+def test_an_interrupted_normalised_run_resumes_to_the_same_index(
+    tmp_path, monkeypatch, normalised_index, shard_dir, tiny_model_spec, tiny_sae_repo
+):
+    config = precompute_config(
+        shard_dir,
+        tiny_model_spec,
+        tiny_sae_repo,
+        tmp_path / "r.duckdb",
+        normalise="sample",
+        precision="fp32",
+        checkpoint_every=8,
+    )
     encode_batch, calls = job.encode_batch, []
 
     def failing_on_the_third_batch(*args):
@@ -53,8 +60,9 @@ def test_an_interrupted_normalised_run_resumes_to_the_same_index(tmp_path, monke
     assert estimated == []  # the resumed run read its statistics from the checkpoint
 
 
-def test_live_encoding_standardises_with_the_index_statistics(normalised_index, shard_dir, tiny_tower,
-                                                              tiny_sae_repo, tmp_path):
+def test_live_encoding_standardises_with_the_index_statistics(
+    normalised_index, shard_dir, tiny_tower, tiny_sae_repo, tmp_path
+):
     from clipscope_explorer.app.live.encoder import load_encoder
     from clipscope_explorer.app.live.spec import LiveSpec
     from clipscope_explorer.app.queries import open_index

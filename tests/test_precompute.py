@@ -44,8 +44,13 @@ def brute(shard_dir, tiny_tower, tiny_sae_repo):
         pre = (x - sae.pre_b) @ sae.enc
         top = torch.topk(pre, sae.k, dim=-1)
         latent = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-        out[layer] = {"x": x, "latent": latent, "recon": latent @ sae.dec + sae.pre_b, "k": sae.k,
-                      "dec": sae.dec.detach()}
+        out[layer] = {
+            "x": x,
+            "latent": latent,
+            "recon": latent @ sae.dec + sae.pre_b,
+            "k": sae.k,
+            "dec": sae.dec.detach(),
+        }
     return out
 
 
@@ -77,9 +82,11 @@ def test_layer_metrics(db, brute, layer):
     err = (b["x"] - b["recon"]).pow(2).sum(-1)
     centred = (b["x"] - b["x"].mean(-1, keepdim=True)).pow(2).sum(-1)
     fires = b["latent"] > 0
-    row = db.execute("SELECT n_images, n_tokens, mse, explained_variance, l0, dead_fraction, "
-                     "nonpositive_kept_fraction, mse_by_position, active_fraction FROM layers WHERE layer = ?",
-                     [layer]).fetchone()
+    row = db.execute(
+        "SELECT n_images, n_tokens, mse, explained_variance, l0, dead_fraction, "
+        "nonpositive_kept_fraction, mse_by_position, active_fraction FROM layers WHERE layer = ?",
+        [layer],
+    ).fetchone()
     n, t = b["x"].shape[:2]
     assert row[0] == n and row[1] == n * t
     assert row[2] == pytest.approx(err.mean().item(), rel=1e-5)
@@ -97,9 +104,11 @@ def test_feature_statistics(db, brute, layer):
     latent = brute[layer]["latent"]
     fires = latent > 0
     n, t, f = latent.shape
-    rows = db.execute("SELECT feature, n_fired_tokens, n_fired_images, n_fired_cls, frequency, mean_activation, "
-                      "max_activation, histogram, position_mean FROM features WHERE layer = ? ORDER BY feature",
-                      [layer]).fetchall()
+    rows = db.execute(
+        "SELECT feature, n_fired_tokens, n_fired_images, n_fired_cls, frequency, mean_activation, "
+        "max_activation, histogram, position_mean FROM features WHERE layer = ? ORDER BY feature",
+        [layer],
+    ).fetchall()
     assert len(rows) == f
     firing = torch.where(fires, latent, 0)
     edges = histogram_edges()
@@ -129,16 +138,19 @@ def test_top_lists_exact_and_heatmaps_within_quantisation(db, brute, layer):
     rows = db.execute(
         "SELECT e.feature, e.rank, i.key, e.activation, e.cls_activation, e.heatmap_scale, e.heatmap "
         "FROM examples e JOIN images i USING (image_id) WHERE e.layer = ? AND e.kind = 'top' "
-        "ORDER BY e.feature, e.rank", [layer]).fetchall()
+        "ORDER BY e.feature, e.rank",
+        [layer],
+    ).fetchall()
     by_feature = {}
     for row in rows:
         by_feature.setdefault(row[0], []).append(row)
     for feature in range(latent.shape[2]):
-        ranked = sorted((-image_act[i, feature].item(), samples[i][0], i) for i in range(len(samples))
-                        if image_act[i, feature] > 0)[:top_n]
+        ranked = sorted(
+            (-image_act[i, feature].item(), samples[i][0], i) for i in range(len(samples)) if image_act[i, feature] > 0
+        )[:top_n]
         got = by_feature.get(feature, [])
         assert [samples[i][1] for *_, i in ranked] == [r[2] for r in got], feature
-        for (neg_act, _, i), (_, rank, _, act, cls, scale, heat) in zip(ranked, got):
+        for (neg_act, _, i), (_, _rank, _, act, cls, scale, heat) in zip(ranked, got):
             assert act == pytest.approx(-neg_act, rel=1e-6)
             assert cls == pytest.approx(firing[i, 0, feature].item(), abs=1e-6)
             dequantised = np.frombuffer(heat, np.uint8) * scale
@@ -154,11 +166,17 @@ def test_bands_hold_lower_examples_with_true_activations(db, brute, layer):
     rows = db.execute(
         "SELECT e.feature, e.band, e.rank, i.key, e.activation, f.max_activation FROM examples e "
         "JOIN images i USING (image_id) JOIN features f USING (layer, feature) "
-        "WHERE e.layer = ? AND e.kind = 'band' ORDER BY e.feature, e.band, e.rank", [layer]).fetchall()
+        "WHERE e.layer = ? AND e.kind = 'band' ORDER BY e.feature, e.band, e.rank",
+        [layer],
+    ).fetchall()
     assert rows, "some features must show band examples"
-    tops = {(f, k) for f, k in db.execute(
-        "SELECT e.feature, i.key FROM examples e JOIN images i USING (image_id) WHERE layer = ? AND kind = 'top'",
-        [layer]).fetchall()}
+    tops = {
+        (f, k)
+        for f, k in db.execute(
+            "SELECT e.feature, i.key FROM examples e JOIN images i USING (image_id) WHERE layer = ? AND kind = 'top'",
+            [layer],
+        ).fetchall()
+    }
     previous = None
     for feature, band, rank, key, act, maximum in rows:
         assert act == pytest.approx(image_act[key_index[key], feature].item(), rel=1e-6)
@@ -175,8 +193,9 @@ def test_similar_features_by_decoder_cosine(db, brute, layer):
     sims = dec @ dec.T
     sims.fill_diagonal_(-2)
     expected = torch.topk(sims, 10, dim=1)
-    rows = db.execute("SELECT similar_features, similar_cosines FROM features WHERE layer = ? ORDER BY feature",
-                      [layer]).fetchall()
+    rows = db.execute(
+        "SELECT similar_features, similar_cosines FROM features WHERE layer = ? ORDER BY feature", [layer]
+    ).fetchall()
     for feature, (similar, cosines) in enumerate(rows):
         assert similar == expected.indices[feature].tolist()
         np.testing.assert_allclose(cosines, expected.values[feature].numpy(), atol=1e-5)
@@ -186,7 +205,8 @@ def test_label_terms_come_from_top_captions(db):
     rows = db.execute(
         "SELECT f.layer, f.feature, f.label_terms, list(i.caption) FROM features f "
         "JOIN examples e USING (layer, feature) JOIN images i USING (image_id) "
-        "WHERE e.kind = 'top' GROUP BY ALL").fetchall()
+        "WHERE e.kind = 'top' GROUP BY ALL"
+    ).fetchall()
     labelled = 0
     for layer, feature, terms, captions in rows:
         words = set(" ".join(captions).split())
@@ -201,7 +221,7 @@ def test_images_are_exactly_the_referenced_ones(db, shard_dir):
     stored = db.execute("SELECT image_id, key, url, caption, width, height, thumbnail, source FROM images").fetchall()
     assert {r[0] for r in stored} == referenced
     assert sorted(r[0] for r in stored) == list(range(len(stored)))
-    for image_id, key, url, caption, width, height, thumbnail, source in stored:
+    for _image_id, key, url, caption, width, height, thumbnail, source in stored:
         assert url == f"https://example.org/{key}.jpg" and caption.startswith("a ")
         assert (width, height) == (256, 224)
         assert source.endswith(f"{key[:5]}.tar")

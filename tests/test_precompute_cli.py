@@ -13,9 +13,25 @@ from tests.conftest import precompute_config, write_sae_repo
 
 
 def cli(shard_dir, model_spec, sae, out, *extra):
-    return ["precompute", "--images", f"{shard_dir}/{{00000..00002}}.tar", "--out", str(out), "--model",
-            model_spec, "--sae", str(sae), "--layers", "1", "--device", "cpu", "--workers", "0",
-            "--no-progress", *extra]
+    return [
+        "precompute",
+        "--images",
+        f"{shard_dir}/{{00000..00002}}.tar",
+        "--out",
+        str(out),
+        "--model",
+        model_spec,
+        "--sae",
+        str(sae),
+        "--layers",
+        "1",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_cli_builds_an_index(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, capsys):
@@ -29,16 +45,20 @@ def test_cli_builds_an_index(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo
     assert keys <= {f"00000{i:04d}" for i in range(10)}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"images": "{dir}/missing.tar"}, "shard .*missing.tar does not exist"),
-    ({"layers": "7"}, r"layers \[7\] do not exist"),
-    ({"sae_layer_missing": True}, "no folder 2_resid"),
-    ({"checkpoint": "999"}, "checkpoint 999 does not exist .* available: 1000, 2000"),
-    ({"model": "local-dir:{dir}/nomodel"}, "nomodel"),
-    ({"device": "cuda:999"}, "--device cuda:999 was asked for, but "),
-])
-def test_errors_name_the_bad_input_before_compute(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, capsys,
-                                                  change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"images": "{dir}/missing.tar"}, "shard .*missing.tar does not exist"),
+        ({"layers": "7"}, r"layers \[7\] do not exist"),
+        ({"sae_layer_missing": True}, "no folder 2_resid"),
+        ({"checkpoint": "999"}, "checkpoint 999 does not exist .* available: 1000, 2000"),
+        ({"model": "local-dir:{dir}/nomodel"}, "nomodel"),
+        ({"device": "cuda:999"}, "--device cuda:999 was asked for, but "),
+    ],
+)
+def test_errors_name_the_bad_input_before_compute(
+    tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, capsys, change, message
+):
     out = tmp_path / "bad.duckdb"
     args = cli(shard_dir, tiny_model_spec, tiny_sae_repo, out)
     if "images" in change:
@@ -68,29 +88,34 @@ def test_sae_that_does_not_fit_the_model_is_refused(tmp_path, shard_dir, tiny_mo
     assert "2000.pt: d_in is 32 but the model's residual width is 64" in capsys.readouterr().err
 
 
-def test_normalise_sample_reports_raw_and_standardised(tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo,
-                                                       tiny_index, tiny_tower):
+def test_normalise_sample_reports_raw_and_standardised(
+    tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo, tiny_index, tiny_tower
+):
     from clipscope_explorer.precompute.model.checkpoints import load_sae
     from tests.test_precompute import read_shards
 
-    out = run(precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "n.duckdb",
-                                normalise="sample", workers=2))
+    out = run(
+        precompute_config(
+            shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "n.duckdb", normalise="sample", workers=2
+        )
+    )
     con = duckdb.connect(str(out), read_only=True)
     raw_con = duckdb.connect(str(tiny_index), read_only=True)
     stats = json.loads(con.execute("SELECT value FROM meta WHERE key = 'normalisation_stats'").fetchone()[0])
     for layer in (1, 2):
         mse, ev, mse_raw, ev_raw = con.execute(
-            "SELECT mse, explained_variance, mse_raw, explained_variance_raw FROM layers WHERE layer = ?",
-            [layer]).fetchone()
+            "SELECT mse, explained_variance, mse_raw, explained_variance_raw FROM layers WHERE layer = ?", [layer]
+        ).fetchone()
         raw_mse, raw_ev = raw_con.execute(
-            "SELECT mse, explained_variance FROM layers WHERE layer = ?", [layer]).fetchone()
+            "SELECT mse, explained_variance FROM layers WHERE layer = ?", [layer]
+        ).fetchone()
         assert mse_raw == pytest.approx(raw_mse, rel=1e-6) and ev_raw == pytest.approx(raw_ev, rel=1e-6)
         # standardised metrics against a brute-force recomputation
         pixels = torch.stack([tiny_tower.preprocess(img) for *_, img in read_shards(shard_dir)])
         x = tiny_tower.capture(pixels, [layer])[layer]
         mean, std = x.flatten(0, 1).double().mean(0), x.flatten(0, 1).double().std(0, unbiased=False)
         torch.testing.assert_close(torch.tensor(stats[str(layer)]["mean"]), mean.float(), atol=1e-5, rtol=1e-5)
-        z = ((x - mean.float()) / std.float().clamp_min(1e-6))
+        z = (x - mean.float()) / std.float().clamp_min(1e-6)
         sae = load_sae(str(tiny_sae_repo), layer)
         pre = (z - sae.pre_b) @ sae.enc
         top = torch.topk(pre, sae.k, dim=-1)

@@ -40,11 +40,32 @@ runpy.run_module("clipscope_explorer.precompute", run_name="__main__")
 
 def cli_args(config) -> list[str]:
     return [
-        sys.executable, "-m", "clipscope_explorer.precompute", "--images", *config.images, "--out", str(config.out),
-        "--model", config.model, "--sae", config.sae, "--layers", ",".join(map(str, config.layers)),
-        "--top-n", str(config.top_n), "--band-size", str(config.band_size), "--batch-size",
-        str(config.batch_size), "--device", "cpu", "--workers", "0", "--save-state-every",
-        str(config.checkpoint_every), "--no-progress",
+        sys.executable,
+        "-m",
+        "clipscope_explorer.precompute",
+        "--images",
+        *config.images,
+        "--out",
+        str(config.out),
+        "--model",
+        config.model,
+        "--sae",
+        config.sae,
+        "--layers",
+        ",".join(map(str, config.layers)),
+        "--top-n",
+        str(config.top_n),
+        "--band-size",
+        str(config.band_size),
+        "--batch-size",
+        str(config.batch_size),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--save-state-every",
+        str(config.checkpoint_every),
+        "--no-progress",
     ]
 
 
@@ -75,8 +96,12 @@ def test_kill_and_resume_gives_identical_index(tmp_path, shard_dir, tiny_model_s
     out = tmp_path / "resumed.duckdb"
     config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, checkpoint_every=8)
     command = cli_args(config)  # python -m clipscope_explorer.precompute ARGS...
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, str(KILL_AFTER_IMAGES), *command[3:]],
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_SAVE, str(KILL_AFTER_IMAGES), *command[3:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, f"the run was not killed where planned:\n{killed.stderr}"
     saved = int(killed.stdout.split()[-1])
     assert saved >= KILL_AFTER_IMAGES
@@ -106,8 +131,7 @@ def test_ray_two_workers_equal_single_process(tmp_path, shard_dir, tiny_model_sp
     import ray
 
     out = tmp_path / "ray.duckdb"
-    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, band_samples=24, ray="auto",
-                               workers=2)
+    config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, out, band_samples=24, ray="auto", workers=2)
     try:
         run(config)
     finally:

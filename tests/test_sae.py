@@ -7,9 +7,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipscope_explorer.precompute.model.sae import (SAEEncoder, SAELoadError, SparseCode, Standardisation, TopKSAE,
-                                                    explained_variance, squared_error)
-from clipscope_explorer.precompute.model.checkpoints import save_checkpoint, load_sae, load_saes
+from clipscope_explorer.precompute.model.checkpoints import load_sae, load_saes, save_checkpoint
+from clipscope_explorer.precompute.model.sae import (
+    SAEEncoder,
+    SAELoadError,
+    SparseCode,
+    Standardisation,
+    TopKSAE,
+    explained_variance,
+    squared_error,
+)
 from tests.conftest import TINY_K, random_sae_tensors, write_sae_repo
 
 
@@ -132,8 +139,10 @@ def test_error_missing_keys_named(tmp_path):
 def test_error_wrong_shapes_named(tmp_path):
     pre_b, enc, dec = random_sae_tensors(64, 256, seed=0)
     path = tmp_path / "shapes.pt"
-    torch.save({"model_state_dict": {"pre_b": pre_b, "enc": enc, "dec": dec[:100]},
-                "d_in": 64, "n_features": 256, "k": 8}, path)
+    torch.save(
+        {"model_state_dict": {"pre_b": pre_b, "enc": enc, "dec": dec[:100]}, "d_in": 64, "n_features": 256, "k": 8},
+        path,
+    )
     with pytest.raises(SAELoadError, match=r"shapes.pt: dec has shape \(100, 64\), expected \(256, 64\)"):
         load_sae(str(path))
 
@@ -175,7 +184,8 @@ def test_hub_repo_loads_offline_from_cache(tmp_path, tiny_sae_repo):
     cache = tmp_path / "hub"
     populate_hf_cache(cache, "lewington/CLIP-ViT-L-scope", tiny_sae_repo)
     code = (
-        "from clipscope_explorer.precompute.model.checkpoints import load_sae\nfrom clipscope_explorer.precompute.model.sae import SAELoadError\n"
+        "from clipscope_explorer.precompute.model.checkpoints import load_sae\n"
+        "from clipscope_explorer.precompute.model.sae import SAELoadError\n"
         "sae = load_sae('lewington/CLIP-ViT-L-scope', layer=2)\n"
         "print(sae.origin.checkpoint, sae.origin.source, sae.k)\n"
         "try:\n    load_sae('lewington/CLIP-ViT-L-scope', layer=3)\n"

@@ -7,8 +7,16 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from clipscope_explorer.precompute.index.schema import (META, SCHEMA_MINOR, SCHEMA_VERSION, TABLES, additions,
-                                                        column_sql, ddl, version_text)
+from clipscope_explorer.precompute.index.schema import (
+    META,
+    SCHEMA_MINOR,
+    SCHEMA_VERSION,
+    TABLES,
+    additions,
+    column_sql,
+    ddl,
+    version_text,
+)
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
 
@@ -40,8 +48,9 @@ def documented(text: str, header: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("table", list(TABLES))
 def test_documented_columns_and_types_are_the_schemas(table):
-    assert documented(section(f"`{table}`"), "column") == [(c.name, column_sql(TABLES[table], c))
-                                                           for c in TABLES[table].columns]
+    assert documented(section(f"`{table}`"), "column") == [
+        (c.name, column_sql(TABLES[table], c)) for c in TABLES[table].columns
+    ]
 
 
 def test_every_table_is_documented():
@@ -63,11 +72,11 @@ def test_the_writer_creates_exactly_the_documented_tables():
     con.execute(ddl())
     created = {}
     for table, column, type_, nullable in con.execute(
-            "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
-            "WHERE database_name = current_database() AND schema_name = 'main'").fetchall():
+        "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = 'main'"
+    ).fetchall():
         created.setdefault(table, []).append((column, type_, nullable))
-    assert created == {name: [(c.name, c.type, c.nullable) for c in table.columns]
-                       for name, table in TABLES.items()}
+    assert created == {name: [(c.name, c.type, c.nullable) for c in table.columns] for name, table in TABLES.items()}
 
 
 def test_schema_version_and_every_minor_are_documented():

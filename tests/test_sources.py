@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipscope_explorer.precompute.shard_reader import known_size
-from clipscope_explorer.precompute.sources import SourceError, ShardBatches, expand_braces, resolve_sources
+from clipscope_explorer.precompute.sources import ShardBatches, SourceError, expand_braces, resolve_sources
 from tests.fixtures import write_folder, write_shards
 
 
@@ -67,12 +67,15 @@ def test_folder_source_keys_are_relative_paths_with_captions(tmp_path):
     assert captions["b/img000.png"] is None and captions["a/img001.png"].startswith("a ")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("{dir}/missing.tar", "shard .*missing.tar does not exist"),
-    ("{dir}/nothing-*.tar", "no files match"),
-    ("{dir}/file.txt", "neither a .tar shard nor an image folder"),
-    ("{dir}/empty", "holds no images"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{dir}/missing.tar", "shard .*missing.tar does not exist"),
+        ("{dir}/nothing-*.tar", "no files match"),
+        ("{dir}/file.txt", "neither a .tar shard nor an image folder"),
+        ("{dir}/empty", "holds no images"),
+    ],
+)
 def test_bad_sources_named_before_compute(tmp_path, spec, message):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "empty").mkdir()

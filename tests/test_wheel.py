@@ -23,17 +23,33 @@ from tests.app.conftest import build_index
 from tests.e2e.conftest import REPO, run_server
 
 # top-level folders that the wheel is not built from (and that may be large)
-NOT_PACKAGED = {".git", ".ci", "build", "dist", "data", "docs", "tests", "bench", "test-artifacts", ".whl",
-                ".pytest_cache"}
-SOURCES = {"clipscope_explorer": "clipscope_explorer", "app": "clipscope_explorer/app",
-           "precompute": "clipscope_explorer/precompute", "templates": "clipscope_explorer/templates",
-           "static": "clipscope_explorer/static"}  # checkout folder -> installed folder (pyproject's package-dir)
+NOT_PACKAGED = {
+    ".git",
+    ".ci",
+    "build",
+    "dist",
+    "data",
+    "docs",
+    "tests",
+    "bench",
+    "test-artifacts",
+    ".whl",
+    ".pytest_cache",
+}
+SOURCES = {
+    "clipscope_explorer": "clipscope_explorer",
+    "app": "clipscope_explorer/app",
+    "precompute": "clipscope_explorer/precompute",
+    "templates": "clipscope_explorer/templates",
+    "static": "clipscope_explorer/static",
+}  # checkout folder -> installed folder (pyproject's package-dir)
 
 
 def _ignored(folder: str, names: list[str]) -> set[str]:
     top = Path(folder).resolve() == REPO
-    return {n for n in names
-            if (top and n in NOT_PACKAGED) or n == "__pycache__" or n.endswith((".egg-info", ".duckdb"))}
+    return {
+        n for n in names if (top and n in NOT_PACKAGED) or n == "__pycache__" or n.endswith((".egg-info", ".duckdb"))
+    }
 
 
 def _run(*command, cwd: Path, env: dict) -> str:
@@ -78,8 +94,20 @@ def venv(tmp_path_factory) -> tuple[Path, dict]:
     source = work / "source"
     shutil.copytree(REPO, source, ignore=_ignored)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    _run(sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "-q", "-w", work / "dist",
-         cwd=work, env=env)
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        source,
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        work / "dist",
+        cwd=work,
+        env=env,
+    )
     (wheel,) = (work / "dist").glob("clipscope_explorer-*.whl")
     root = work / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root, cwd=work, env=env)
@@ -88,15 +116,21 @@ def venv(tmp_path_factory) -> tuple[Path, dict]:
     # the test interpreter's packages come after the venv's own (also when this interpreter is itself a venv)
     dirs = [d for d in site.getsitepackages() + [site.getusersitepackages()] if Path(d).is_dir()]
     (own / "zz_test_interpreter.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
-    _run(python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--no-index", "-q", wheel, cwd=work,
-         env=env)
+    _run(
+        python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--no-index", "-q", wheel, cwd=work, env=env
+    )
     return root, env
 
 
 def test_the_environment_imports_its_own_copy(venv, tmp_path):
     root, env = venv
-    where = _run(root / "bin" / "python", "-c", "import clipscope_explorer; print(clipscope_explorer.__file__)",
-                 cwd=tmp_path, env=env).strip()
+    where = _run(
+        root / "bin" / "python",
+        "-c",
+        "import clipscope_explorer; print(clipscope_explorer.__file__)",
+        cwd=tmp_path,
+        env=env,
+    ).strip()
     installed = Path(where).resolve().parent
     assert installed.is_relative_to(root.resolve()) and not installed.is_relative_to(REPO), where
     for folder, target in SOURCES.items():  # every module, template and static file of the checkout is in the wheel
@@ -108,13 +142,28 @@ def test_the_environment_imports_its_own_copy(venv, tmp_path):
 def test_the_installed_server_renders_every_page(venv, tmp_path):
     root, env = venv
     index = build_index(tmp_path / "index.duckdb")
-    servers = run_server(index, "--no-live", "--upload-store", str(tmp_path / "uploads"),
-                         program=(str(root / "bin" / "clipscope-explorer"),), cwd=tmp_path, env=env)
+    servers = run_server(
+        index,
+        "--no-live",
+        "--upload-store",
+        str(tmp_path / "uploads"),
+        program=(str(root / "bin" / "clipscope-explorer"),),
+        cwd=tmp_path,
+        env=env,
+    )
     base = next(servers)
     try:
         seen: dict[str, str] = {}
-        todo = ["/", "/layers/20", "/layers/20/features/8", "/search?q=dog", "/upload", "/docs", "/api",
-                "/openapi.json"]
+        todo = [
+            "/",
+            "/layers/20",
+            "/layers/20/features/8",
+            "/search?q=dog",
+            "/upload",
+            "/docs",
+            "/api",
+            "/openapi.json",
+        ]
         with httpx.Client(base_url=base, timeout=30, follow_redirects=True) as client:
             while todo and len(seen) < 200:
                 url = todo.pop(0)
@@ -130,9 +179,21 @@ def test_the_installed_server_renders_every_page(venv, tmp_path):
                     todo += ([links.twin] if links.twin else []) + links.urls
             assert client.get("/layers/20/features/8", headers={"HX-Request": "true"}).status_code == 200
         kinds = set(seen)
-        for wanted in ("/", "/layers/N", "/layers/N/features/N", "/search?q", "/upload", "/api", "/api/layers/N",
-                       "/api/layers/N/features/N", "/api/search?q", "/openapi.json", "/static/style.css",
-                       "/static/app.js", "/static/vendor/htmx.min.js"):
+        for wanted in (
+            "/",
+            "/layers/N",
+            "/layers/N/features/N",
+            "/search?q",
+            "/upload",
+            "/api",
+            "/api/layers/N",
+            "/api/layers/N/features/N",
+            "/api/search?q",
+            "/openapi.json",
+            "/static/style.css",
+            "/static/app.js",
+            "/static/vendor/htmx.min.js",
+        ):
             assert wanted in kinds, f"{wanted} was not reached from the pages: {sorted(kinds)}"
         for name in _files(REPO / "static"):  # every static file, byte for byte
             assert httpx.get(f"{base}/static/{name}").content == (REPO / "static" / name).read_bytes(), name

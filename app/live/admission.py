@@ -41,8 +41,11 @@ def check_rate(request: Request) -> None:
     wait = limiter.acquire(client_key(request))
     if wait:
         per_minute = request.app.state.settings.upload_rate_limit
-        raise UploadRejected(429, f"too many uploads from your address (at most {per_minute} a minute); "
-                                  f"try again in {wait} s", {"Retry-After": str(wait)})
+        raise UploadRejected(
+            429,
+            f"too many uploads from your address (at most {per_minute} a minute); try again in {wait} s",
+            {"Retry-After": str(wait)},
+        )
 
 
 @contextmanager
@@ -54,10 +57,14 @@ def upload_slot(request: Request, batcher: MicroBatcher) -> Iterator[Slot]:
         try:
             slot = held.enter_context(batcher.admit(client_key(request), share))
         except ClientBusy as busy:
-            raise UploadRejected(429, f"your address already has {busy.share} uploads in progress (the most at "
-                                      "once); try again when one is done",
-                                 {"Retry-After": str(busy.retry_after)}) from None
+            raise UploadRejected(
+                429,
+                f"your address already has {busy.share} uploads in progress (the most at "
+                "once); try again when one is done",
+                {"Retry-After": str(busy.retry_after)},
+            ) from None
         except Busy as busy:
-            raise UploadRejected(503, "busy encoding other uploads; try again shortly",
-                                 {"Retry-After": str(busy.retry_after)}) from None
+            raise UploadRejected(
+                503, "busy encoding other uploads; try again shortly", {"Retry-After": str(busy.retry_after)}
+            ) from None
         yield slot

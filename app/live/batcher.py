@@ -68,8 +68,15 @@ class Slot:
 
 
 class MicroBatcher(Generic[Job, Result]):
-    def __init__(self, run_batch: Callable[[Sequence[Job]], Sequence[Result]], max_batch: int, capacity: int,
-                 name: str = "clipscope-live", linger: float = 0.05, nice: int = 5):
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Job]], Sequence[Result]],
+        max_batch: int,
+        capacity: int,
+        name: str = "clipscope-live",
+        linger: float = 0.05,
+        nice: int = 5,
+    ):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.capacity = capacity

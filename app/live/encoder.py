@@ -13,8 +13,8 @@ same; half the memory, no casting per upload). `LiveEncoder` runs
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,13 @@ from clipscope_explorer.precompute.model.checkpoints import load_checkpoint_file
 from clipscope_explorer.precompute.model.encode import encode_pixels
 from clipscope_explorer.precompute.model.precision import effective, resolve_precision
 from clipscope_explorer.precompute.model.sae import SAEEncoder, SAELoadError, Standardisation
-from clipscope_explorer.precompute.model.vision import (ModelLoadError, ModelSpec, VisionTower, load_tower,
-                                                         resolve_device)
+from clipscope_explorer.precompute.model.vision import (
+    ModelLoadError,
+    ModelSpec,
+    VisionTower,
+    load_tower,
+    resolve_device,
+)
 
 Codes = dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (values [T, k] float32, indices [T, k] int32)
 
@@ -39,7 +44,7 @@ def _load_layer_encoder(spec: LiveSpec, layer: int, device: torch.device, precis
     return load_sae(spec.sae, layer, spec.checkpoints.get(layer), **how)
 
 
-def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> "LiveEncoder":
+def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> LiveEncoder:
     """Load model and SAE encoders (ModelLoadError / SAELoadError / ValueError when impossible)."""
     if not spec.model:
         raise ModelLoadError("the index records no model; pass --live-model")
@@ -59,14 +64,23 @@ class LiveEncoder:
     """The loaded model and SAE encoders, and the worker thread that runs them. Layers with normalisation
     statistics in `spec` are standardised with them before their SAE reads them, as the job did."""
 
-    def __init__(self, tower: VisionTower, saes: dict[int, SAEEncoder], spec: LiveSpec, batch_size: int = 8,
-                 queue_size: int = 16, precision: str | None = None):
+    def __init__(
+        self,
+        tower: VisionTower,
+        saes: dict[int, SAEEncoder],
+        spec: LiveSpec,
+        batch_size: int = 8,
+        queue_size: int = 16,
+        precision: str | None = None,
+    ):
         self.tower, self.saes, self.spec = tower, saes, spec
         self.precision = effective(precision, tower.device)
         self.layers = sorted(saes)
-        self.normalisation = {layer: Standardisation(torch.tensor(mean, device=tower.device),
-                                                     torch.tensor(std, device=tower.device))
-                              for layer, (mean, std) in spec.normalisation.items() if layer in saes}
+        self.normalisation = {
+            layer: Standardisation(torch.tensor(mean, device=tower.device), torch.tensor(std, device=tower.device))
+            for layer, (mean, std) in spec.normalisation.items()
+            if layer in saes
+        }
         self.identity = spec.identity(self.precision)
         self.grid = tower.grid
         self.image_size = int(tower.visual.image_size[0])
@@ -79,12 +93,20 @@ class LiveEncoder:
     def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Codes]:
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])
-        encoded = encode_pixels(self.tower, {n: self.saes[n] for n in wanted}, pixels, self.precision,
-                                self.normalisation)
+        encoded = encode_pixels(
+            self.tower, {n: self.saes[n] for n in wanted}, pixels, self.precision, self.normalisation
+        )
         out = []
         for row, (_, layers) in enumerate(jobs):
-            out.append({n: (encoded[n].code.values[row].float().cpu().numpy(),
-                            encoded[n].code.indices[row].to(torch.int32).cpu().numpy()) for n in layers})
+            out.append(
+                {
+                    n: (
+                        encoded[n].code.values[row].float().cpu().numpy(),
+                        encoded[n].code.indices[row].to(torch.int32).cpu().numpy(),
+                    )
+                    for n in layers
+                }
+            )
         return out
 
     async def encode(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Codes:

@@ -19,9 +19,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
-from starlette.datastructures import UploadFile
 
 from clipscope_explorer.app.live.store import VIEW_SIZE
 from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_picture, square_crop
@@ -48,8 +48,9 @@ def _megabytes(n: int) -> str:
     return f"{n / 1_000_000:.3g} MB"
 
 
-async def read_form(request: Request, max_bytes: int, read_timeout: float,
-                    min_rate: int) -> tuple[bytes, dict[str, list[str]]]:
+async def read_form(
+    request: Request, max_bytes: int, read_timeout: float, min_rate: int
+) -> tuple[bytes, dict[str, list[str]]]:
     """(file bytes, other fields) of a multipart upload, refusing bodies over the limit as they arrive, and
     bodies that pause longer than `read_timeout` seconds or arrive slower than `min_rate` bytes/s on average
     once `read_timeout` has passed (408), so a slow client holds its upload slot for a bounded time."""
@@ -71,9 +72,12 @@ async def read_form(request: Request, max_bytes: int, read_timeout: float,
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                raise UploadRejected(408, f"the upload arrived too slowly (it may pause at most {read_timeout:g} s "
-                                          f"and must average {min_rate / 1000:g} kB/s)",
-                                     {"Connection": "close"}) from None
+                raise UploadRejected(
+                    408,
+                    f"the upload arrived too slowly (it may pause at most {read_timeout:g} s "
+                    f"and must average {min_rate / 1000:g} kB/s)",
+                    {"Connection": "close"},
+                ) from None
             body += chunk
             if len(body) > limit:
                 raise too_large
@@ -120,8 +124,9 @@ def parse_layers(values: list[str], available: list[int]) -> list[int]:
         layers.append(layer)
     missing = sorted(set(layers) - set(available))
     if missing:
-        raise UploadRejected(422, f"layers: {', '.join(map(str, missing))} not encoded here; "
-                                  f"available: {', '.join(map(str, available))}")
+        raise UploadRejected(
+            422, f"layers: {', '.join(map(str, missing))} not encoded here; available: {', '.join(map(str, available))}"
+        )
     return sorted(set(layers))
 
 

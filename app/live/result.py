@@ -72,8 +72,12 @@ class UploadResult(BaseModel):
 
 def upload_urls(urls: Urls, upload_id: str) -> dict[str, str]:
     page = urls.upload_result(upload_id)
-    return {"url": page, "image_url": urls.upload_image(upload_id), "preview_url": urls.upload_preview(upload_id),
-            "json_url": urls.twin(page)}
+    return {
+        "url": page,
+        "image_url": urls.upload_image(upload_id),
+        "preview_url": urls.upload_preview(upload_id),
+        "json_url": urls.twin(page),
+    }
 
 
 def _winners(values: np.ndarray, indices: np.ndarray) -> tuple[list[int | None], list[WinnerCount]]:
@@ -85,8 +89,10 @@ def _winners(values: np.ndarray, indices: np.ndarray) -> tuple[list[int | None],
     winner = np.where(any_fires, patch_indices[np.arange(len(best)), best], -1)
     features, counts = np.unique(winner[winner >= 0], return_counts=True)
     order = np.lexsort((features, -counts))
-    return ([int(w) if w >= 0 else None for w in winner],
-            [WinnerCount(feature=int(features[i]), patches=int(counts[i])) for i in order])
+    return (
+        [int(w) if w >= 0 else None for w in winner],
+        [WinnerCount(feature=int(features[i]), patches=int(counts[i])) for i in order],
+    )
 
 
 def _patch_lists(values: np.ndarray, indices: np.ndarray) -> list[list[tuple[int, float]]]:
@@ -99,13 +105,26 @@ def _patch_lists(values: np.ndarray, indices: np.ndarray) -> list[list[tuple[int
 
 
 def _rank(features, sort: str) -> np.ndarray:
-    key = {"max": features.activation, "patch": features.patch_activation, "cls": features.cls_activation,
-           "mean": features.mean_activation}[sort]
+    key = {
+        "max": features.activation,
+        "patch": features.patch_activation,
+        "cls": features.cls_activation,
+        "mean": features.mean_activation,
+    }[sort]
     return np.argsort(-key, kind="stable")  # ties keep activation order
 
 
-def upload_layer(index: Index, urls: Urls, layer: int, values: np.ndarray, indices: np.ndarray, in_index: bool,
-                 sort: str, top: int, patches: bool) -> UploadLayer:
+def upload_layer(
+    index: Index,
+    urls: Urls,
+    layer: int,
+    values: np.ndarray,
+    indices: np.ndarray,
+    in_index: bool,
+    sort: str,
+    top: int,
+    patches: bool,
+) -> UploadLayer:
     summary = image_features(values, indices)
     chosen = _rank(summary, sort)[:top]
     feature_ids = [int(summary.features[i]) for i in chosen]
@@ -119,29 +138,67 @@ def upload_layer(index: Index, urls: Urls, layer: int, values: np.ndarray, indic
     for n, (i, feature) in enumerate(zip(chosen, feature_ids)):
         row = rows.get(feature, {})
         image_ids = [image_id for image_id in top_images[feature].tolist() if image_id >= 0] if row else []
-        features.append(UploadFeature(
-            feature=feature, activation=round_sig(float(summary.activation[i])),
-            cls_activation=round_sig(float(summary.cls_activation[i])),
-            patch_activation=round_sig(float(summary.patch_activation[i])),
-            mean_activation=round_sig(float(summary.mean_activation[i])),
-            heatmap=rounded_list(heatmaps[n]),
-            label=row.get("label"), label_terms=list(row.get("label_terms") or []),
-            max_activation=row.get("max_activation"),
-            top_images=[IndexImage(image_id=image_id, thumbnail_url=urls.thumbnail(image_id),
-                                   page_url=urls.example(layer, feature, image_id))
-                        for image_id in image_ids],
-            url=urls.feature(layer, feature) if feature in rows else None))
+        features.append(
+            UploadFeature(
+                feature=feature,
+                activation=round_sig(float(summary.activation[i])),
+                cls_activation=round_sig(float(summary.cls_activation[i])),
+                patch_activation=round_sig(float(summary.patch_activation[i])),
+                mean_activation=round_sig(float(summary.mean_activation[i])),
+                heatmap=rounded_list(heatmaps[n]),
+                label=row.get("label"),
+                label_terms=list(row.get("label_terms") or []),
+                max_activation=row.get("max_activation"),
+                top_images=[
+                    IndexImage(
+                        image_id=image_id,
+                        thumbnail_url=urls.thumbnail(image_id),
+                        page_url=urls.example(layer, feature, image_id),
+                    )
+                    for image_id in image_ids
+                ],
+                url=urls.feature(layer, feature) if feature in rows else None,
+            )
+        )
     winners, counts = _winners(values, indices)
-    return UploadLayer(layer=layer, n_firing=len(summary.features), in_index=known, features=features,
-                       winners=winners, winner_counts=counts,
-                       patches=_patch_lists(values, indices) if patches else None)
+    return UploadLayer(
+        layer=layer,
+        n_firing=len(summary.features),
+        in_index=known,
+        features=features,
+        winners=winners,
+        winner_counts=counts,
+        patches=_patch_lists(values, indices) if patches else None,
+    )
 
 
-def upload_result(index: Index, urls: Urls, upload_id: str, width: int, height: int, grid: tuple[int, int],
-                  codes: dict, index_layers: tuple[int, ...], stored: bool, sort: str, top: int,
-                  patches: bool) -> UploadResult:
-    layers = {str(layer): upload_layer(index, urls, layer, values, indices, layer in index_layers, sort, top, patches)
-              for layer, (values, indices) in sorted(codes.items())}
+def upload_result(
+    index: Index,
+    urls: Urls,
+    upload_id: str,
+    width: int,
+    height: int,
+    grid: tuple[int, int],
+    codes: dict,
+    index_layers: tuple[int, ...],
+    stored: bool,
+    sort: str,
+    top: int,
+    patches: bool,
+) -> UploadResult:
+    layers = {
+        str(layer): upload_layer(index, urls, layer, values, indices, layer in index_layers, sort, top, patches)
+        for layer, (values, indices) in sorted(codes.items())
+    }
     links = upload_urls(urls, upload_id) if stored else dict.fromkeys(("url", "image_url", "preview_url", "json_url"))
-    return UploadResult(upload_id=upload_id, stored=stored, width=width, height=height, grid=list(grid),
-                        sort=sort, top=top, layers=layers, **links)
+    return UploadResult(
+        upload_id=upload_id,
+        stored=stored,
+        width=width,
+        height=height,
+        grid=list(grid),
+        sort=sort,
+        top=top,
+        layers=layers,
+        **links,
+    )

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOW_TO_ENABLE = ("To enable uploads, make the weights loadable offline (a local-dir:/path model folder, a local "
-                 "SAE folder in the hub layout, or a pre-filled Hugging Face cache) and start the server with "
-                 "--live-model, --live-sae and --live-layers as needed.")
+HOW_TO_ENABLE = (
+    "To enable uploads, make the weights loadable offline (a local-dir:/path model folder, a local "
+    "SAE folder in the hub layout, or a pre-filled Hugging Face cache) and start the server with "
+    "--live-model, --live-sae and --live-layers as needed."
+)
 
 
 class LiveService:

@@ -30,7 +30,7 @@ class LiveSpec:
     index_precision: str | None = None  # meta.precision: what `auto` follows
 
     @classmethod
-    def from_index(cls, meta: dict, layer_rows: dict[int, dict], settings) -> "LiveSpec":
+    def from_index(cls, meta: dict, layer_rows: dict[int, dict], settings) -> LiveSpec:
         model_meta, sae_meta = meta.get("model") or {}, meta.get("sae") or {}
         model = settings.live_model or str(model_meta.get("name") or "")
         pretrained = settings.live_pretrained if settings.live_model else model_meta.get("pretrained")
@@ -41,15 +41,24 @@ class LiveSpec:
         index_layers = tuple(n for n in layers if same_model and same_sae and n in layer_rows)
         stats = (meta.get("normalisation_stats") or {}) if meta.get("normalisation") == "sample" else {}
         return cls(
-            model=model, pretrained=pretrained, sae=sae, layers=layers,
+            model=model,
+            pretrained=pretrained,
+            sae=sae,
+            layers=layers,
             sae_files={n: layer_rows[n]["sae_file"] for n in index_layers if layer_rows[n].get("sae_file")},
             checkpoints={n: layer_rows[n].get("checkpoint") for n in index_layers},
             normalisation={n: (stats[str(n)]["mean"], stats[str(n)]["std"]) for n in index_layers if str(n) in stats},
-            index_layers=index_layers, device=settings.live_device, precision=settings.live_precision,
-            index_precision=meta.get("precision"))
+            index_layers=index_layers,
+            device=settings.live_device,
+            precision=settings.live_precision,
+            index_precision=meta.get("precision"),
+        )
 
     def identity(self, precision: str) -> str:
         """A short hash of everything that decides an upload's codes (part of upload ids)."""
-        blob = json.dumps([self.model, self.pretrained, self.sae, self.checkpoints,
-                           sorted(self.normalisation.items()), precision], sort_keys=True, default=str)
+        blob = json.dumps(
+            [self.model, self.pretrained, self.sae, self.checkpoints, sorted(self.normalisation.items()), precision],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

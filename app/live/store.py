@@ -111,11 +111,18 @@ class UploadStore:
                 os.utime(folder / "meta.json")
         except (OSError, ValueError):
             return None
-        return StoredUpload(upload_id, int(meta["width"]), int(meta["height"]), sorted(meta["layers"]), folder,
-                            sorted(meta.get("index_layers", [])))
+        return StoredUpload(
+            upload_id,
+            int(meta["width"]),
+            int(meta["height"]),
+            sorted(meta["layers"]),
+            folder,
+            sorted(meta.get("index_layers", [])),
+        )
 
-    def save(self, upload_id: str, width: int, height: int, view_jpeg: bytes, codes: dict,
-             index_layers: list[int]) -> StoredUpload:
+    def save(
+        self, upload_id: str, width: int, height: int, view_jpeg: bytes, codes: dict, index_layers: list[int]
+    ) -> StoredUpload:
         """Add an upload (or more layers of one); evict old entries when over the cap."""
         folder = self._folder(upload_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,8 +133,12 @@ class UploadStore:
             _write_atomic(folder / f"L{layer}.npz", _npz(values, indices))
         layers = sorted(set(codes) | set(previous.layers if previous else []))
         index_layers = sorted(set(index_layers) & set(layers))
-        _write_atomic(folder / "meta.json", json.dumps({"width": width, "height": height, "layers": layers,
-                                                         "index_layers": index_layers, "saved": time.time()}).encode())
+        _write_atomic(
+            folder / "meta.json",
+            json.dumps(
+                {"width": width, "height": height, "layers": layers, "index_layers": index_layers, "saved": time.time()}
+            ).encode(),
+        )
         with self._lock:
             self._estimate += _folder_size(folder)
             self._saves += 1

@@ -18,13 +18,24 @@ def operations(schema: dict) -> list[dict]:
         for method, op in methods.items():
             ok = op.get("responses", {}).get("200", {}).get("content", {})
             ref = ok.get("application/json", {}).get("schema", {}).get("$ref", "")
-            found.append({
-                "method": method.upper(), "path": path, "summary": op.get("summary", ""),
-                "tags": op.get("tags", []), "response": ref.rsplit("/", 1)[-1] or ", ".join(ok) or "",
-                "parameters": [{"name": p["name"], "in": p["in"], "required": p.get("required", False),
-                                "description": p.get("description") or p.get("schema", {}).get("description", "")}
-                               for p in op.get("parameters", [])],
-            })
+            found.append(
+                {
+                    "method": method.upper(),
+                    "path": path,
+                    "summary": op.get("summary", ""),
+                    "tags": op.get("tags", []),
+                    "response": ref.rsplit("/", 1)[-1] or ", ".join(ok) or "",
+                    "parameters": [
+                        {
+                            "name": p["name"],
+                            "in": p["in"],
+                            "required": p.get("required", False),
+                            "description": p.get("description") or p.get("schema", {}).get("description", ""),
+                        }
+                        for p in op.get("parameters", [])
+                    ],
+                }
+            )
     return found
 
 
@@ -32,6 +43,10 @@ def operations(schema: dict) -> list[dict]:
 def api_docs(request: Request):
     schema = request.app.openapi()
     context = common_context(request)
-    context.update(operations=operations(schema), schemas=schema.get("components", {}).get("schemas", {}),
-                   title="API", twin=context["urls"].openapi())
+    context.update(
+        operations=operations(schema),
+        schemas=schema.get("components", {}).get("schemas", {}),
+        title="API",
+        twin=context["urls"].openapi(),
+    )
     return request.app.state.templates.TemplateResponse(request, "api_docs.html", context)

@@ -104,61 +104,106 @@ class FeaturePage(BaseModel):
 def _example(urls: Urls, layer: int, feature: int, row: dict, image: dict | None, detail: bool) -> Example:
     image = image or {}
     return Example(
-        rank=row["rank"], image_id=row["image_id"], key=image.get("key"), caption=image.get("caption"),
-        url=image.get("url"), activation=round_sig(row["activation"]), cls_activation=round_sig(row["cls_activation"]),
+        rank=row["rank"],
+        image_id=row["image_id"],
+        key=image.get("key"),
+        caption=image.get("caption"),
+        url=image.get("url"),
+        activation=round_sig(row["activation"]),
+        cls_activation=round_sig(row["cls_activation"]),
         heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]) if detail else None,
-        thumbnail_url=urls.thumbnail(row["image_id"]), overlay_url=urls.overlay(layer, feature, row["image_id"]),
-        page_url=urls.example(layer, feature, row["image_id"]))
+        thumbnail_url=urls.thumbnail(row["image_id"]),
+        overlay_url=urls.overlay(layer, feature, row["image_id"]),
+        page_url=urls.example(layer, feature, row["image_id"]),
+    )
 
 
 def _bands(index: Index, examples: list[Example], rows: list[dict], max_activation: float | None) -> list[Band]:
     count = int(index.meta.get("band_count") or 0) or max((r["band"] for r in rows), default=0)
     top = max_activation or 0.0
-    return [Band(band=b, low=round_sig(top * (1 - b / count)), high=round_sig(top * (1 - (b - 1) / count)),
-                 examples=[e for e, r in zip(examples, rows) if r["kind"] == "band" and r["band"] == b])
-            for b in range(1, count + 1)]
+    return [
+        Band(
+            band=b,
+            low=round_sig(top * (1 - b / count)),
+            high=round_sig(top * (1 - (b - 1) / count)),
+            examples=[e for e, r in zip(examples, rows) if r["kind"] == "band" and r["band"] == b],
+        )
+        for b in range(1, count + 1)
+    ]
 
 
-@page(router, "/layers/{layer}/features/{feature}", template="feature.html",
-      summary="One feature: statistics, histogram, examples with heatmaps, similar features")
-def feature_page(index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath,
-                 detail: JsonTwin) -> FeaturePage:
+@page(
+    router,
+    "/layers/{layer}/features/{feature}",
+    template="feature.html",
+    summary="One feature: statistics, histogram, examples with heatmaps, similar features",
+)
+def feature_page(
+    index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath, detail: JsonTwin
+) -> FeaturePage:
     """The feature page's data. `detail` (the JSON) adds heatmaps and position means; the HTML page
     shows those as images, so it skips reading them."""
     layer_row = require_feature(index, layer, feature)
     row = index.feature(layer, feature)
     if row is None:
-        raise NotFound(f"Feature {feature} of layer {layer} is missing from this index.",
-                       [(PAGES.layer(layer), f"Layer {layer}")])
+        raise NotFound(
+            f"Feature {feature} of layer {layer} is missing from this index.", [(PAGES.layer(layer), f"Layer {layer}")]
+        )
     rows = index.examples(layer, feature, heatmaps=detail)
     images = index.images([r["image_id"] for r in rows])
     examples = [_example(urls, layer, feature, r, images.get(r["image_id"]), detail) for r in rows]
     similar_ids = [int(f) for f in row["similar_features"] or []]
     summaries = index.summaries(layer, similar_ids)
     first = index.first_top_images(layer)
-    similar = [Similar(feature=f, cosine=round_sig(c, 4), label=summaries.get(f, {}).get("label") or "",
-                       frequency=summaries.get(f, {}).get("frequency"),
-                       max_activation=summaries.get(f, {}).get("max_activation"),
-                       image_id=int(first[f]) if 0 <= f < len(first) and first[f] >= 0 else None,
-                       url=urls.feature(layer, f))
-               for f, c in zip(similar_ids, row["similar_cosines"] or [])]
+    similar = [
+        Similar(
+            feature=f,
+            cosine=round_sig(c, 4),
+            label=summaries.get(f, {}).get("label") or "",
+            frequency=summaries.get(f, {}).get("frequency"),
+            max_activation=summaries.get(f, {}).get("max_activation"),
+            image_id=int(first[f]) if 0 <= f < len(first) and first[f] >= 0 else None,
+            url=urls.feature(layer, f),
+        )
+        for f, c in zip(similar_ids, row["similar_cosines"] or [])
+    ]
     n_features = layer_row["n_features"]
     links = FeatureLinks(
-        layer=urls.layer(layer), previous=urls.feature(layer, feature - 1) if feature > 0 else None,
-        next=urls.feature(layer, feature + 1) if feature + 1 < n_features else None, random=urls.random(layer),
-        other_layers=[LayerLink(layer=n, url=urls.feature(n, feature)) for n in sorted(index.layers)
-                      if n != layer and feature < index.layers[n]["n_features"]],
-        preview=urls.preview(layer, feature), positions=urls.positions(layer, feature))
+        layer=urls.layer(layer),
+        previous=urls.feature(layer, feature - 1) if feature > 0 else None,
+        next=urls.feature(layer, feature + 1) if feature + 1 < n_features else None,
+        random=urls.random(layer),
+        other_layers=[
+            LayerLink(layer=n, url=urls.feature(n, feature))
+            for n in sorted(index.layers)
+            if n != layer and feature < index.layers[n]["n_features"]
+        ],
+        preview=urls.preview(layer, feature),
+        positions=urls.positions(layer, feature),
+    )
     return FeaturePage(
-        layer=layer, feature=feature, n_features=n_features, dead=not row["n_fired_tokens"],
-        label=row["label"] or "", label_terms=list(row["label_terms"] or []),
-        n_fired_tokens=row["n_fired_tokens"], n_fired_images=row["n_fired_images"], n_fired_cls=row["n_fired_cls"],
-        frequency=row["frequency"], image_frequency=row["image_frequency"], cls_frequency=row["cls_frequency"],
-        max_activation=row["max_activation"], mean_activation=row["mean_activation"],
+        layer=layer,
+        feature=feature,
+        n_features=n_features,
+        dead=not row["n_fired_tokens"],
+        label=row["label"] or "",
+        label_terms=list(row["label_terms"] or []),
+        n_fired_tokens=row["n_fired_tokens"],
+        n_fired_images=row["n_fired_images"],
+        n_fired_cls=row["n_fired_cls"],
+        frequency=row["frequency"],
+        image_frequency=row["image_frequency"],
+        cls_frequency=row["cls_frequency"],
+        max_activation=row["max_activation"],
+        mean_activation=row["mean_activation"],
         histogram=Histogram(edges=list(layer_row["histogram_edges"] or []), counts=list(row["histogram"] or [])),
-        position_mean=index.position_mean(layer, feature) if detail else None, grid=list(index.grid),
+        position_mean=index.position_mean(layer, feature) if detail else None,
+        grid=list(index.grid),
         top_images=[e for e, r in zip(examples, rows) if r["kind"] == "top"],
-        bands=_bands(index, examples, rows, row["max_activation"]), similar=similar, links=links)
+        bands=_bands(index, examples, rows, row["max_activation"]),
+        similar=similar,
+        links=links,
+    )
 
 
 class ExamplePage(BaseModel):
@@ -186,22 +231,43 @@ class ExamplePage(BaseModel):
     feature_url: str
 
 
-@page(router, "/layers/{layer}/features/{feature}/examples/{image_id}", template="example.html",
-      fragments={"modal-body": "_example.html"}, summary="One example of a feature with its per-patch heatmap")
-def example_page(index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath,
-                 image_id: ImagePath) -> ExamplePage:
+@page(
+    router,
+    "/layers/{layer}/features/{feature}/examples/{image_id}",
+    template="example.html",
+    fragments={"modal-body": "_example.html"},
+    summary="One example of a feature with its per-patch heatmap",
+)
+def example_page(
+    index: IndexDep, urls: UrlsDep, layer: LayerPath, feature: FeaturePath, image_id: ImagePath
+) -> ExamplePage:
     require_feature(index, layer, feature)
     row = index.example(layer, feature, image_id)
     if row is None:
-        raise NotFound(f"Image {image_id} is not an example of feature {feature} on layer {layer}.",
-                       [(PAGES.feature(layer, feature), f"Feature {feature}"),
-                        (PAGES.layer(layer), f"Layer {layer}")])
+        raise NotFound(
+            f"Image {image_id} is not an example of feature {feature} on layer {layer}.",
+            [(PAGES.feature(layer, feature), f"Feature {feature}"), (PAGES.layer(layer), f"Layer {layer}")],
+        )
     image = index.images([image_id]).get(image_id, {})
     return ExamplePage(
-        layer=layer, feature=feature, image_id=image_id, kind=row["kind"], band=row["band"], rank=row["rank"],
-        key=image.get("key"), caption=image.get("caption"), url=image.get("url"),
+        layer=layer,
+        feature=feature,
+        image_id=image_id,
+        kind=row["kind"],
+        band=row["band"],
+        rank=row["rank"],
+        key=image.get("key"),
+        caption=image.get("caption"),
+        url=image.get("url"),
         source=index.names.name(image.get("source")),
-        width=image.get("width"), height=image.get("height"), activation=round_sig(row["activation"]),
-        cls_activation=round_sig(row["cls_activation"]), max_activation=row["max_activation"], grid=list(index.grid),
-        heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]), thumbnail_url=urls.thumbnail(image_id),
-        overlay_url=urls.overlay(layer, feature, image_id), feature_url=urls.feature(layer, feature))
+        width=image.get("width"),
+        height=image.get("height"),
+        activation=round_sig(row["activation"]),
+        cls_activation=round_sig(row["cls_activation"]),
+        max_activation=row["max_activation"],
+        grid=list(index.grid),
+        heatmap=heatmap_values(row["heatmap_scale"], row["heatmap"]),
+        thumbnail_url=urls.thumbnail(image_id),
+        overlay_url=urls.overlay(layer, feature, image_id),
+        feature_url=urls.feature(layer, feature),
+    )

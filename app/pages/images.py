@@ -31,7 +31,7 @@ def _patches(index: Index, values) -> np.ndarray:
     n = index.grid[0] * index.grid[1]
     patches = np.zeros(n, dtype=np.float32)
     given = np.asarray(list(values or [])[1:], dtype=np.float32)[:n]
-    patches[:given.size] = given
+    patches[: given.size] = given
     return patches
 
 
@@ -51,28 +51,43 @@ def cached(request: Request, index: Index, object_id: str, media_type: str, prod
     return immutable(request, f'"{index.index_id}-{object_id}"', media_type, produce)
 
 
-@router.get("/{image_id}.jpg", summary="An image's thumbnail: the exact square the model saw (JPEG)",
-            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+@router.get(
+    "/{image_id}.jpg",
+    summary="An image's thumbnail: the exact square the model saw (JPEG)",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
 def thumbnail(request: Request, index: IndexDep, index_id: str, image_id: ImagePath) -> Response:
     _check_index(index, index_id)
     jpeg = _exists(index.thumbnail(image_id))
     return cached(request, index, f"t{image_id}", "image/jpeg", lambda: jpeg)
 
 
-@router.get("/layers/{layer}/features/{feature}/positions.png", response_class=Response,
-            summary="A feature's mean activation per patch position (viridis, scaled to its own range)",
-            responses={200: {"content": {"image/png": {}}}})
+@router.get(
+    "/layers/{layer}/features/{feature}/positions.png",
+    response_class=Response,
+    summary="A feature's mean activation per patch position (viridis, scaled to its own range)",
+    responses={200: {"content": {"image/png": {}}}},
+)
 def positions(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath) -> Response:
     _check_index(index, index_id)
     require_feature(index, layer, feature)
     values = _exists(index.position_mean(layer, feature))
-    return cached(request, index, f"{RENDER_VERSION}-p{layer}.{feature}", "image/png",
-                  lambda: images.grid_png(_patches(index, values), index.grid))
+    return cached(
+        request,
+        index,
+        f"{RENDER_VERSION}-p{layer}.{feature}",
+        "image/png",
+        lambda: images.grid_png(_patches(index, values), index.grid),
+    )
 
 
-@router.get("/layers/{layer}/features/{feature}/preview.jpg", response_class=Response,
-            summary="OpenGraph preview card: the top images with their overlays, 1200 x 630 JPEG",
-            responses={200: {"content": {"image/jpeg": {}}}})
+@router.get(
+    "/layers/{layer}/features/{feature}/preview.jpg",
+    response_class=Response,
+    summary="OpenGraph preview card: the top images with their overlays, 1200 x 630 JPEG",
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
 def preview(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath) -> Response:
     _check_index(index, index_id)
     require_feature(index, layer, feature)
@@ -81,31 +96,51 @@ def preview(request: Request, index: IndexDep, index_id: str, layer: LayerPath, 
         top = [r for r in index.examples(layer, feature, heatmaps=True) if r["kind"] == "top"][:8]
         thumbs = index.thumbnails([r["image_id"] for r in top])
         vmax = (index.feature(layer, feature) or {}).get("max_activation")
-        tiles = [(thumbs[r["image_id"]], dequantise(r["heatmap_scale"], r["heatmap"]))
-                 for r in top if r["image_id"] in thumbs]
+        tiles = [
+            (thumbs[r["image_id"]], dequantise(r["heatmap_scale"], r["heatmap"]))
+            for r in top
+            if r["image_id"] in thumbs
+        ]
         return images.preview_jpeg(tiles, index.grid, vmax)
+
     return cached(request, index, f"{RENDER_VERSION}-v{layer}.{feature}", "image/jpeg", produce)
 
 
-@router.get("/layers/{layer}/mse.png", response_class=Response,
-            summary="A layer's reconstruction MSE per patch position (viridis, scaled to its own range)",
-            responses={200: {"content": {"image/png": {}}}})
+@router.get(
+    "/layers/{layer}/mse.png",
+    response_class=Response,
+    summary="A layer's reconstruction MSE per patch position (viridis, scaled to its own range)",
+    responses={200: {"content": {"image/png": {}}}},
+)
 def mse_map(request: Request, index: IndexDep, index_id: str, layer: LayerPath) -> Response:
     _check_index(index, index_id)
     row = require_layer(index, layer)
-    return cached(request, index, f"{RENDER_VERSION}-m{layer}", "image/png",
-                  lambda: images.grid_png(_patches(index, row.get("mse_by_position")), index.grid))
+    return cached(
+        request,
+        index,
+        f"{RENDER_VERSION}-m{layer}",
+        "image/png",
+        lambda: images.grid_png(_patches(index, row.get("mse_by_position")), index.grid),
+    )
 
 
 # Registered last: its {image_id}.png would otherwise shadow positions.png.
-@router.get("/layers/{layer}/features/{feature}/{image_id}.png", response_class=Response,
-            summary="One example's heatmap overlay: one RGBA pixel per patch, viridis, normalised per feature",
-            responses={200: {"content": {"image/png": {}}}})
-def overlay(request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath,
-            image_id: ImagePath) -> Response:
+@router.get(
+    "/layers/{layer}/features/{feature}/{image_id}.png",
+    response_class=Response,
+    summary="One example's heatmap overlay: one RGBA pixel per patch, viridis, normalised per feature",
+    responses={200: {"content": {"image/png": {}}}},
+)
+def overlay(
+    request: Request, index: IndexDep, index_id: str, layer: LayerPath, feature: FeaturePath, image_id: ImagePath
+) -> Response:
     _check_index(index, index_id)
     require_feature(index, layer, feature)
     row = _exists(index.example(layer, feature, image_id))
-    return cached(request, index, f"{RENDER_VERSION}-o{layer}.{feature}.{image_id}", "image/png",
-                  lambda: images.overlay_png(dequantise(row["heatmap_scale"], row["heatmap"]), index.grid,
-                                             row["max_activation"]))
+    return cached(
+        request,
+        index,
+        f"{RENDER_VERSION}-o{layer}.{feature}.{image_id}",
+        "image/png",
+        lambda: images.overlay_png(dequantise(row["heatmap_scale"], row["heatmap"]), index.grid, row["max_activation"]),
+    )

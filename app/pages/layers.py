@@ -8,8 +8,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipscope_explorer.app.deps import (IndexDep, LayerPath, OptionalFraction, SettingsDep, UrlsDep, require_layer,
-                                         words_of)
+from clipscope_explorer.app.deps import (
+    IndexDep,
+    LayerPath,
+    OptionalFraction,
+    SettingsDep,
+    UrlsDep,
+    require_layer,
+    words_of,
+)
 from clipscope_explorer.app.models import FeatureSummary, LayerInfo, feature_summary, layer_info
 from clipscope_explorer.app.pages.twins import Redirect, page
 from clipscope_explorer.app.queries import Index
@@ -80,32 +87,73 @@ def density_of(index: Index, layer: int) -> Density:
     bins = sorted(b for b in counts if b is not None)
     if not bins:
         return Density(dead=counts.get(None, 0), bins=[])
-    return Density(dead=counts.get(None, 0), bins=[
-        DensityBin(log10_low=b / 4, log10_high=(b + 1) / 4, count=counts.get(b, 0))
-        for b in range(bins[0], max(bins[-1], -1) + 1)])
+    return Density(
+        dead=counts.get(None, 0),
+        bins=[
+            DensityBin(log10_low=b / 4, log10_high=(b + 1) / 4, count=counts.get(b, 0))
+            for b in range(bins[0], max(bins[-1], -1) + 1)
+        ],
+    )
 
 
 def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: int, page_size: int) -> LayerPage:
     require_layer(index, layer)
     offset = (page - 1) * page_size
-    rows, total = index.feature_table(layer, filters.sort, filters.order, filters.min_freq, filters.max_freq,
-                                      words_of(filters.q), offset, page_size + 1)
+    rows, total = index.feature_table(
+        layer,
+        filters.sort,
+        filters.order,
+        filters.min_freq,
+        filters.max_freq,
+        words_of(filters.q),
+        offset,
+        page_size + 1,
+    )
     has_next = len(rows) > page_size
-    query = dict(sort=filters.sort, order=filters.order, min_freq=filters.min_freq, max_freq=filters.max_freq,
-                 q=filters.q or None, page_size=page_size)
-    features = [TableRow(**feature_summary(index, urls, row).model_dump(), cls_frequency=row["cls_frequency"],
-                         mean_activation=row["mean_activation"]) for row in rows[:page_size]]
-    paging = Paging(page=page, page_size=page_size, total=total, has_next=has_next,
-                    next=urls.layer(layer, **query, page=page + 1) if has_next else None,
-                    previous=urls.layer(layer, **query, page=page - 1) if page > 1 else None)
-    return LayerPage(**layer_info(index, urls, layer).model_dump(), density=density_of(index, layer),
-                     features=features, filters=filters, paging=paging, random=urls.random(layer))
+    query = dict(
+        sort=filters.sort,
+        order=filters.order,
+        min_freq=filters.min_freq,
+        max_freq=filters.max_freq,
+        q=filters.q or None,
+        page_size=page_size,
+    )
+    features = [
+        TableRow(
+            **feature_summary(index, urls, row).model_dump(),
+            cls_frequency=row["cls_frequency"],
+            mean_activation=row["mean_activation"],
+        )
+        for row in rows[:page_size]
+    ]
+    paging = Paging(
+        page=page,
+        page_size=page_size,
+        total=total,
+        has_next=has_next,
+        next=urls.layer(layer, **query, page=page + 1) if has_next else None,
+        previous=urls.layer(layer, **query, page=page - 1) if page > 1 else None,
+    )
+    return LayerPage(
+        **layer_info(index, urls, layer).model_dump(),
+        density=density_of(index, layer),
+        features=features,
+        filters=filters,
+        paging=paging,
+        random=urls.random(layer),
+    )
 
 
-@page(router, "/layers/{layer}", template="layer.html", fragments={"feature-table": "_feature_table.html"},
-      summary="One layer: metrics, density histogram and a page of its features")
-def layer_page(index: IndexDep, settings: SettingsDep, urls: UrlsDep, layer: LayerPath,
-               query: Annotated[LayerQuery, Query()]) -> LayerPage:
+@page(
+    router,
+    "/layers/{layer}",
+    template="layer.html",
+    fragments={"feature-table": "_feature_table.html"},
+    summary="One layer: metrics, density histogram and a page of its features",
+)
+def layer_page(
+    index: IndexDep, settings: SettingsDep, urls: UrlsDep, layer: LayerPath, query: Annotated[LayerQuery, Query()]
+) -> LayerPage:
     size = min(query.page_size or settings.page_size, settings.max_page_size)
     filters = Filters(**query.model_dump(include=set(Filters.model_fields)))
     return layer_table(index, urls, layer, filters, query.page, size)
@@ -119,7 +167,11 @@ def random_feature(index: Index, layer: int) -> int:
     return random.randrange(index.layers[layer]["n_features"])
 
 
-@page(router, "/layers/{layer}/random", summary="Redirect to the JSON of a random feature that fires",
-      responses={303: {"description": "to /api/layers/{layer}/features/{feature}"}})
+@page(
+    router,
+    "/layers/{layer}/random",
+    summary="Redirect to the JSON of a random feature that fires",
+    responses={303: {"description": "to /api/layers/{layer}/features/{feature}"}},
+)
 def random_page(index: IndexDep, urls: UrlsDep, layer: LayerPath) -> Redirect:
     return Redirect(urls.feature(layer, random_feature(index, layer)))

@@ -59,17 +59,32 @@ def index_info(index: Index) -> IndexInfo:
     sample = names.sample(meta.get("sample") or {})
     model, sae = meta.get("model") or {}, meta.get("sae") or {}
     return IndexInfo(
-        index_id=index.index_id, schema_version=meta["schema_version"], created_at=meta.get("created_at"),
-        model={**model, "name": names.name(model.get("name"))}, sae={**sae, "source": names.name(sae.get("source"))},
+        index_id=index.index_id,
+        schema_version=meta["schema_version"],
+        created_at=meta.get("created_at"),
+        model={**model, "name": names.name(model.get("name"))},
+        sae={**sae, "source": names.name(sae.get("source"))},
         released_suite=bool(meta.get("released_suite")),
-        demo=bool(meta.get("demo")), layers=sorted(index.layers), n_tokens=meta.get("n_tokens"),
-        grid=list(index.grid), d_model=meta.get("d_model"), image_size=meta.get("image_size"),
+        demo=bool(meta.get("demo")),
+        layers=sorted(index.layers),
+        n_tokens=meta.get("n_tokens"),
+        grid=list(index.grid),
+        d_model=meta.get("d_model"),
+        image_size=meta.get("image_size"),
         normalisation=meta.get("normalisation"),
-        sample=SampleInfo(sources=[str(s) for s in sample.get("sources") or []], n_images=sample.get("n_images"),
-                          n_skipped=sample.get("n_skipped"), skipped=list(sample.get("skipped") or [])),
-        top_n=meta.get("top_n"), band_count=meta.get("band_count"), band_size=meta.get("band_size"),
-        active_threshold=meta.get("active_threshold"), timings=meta.get("timings") or {},
-        versions=meta.get("versions") or {})
+        sample=SampleInfo(
+            sources=[str(s) for s in sample.get("sources") or []],
+            n_images=sample.get("n_images"),
+            n_skipped=sample.get("n_skipped"),
+            skipped=list(sample.get("skipped") or []),
+        ),
+        top_n=meta.get("top_n"),
+        band_count=meta.get("band_count"),
+        band_size=meta.get("band_size"),
+        active_threshold=meta.get("active_threshold"),
+        timings=meta.get("timings") or {},
+        versions=meta.get("versions") or {},
+    )
 
 
 @page(router, "/", template="overview.html", summary="Overview: run metadata and per-layer metrics")

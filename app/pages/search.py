@@ -17,8 +17,10 @@ from clipscope_explorer.app.urls import Urls
 
 router = APIRouter()
 
-JUMP = re.compile(r"^\s*l(?:ayer)?\s*(\d{1,9})\s*(?:[/:,]|\s)\s*f?(?:eature)?\s*(\d{1,9})\s*$|^\s*(\d{1,9})\s*[/:]\s*(\d{1,9})\s*$",
-                  re.IGNORECASE)
+JUMP = re.compile(
+    r"^\s*l(?:ayer)?\s*(\d{1,9})\s*(?:[/:,]|\s)\s*f?(?:eature)?\s*(\d{1,9})\s*$|^\s*(\d{1,9})\s*[/:]\s*(\d{1,9})\s*$",
+    re.IGNORECASE,
+)
 
 
 class SearchQuery(BaseModel):
@@ -74,20 +76,40 @@ def search_results(index: Index, urls: Urls, q: str, layer: int | None, limit: i
         message = "Type a word to search labels and captions, or layer/feature such as 20/1234."
 
     def results(rows: list[dict], kind: str) -> list[SearchResult]:
-        return [SearchResult(**feature_summary(index, urls, r).model_dump(), match=kind,
-                             exact_terms=r.get("exact_terms"), caption_matches=r.get("caption_matches"))
-                for r in rows[:limit]]
+        return [
+            SearchResult(
+                **feature_summary(index, urls, r).model_dump(),
+                match=kind,
+                exact_terms=r.get("exact_terms"),
+                caption_matches=r.get("caption_matches"),
+            )
+            for r in rows[:limit]
+        ]
 
-    return SearchPage(q=q, layer=layer, words=words, limit=limit, label_results=results(label_rows, "label"),
-                      label_truncated=len(label_rows) > limit, caption_results=results(caption_rows, "caption"),
-                      caption_truncated=len(caption_rows) > limit, message=message)
+    return SearchPage(
+        q=q,
+        layer=layer,
+        words=words,
+        limit=limit,
+        label_results=results(label_rows, "label"),
+        label_truncated=len(label_rows) > limit,
+        caption_results=results(caption_rows, "caption"),
+        caption_truncated=len(caption_rows) > limit,
+        message=message,
+    )
 
 
-@page(router, "/search", template="search.html", fragments={"results": "_search_results.html"},
-      summary="Features by label terms and caption words; layer/feature redirects to that feature",
-      responses={303: {"description": "q was layer/feature: to /api/layers/{layer}/features/{feature}"}})
-def search_page(index: IndexDep, settings: SettingsDep, urls: UrlsDep,
-                query: Annotated[SearchQuery, Query()]) -> SearchPage | Redirect:
+@page(
+    router,
+    "/search",
+    template="search.html",
+    fragments={"results": "_search_results.html"},
+    summary="Features by label terms and caption words; layer/feature redirects to that feature",
+    responses={303: {"description": "q was layer/feature: to /api/layers/{layer}/features/{feature}"}},
+)
+def search_page(
+    index: IndexDep, settings: SettingsDep, urls: UrlsDep, query: Annotated[SearchQuery, Query()]
+) -> SearchPage | Redirect:
     jump = parse_jump(query.q)
     if jump and index.has_feature(*jump):
         return Redirect(urls.feature(*jump))

@@ -44,8 +44,9 @@ def _endpoint(data: Callable, name: str, finish: Callable[[Request, object], obj
     """A route function with `data`'s parameters (plus the request) that passes `data`'s result to `finish`."""
     signature = inspect.signature(data, eval_str=True)
     wants_request = "request" in signature.parameters
-    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
-              if p.name != "request"]
+    params = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values() if p.name != "request"
+    ]
 
     def endpoint(request: Request, **values):
         if wants_request:
@@ -53,15 +54,23 @@ def _endpoint(data: Callable, name: str, finish: Callable[[Request, object], obj
         return finish(request, data(**values))
 
     request_param = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-    endpoint.__signature__ = signature.replace(parameters=[request_param, *params],
-                                               return_annotation=inspect.Signature.empty)
+    endpoint.__signature__ = signature.replace(
+        parameters=[request_param, *params], return_annotation=inspect.Signature.empty
+    )
     endpoint.__name__ = endpoint.__qualname__ = name
     return endpoint
 
 
-def page(router: APIRouter, path: str, *, summary: str, template: str | None = None,
-         fragments: Mapping[str, str] | None = None, tags: tuple[str, ...] = ("pages",),
-         responses: dict | None = None) -> Callable[[Callable], Callable]:
+def page(
+    router: APIRouter,
+    path: str,
+    *,
+    summary: str,
+    template: str | None = None,
+    fragments: Mapping[str, str] | None = None,
+    tags: tuple[str, ...] = ("pages",),
+    responses: dict | None = None,
+) -> Callable[[Callable], Callable]:
     """Register the decorated data function as the page `path` and its JSON twin `/api` + `path`.
     `template` renders the page (`fragments`: element id -> partial for htmx); a page that only
     redirects (a random feature) has none."""
@@ -80,11 +89,23 @@ def page(router: APIRouter, path: str, *, summary: str, template: str | None = N
                 return htmx.navigate(request, result.url)
             return render_page(request, template, result, fragments=fragments or {})
 
-        router.add_api_route(PAGES.twin(path), _endpoint(data, f"{name}_json", as_json), methods=["GET"],
-                             response_model=model, summary=summary, tags=list(tags),
-                             status_code=None if model else 303, responses=responses)
-        router.add_api_route(path, _endpoint(data, f"{name}_html", as_html), methods=["GET"],
-                             response_class=HTMLResponse, include_in_schema=False)
+        router.add_api_route(
+            PAGES.twin(path),
+            _endpoint(data, f"{name}_json", as_json),
+            methods=["GET"],
+            response_model=model,
+            summary=summary,
+            tags=list(tags),
+            status_code=None if model else 303,
+            responses=responses,
+        )
+        router.add_api_route(
+            path,
+            _endpoint(data, f"{name}_html", as_html),
+            methods=["GET"],
+            response_class=HTMLResponse,
+            include_in_schema=False,
+        )
         return data
 
     return register

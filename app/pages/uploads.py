@@ -25,15 +25,23 @@ from clipscope_explorer.app import htmx
 from clipscope_explorer.app.caching import immutable
 from clipscope_explorer.app.deps import JsonTwin
 from clipscope_explorer.app.errors import NotFound
-from clipscope_explorer.app.live.admission import check_rate, upload_slot
 from clipscope_explorer.app.images import upload_preview_jpeg
-from clipscope_explorer.app.live.service import HOW_TO_ENABLE, LiveService
-from clipscope_explorer.app.templating import render_page
-from clipscope_explorer.app.live.input import (DEFAULT_TOP, MAX_TOP, UploadRejected, decode, parse_layers, parse_options,
-                               read_form, view_jpeg)
+from clipscope_explorer.app.live.admission import check_rate, upload_slot
+from clipscope_explorer.app.live.input import (
+    DEFAULT_TOP,
+    MAX_TOP,
+    UploadRejected,
+    decode,
+    parse_layers,
+    parse_options,
+    read_form,
+    view_jpeg,
+)
 from clipscope_explorer.app.live.result import UploadResult, upload_result
+from clipscope_explorer.app.live.service import HOW_TO_ENABLE, LiveService
 from clipscope_explorer.app.live.store import UPLOAD_ID, VIEW_SIZE, StoredUpload
 from clipscope_explorer.app.pages.twins import page
+from clipscope_explorer.app.templating import render_page
 from clipscope_explorer.app.urls import PAGES, urls_for
 
 if TYPE_CHECKING:
@@ -41,7 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-UploadId = Annotated[str, Path(pattern=f"^{UPLOAD_ID.pattern}$", max_length=32, description="an upload id (32 hex digits)")]
+UploadId = Annotated[
+    str, Path(pattern=f"^{UPLOAD_ID.pattern}$", max_length=32, description="an upload id (32 hex digits)")
+]
 
 
 class LiveInfo(BaseModel):
@@ -74,16 +84,21 @@ def live_info(request: Request) -> LiveInfo:
     spec, encoder = service.spec, service.encoder
     layers = encoder.layers if encoder else list(spec.layers if spec else [])
     names = request.app.state.index.names
-    return LiveInfo(state=service.state, message=names.text(service.message),
-                    how_to_enable=HOW_TO_ENABLE if service.state in ("off", "failed") else None,
-                    model=names.name(spec.model) if spec else None, sae=names.name(spec.sae) if spec else None,
-                    layers=layers,
-                    index_layers=list(spec.index_layers if spec else []),
-                    precision=encoder.precision if encoder else None, max_upload_bytes=settings.max_upload_bytes,
-                    store_uploads=request.app.state.uploads is not None,
-                    in_progress=encoder.batcher.in_progress if encoder else 0,
-                    batches=encoder.batcher.batches if encoder else 0,
-                    largest_batch=encoder.batcher.largest_batch if encoder else 0)
+    return LiveInfo(
+        state=service.state,
+        message=names.text(service.message),
+        how_to_enable=HOW_TO_ENABLE if service.state in ("off", "failed") else None,
+        model=names.name(spec.model) if spec else None,
+        sae=names.name(spec.sae) if spec else None,
+        layers=layers,
+        index_layers=list(spec.index_layers if spec else []),
+        precision=encoder.precision if encoder else None,
+        max_upload_bytes=settings.max_upload_bytes,
+        store_uploads=request.app.state.uploads is not None,
+        in_progress=encoder.batcher.in_progress if encoder else 0,
+        batches=encoder.batcher.batches if encoder else 0,
+        largest_batch=encoder.batcher.largest_batch if encoder else 0,
+    )
 
 
 def _encoder(request: Request) -> LiveEncoder:
@@ -123,8 +138,9 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
     view_bytes = None
     settings = state.settings
     with upload_slot(request, encoder.batcher) as slot:
-        data, fields = await read_form(request, settings.max_upload_bytes, settings.read_timeout,
-                                       settings.upload_min_rate)
+        data, fields = await read_form(
+            request, settings.max_upload_bytes, settings.read_timeout, settings.upload_min_rate
+        )
         options = parse_options(fields, encoder.layers)
         if patches is None:
             patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
@@ -139,8 +155,7 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
                 stored = None
         times.lap("read")
         if codes is None:
-            decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess,
-                                                     limiter=state.decode_limiter)
+            decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, limiter=state.decode_limiter)
             times.lap("decode")
             view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
             try:  # the stored view is made while the model runs
@@ -150,12 +165,25 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
             times.lap("encode")
             width, height = decoded.size
             if store is not None:
-                stored = await run_in_threadpool(_save, store, upload_id, width, height, view_bytes, codes,
-                                                 encoder.spec.index_layers)
+                stored = await run_in_threadpool(
+                    _save, store, upload_id, width, height, view_bytes, codes, encoder.spec.index_layers
+                )
                 times.lap("store")
     result = await run_in_threadpool(
-        upload_result, state.index, urls_for(request), upload_id, width, height, encoder.grid, codes,
-        encoder.spec.index_layers, stored is not None, options.sort, options.top, patches)
+        upload_result,
+        state.index,
+        urls_for(request),
+        upload_id,
+        width,
+        height,
+        encoder.grid,
+        codes,
+        encoder.spec.index_layers,
+        stored is not None,
+        options.sort,
+        options.top,
+        patches,
+    )
     times.lap("describe")
     return result, (None if stored is not None else view_bytes)
 
@@ -183,8 +211,9 @@ def _json_error(error: UploadRejected) -> JSONResponse:
 
 def _html_error(request: Request, error: UploadRejected) -> HTMLResponse:
     page = UploadFormPage(live=live_info(request), error=error.message)
-    response = render_page(request, "upload.html", page, fragments={"upload-result": "_upload_error.html"},
-                           status_code=error.status)
+    response = render_page(
+        request, "upload.html", page, fragments={"upload-result": "_upload_error.html"}, status_code=error.status
+    )
     response.headers.update(error.headers)
     return response
 
@@ -199,21 +228,32 @@ def _stored_link(request: Request, result: UploadResult) -> str:
     return f"{result.url}?{'&'.join(query)}"
 
 
-@page(router, "/upload", template="upload.html", tags=("uploads",),
-      summary="Whether live encoding is available, with which model, SAEs and layers")
+@page(
+    router,
+    "/upload",
+    template="upload.html",
+    tags=("uploads",),
+    summary="Whether live encoding is available, with which model, SAEs and layers",
+)
 def upload_form(request: Request) -> UploadFormPage:
     return UploadFormPage(live=live_info(request))
 
 
-@router.post("/api/encode", response_model=UploadResult, tags=["uploads"],
-             summary="Encode an uploaded image (multipart `file`, optional `layers=20,22`, `sort`, `top`, `patches`)",
-             responses={400: {"description": "empty, truncated or corrupt image, or malformed body"},
-                        408: {"description": "the body arrived too slowly"},
-                        413: {"description": "body over the size limit, or too many pixels"},
-                        415: {"description": "not an image (SVG included), or not multipart"},
-                        422: {"description": "bad layers, sort or top"},
-                        429: {"description": "too many uploads from this client, or too many at once (Retry-After)"},
-                        503: {"description": "busy (Retry-After) or live encoding unavailable"}})
+@router.post(
+    "/api/encode",
+    response_model=UploadResult,
+    tags=["uploads"],
+    summary="Encode an uploaded image (multipart `file`, optional `layers=20,22`, `sort`, `top`, `patches`)",
+    responses={
+        400: {"description": "empty, truncated or corrupt image, or malformed body"},
+        408: {"description": "the body arrived too slowly"},
+        413: {"description": "body over the size limit, or too many pixels"},
+        415: {"description": "not an image (SVG included), or not multipart"},
+        422: {"description": "bad layers, sort or top"},
+        429: {"description": "too many uploads from this client, or too many at once (Retry-After)"},
+        503: {"description": "busy (Retry-After) or live encoding unavailable"},
+    },
+)
 async def encode_json(request: Request, response: Response):
     try:
         result, _ = await encode_upload(request, patches=None)
@@ -232,8 +272,13 @@ async def encode_html(request: Request):
     if result.stored and not htmx.fragment_target(request):
         return RedirectResponse(_stored_link(request, result), status_code=303)
     page = UploadFormPage(live=live_info(request), result=result)
-    response = render_page(request, "upload.html", page, fragments={"upload-result": "_upload_result.html"},
-                           extra={"result": result, "image_src": result.image_url or _data_url(view)})
+    response = render_page(
+        request,
+        "upload.html",
+        page,
+        fragments={"upload-result": "_upload_result.html"},
+        extra={"result": result, "image_src": result.image_url or _data_url(view)},
+    )
     if result.stored:
         response.headers["HX-Push-Url"] = _stored_link(request, result)
     response.headers["Cache-Control"] = "no-store"
@@ -245,8 +290,11 @@ def _stored(request: Request, upload_id: str) -> StoredUpload:
     store = request.app.state.uploads
     stored = store.get(upload_id) if store is not None else None
     if stored is None:
-        raise NotFound("This upload is not stored here (uploads are kept while space allows, and not at all with "
-                       "--no-store-uploads). Upload the image again to see its features.", [(PAGES.upload(), "Upload")])
+        raise NotFound(
+            "This upload is not stored here (uploads are kept while space allows, and not at all with "
+            "--no-store-uploads). Upload the image again to see its features.",
+            [(PAGES.upload(), "Upload")],
+        )
     return stored
 
 
@@ -255,13 +303,15 @@ class UploadQuery(BaseModel):
 
     layers: str | None = Field(None, max_length=200, description="comma-separated layers (default: all stored)")
     sort: Literal["max", "patch", "cls", "mean"] = Field(
-        "max", description="rank features by max (all tokens), max over patches, CLS or mean activation")
+        "max", description="rank features by max (all tokens), max over patches, CLS or mean activation"
+    )
     top: int = Field(DEFAULT_TOP, ge=1, le=100_000, description=f"features per layer (capped at {MAX_TOP})")
     patches: bool = Field(False, description="each patch's firing features (the HTML page always has them)")
 
 
-def stored_result(request: Request, upload_id: str, layers: str | None, sort: str, top: int,
-                  patches: bool) -> UploadResult:
+def stored_result(
+    request: Request, upload_id: str, layers: str | None, sort: str, top: int, patches: bool
+) -> UploadResult:
     """A stored upload's result; its labels come from the index when its SAE was the index's."""
     stored = _stored(request, upload_id)
     try:
@@ -273,14 +323,33 @@ def stored_result(request: Request, upload_id: str, layers: str | None, sort: st
     except OSError:  # evicted while we looked
         raise NotFound("This upload was just evicted from the store.", [(PAGES.upload(), "Upload")]) from None
     index = request.app.state.index
-    return upload_result(index, urls_for(request), upload_id, stored.width, stored.height, index.grid, codes,
-                         tuple(stored.index_layers), True, sort, min(top, MAX_TOP), patches)
+    return upload_result(
+        index,
+        urls_for(request),
+        upload_id,
+        stored.width,
+        stored.height,
+        index.grid,
+        codes,
+        tuple(stored.index_layers),
+        True,
+        sort,
+        min(top, MAX_TOP),
+        patches,
+    )
 
 
-@page(router, "/uploads/{upload_id}", template="upload_result.html", fragments={"upload-result": "_upload_result.html"},
-      tags=("uploads",), summary="A stored upload's features, as returned by POST /api/encode")
-def upload_page(request: Request, upload_id: UploadId, query: Annotated[UploadQuery, Query()],
-                as_json: JsonTwin) -> UploadResult:
+@page(
+    router,
+    "/uploads/{upload_id}",
+    template="upload_result.html",
+    fragments={"upload-result": "_upload_result.html"},
+    tags=("uploads",),
+    summary="A stored upload's features, as returned by POST /api/encode",
+)
+def upload_page(
+    request: Request, upload_id: UploadId, query: Annotated[UploadQuery, Query()], as_json: JsonTwin
+) -> UploadResult:
     return stored_result(request, upload_id, query.layers, query.sort, query.top, query.patches or not as_json)
 
 
@@ -292,21 +361,33 @@ def _immutable(request: Request, etag: str, media_type: str, produce) -> Respons
         raise NotFound("This upload was just evicted from the store.") from None
 
 
-@router.get("/uploads/{upload_id}/image.jpg", response_class=Response, tags=["uploads"],
-            summary="A stored upload as the model saw it (centre square, re-encoded JPEG without metadata)",
-            responses={200: {"content": {"image/jpeg": {}}}})
+@router.get(
+    "/uploads/{upload_id}/image.jpg",
+    response_class=Response,
+    tags=["uploads"],
+    summary="A stored upload as the model saw it (centre square, re-encoded JPEG without metadata)",
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
 def upload_image(request: Request, upload_id: UploadId) -> Response:
     stored = _stored(request, upload_id)
     return _immutable(request, f'"{upload_id}-v"', "image/jpeg", stored.view_path.read_bytes)
 
 
-@router.get("/uploads/{upload_id}/preview.jpg", response_class=Response, tags=["uploads"],
-            summary="OpenGraph preview card of a stored upload: the image and its top features, 1200 x 630",
-            responses={200: {"content": {"image/jpeg": {}}}})
+@router.get(
+    "/uploads/{upload_id}/preview.jpg",
+    response_class=Response,
+    tags=["uploads"],
+    summary="OpenGraph preview card of a stored upload: the image and its top features, 1200 x 630",
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
 def upload_preview(request: Request, upload_id: UploadId) -> Response:
     result = stored_result(request, upload_id, None, "max", 7, False)
     stored = _stored(request, upload_id)
     layer = result.layers[str(max(int(n) for n in result.layers))]
     tiles = [(f.heatmap, max(f.max_activation or 0.0, f.activation)) for f in layer.features]
-    return _immutable(request, f'"{upload_id}-p1"', "image/jpeg",
-                      lambda: upload_preview_jpeg(stored.view_path.read_bytes(), tiles, tuple(result.grid)))
+    return _immutable(
+        request,
+        f'"{upload_id}-p1"',
+        "image/jpeg",
+        lambda: upload_preview_jpeg(stored.view_path.read_bytes(), tiles, tuple(result.grid)),
+    )

@@ -49,10 +49,12 @@ class CrossOriginMiddleware:
     def __init__(self, app: ASGIApp, allowed_origins: list[str], public_url: str | None = None):
         self.app = app
         self.public_origin = _origin(public_url) if public_url else None
-        self.reads = CORSMiddleware(app, allow_origins=["*"], allow_methods=READ_METHODS, allow_headers=["*"],
-                                    max_age=MAX_AGE)
-        self.uploads = CORSMiddleware(app, allow_origins=allowed_origins, allow_methods=["POST"],
-                                      allow_headers=["*"], max_age=MAX_AGE)
+        self.reads = CORSMiddleware(
+            app, allow_origins=["*"], allow_methods=READ_METHODS, allow_headers=["*"], max_age=MAX_AGE
+        )
+        self.uploads = CORSMiddleware(
+            app, allow_origins=allowed_origins, allow_methods=["POST"], allow_headers=["*"], max_age=MAX_AGE
+        )
 
     def same_origin(self, origin: str, headers: Headers) -> bool:
         origin = origin.strip().lower()
@@ -105,8 +107,10 @@ def _any_origin(send: Send) -> Send:
 
 def _refusal(path: str, origin: str) -> Response:
     """403, in the body's usual form (JSON under /api, else text); sent before the request body is read."""
-    message = (f"cross-origin request from {origin.strip()[:200]} refused: only GET of the JSON API is open to "
-               "other sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode)")
+    message = (
+        f"cross-origin request from {origin.strip()[:200]} refused: only GET of the JSON API is open to "
+        "other sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode)"
+    )
     if is_api(path):
         return JSONResponse({"detail": message}, status_code=403, headers={"Vary": "Origin"})
     return PlainTextResponse(message, status_code=403, headers={"Vary": "Origin"})

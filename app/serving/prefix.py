@@ -48,5 +48,6 @@ def check_root_path(root_path: str, routes) -> None:
     first = root_path.split("/")[1]
     served = {path.split("/")[1] for path in _paths(routes) if path.startswith("/")}
     if first in served:
-        raise ValueError(f"CLIPSCOPE_ROOT_PATH {root_path} starts with /{first}, a path the app serves itself; "
-                         "pick another prefix")
+        raise ValueError(
+            f"CLIPSCOPE_ROOT_PATH {root_path} starts with /{first}, a path the app serves itself; pick another prefix"
+        )

@@ -17,12 +17,13 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 
 class RateLimiter:
-    def __init__(self, per_minute: int, burst: int, max_clients: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, per_minute: int, burst: int, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ):
         if per_minute < 1 or burst < 1 or max_clients < 1:
             raise ValueError("per_minute, burst and max_clients must be at least 1")
         self.rate = per_minute / 60.0  # tokens per second

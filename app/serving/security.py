@@ -68,8 +68,10 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(name, relative_location(value, own_authorities(scope)) if name.lower() == b"location"
-                            else value) for name, value in message.get("headers", [])]
+                headers = [
+                    (name, relative_location(value, own_authorities(scope)) if name.lower() == b"location" else value)
+                    for name, value in message.get("headers", [])
+                ]
                 present = {name.lower() for name, _ in headers}
                 extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
                 message = {**message, "headers": [*headers, *extra]}

@@ -61,9 +61,13 @@ def live_environment(options: ServeOptions) -> dict[str, str]:
     env = {}
     if not options.live:
         env["CLIPSCOPE_LIVE"] = "false"
-    for name, value in (("model", options.live_model), ("pretrained", options.live_pretrained),
-                        ("sae", options.live_sae), ("device", options.live_device),
-                        ("precision", options.live_precision)):
+    for name, value in (
+        ("model", options.live_model),
+        ("pretrained", options.live_pretrained),
+        ("sae", options.live_sae),
+        ("device", options.live_device),
+        ("precision", options.live_precision),
+    ):
         if value is not None:
             env[f"CLIPSCOPE_LIVE_{name.upper()}"] = value
     if options.live_layers is not None:
@@ -85,11 +89,17 @@ def log_config(verbose: bool) -> dict:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["named"] = {"()": "uvicorn.logging.DefaultFormatter",
-                                     "fmt": "%(levelprefix)s %(name)s: %(message)s", "use_colors": None}
+    config["formatters"]["named"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+        "use_colors": None,
+    }
     config["handlers"]["named"] = {"formatter": "named", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
-    config["loggers"]["clipscope_explorer"] = {"handlers": ["named"], "level": "INFO" if verbose else "WARNING",
-                                               "propagate": False}
+    config["loggers"]["clipscope_explorer"] = {
+        "handlers": ["named"],
+        "level": "INFO" if verbose else "WARNING",
+        "propagate": False,
+    }
     return config
 
 
@@ -114,11 +124,18 @@ def serve(options: ServeOptions) -> int:
     from clipscope_explorer.app.serving.supervisor import Supervisor, listening_sockets
 
     verbose = options.verbose
-    uvicorn_options = dict(host=options.host, port=options.port, workers=options.workers,
-                           http="clipscope_explorer.app.serving.transport:ServerHTTPProtocol",
-                           log_level="debug" if verbose else "info", access_log=verbose, server_header=False,
-                           log_config=log_config(verbose), timeout_keep_alive=settings.read_timeout,
-                           limit_concurrency=settings.max_connections)
+    uvicorn_options = dict(
+        host=options.host,
+        port=options.port,
+        workers=options.workers,
+        http="clipscope_explorer.app.serving.transport:ServerHTTPProtocol",
+        log_level="debug" if verbose else "info",
+        access_log=verbose,
+        server_header=False,
+        log_config=log_config(verbose),
+        timeout_keep_alive=settings.read_timeout,
+        limit_concurrency=settings.max_connections,
+    )
     config = uvicorn.Config(APP, **uvicorn_options)
     try:  # before any worker loads the model: a taken port or an unknown host is refused at once
         sockets = listening_sockets(options.host, options.port, options.workers, config.backlog)

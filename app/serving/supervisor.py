@@ -72,7 +72,9 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda number, frame: self.signals.append(number))
         host, port = self.sockets[0].getsockname()[:2]
-        logger.info(f"Running on http://{host}:{port} with {len(self.sockets)} workers, one socket each (Press CTRL+C to quit)")
+        logger.info(
+            f"Running on http://{host}:{port} with {len(self.sockets)} workers, one socket each (Press CTRL+C to quit)"
+        )
         self.workers = [self.spawn(slot) for slot in range(len(self.sockets))]
         while not self.should_exit.wait(0.5):
             while self.signals:
@@ -96,8 +98,10 @@ class Supervisor:
             if not new.wait_until_ready(READY_TIMEOUT_S, self.should_exit):
                 new.kill()
                 new.join()
-                logger.error(f"New worker [{new.pid}] did not start serving; keeping worker [{old.pid}] "
-                             "and aborting the restart.")
+                logger.error(
+                    f"New worker [{new.pid}] did not start serving; keeping worker [{old.pid}] "
+                    "and aborting the restart."
+                )
                 return
             old.terminate()
             old.join()

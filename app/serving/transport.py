@@ -50,9 +50,13 @@ def connection_cap(limit: int | None) -> int:
 def plain_response(status: int, message: str, *headers: tuple[bytes, bytes]) -> bytes:
     """A complete `Connection: close` response with a text body and the security headers."""
     body = message.encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(),
-             b"content-type: text/plain; charset=utf-8", b"content-length: %d" % len(body), b"connection: close",
-             *(name + b": " + value for name, value in (*headers, *SECURITY_HEADERS))]
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(),
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+        *(name + b": " + value for name, value in (*headers, *SECURITY_HEADERS)),
+    ]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 

@@ -85,9 +85,11 @@ class _Checker:
         self._refuse(f"is inconsistent: {detail}")
 
     def outdated(self, what: str, since: int) -> NoReturn:
-        self._refuse(f"is an index of schema version {version_text(self.minor)}, without {what} (schema version "
-                     f"{version_text(since)}) that this explorer needs; rebuild it: "
-                     f"{rebuild_command(self.meta, self.name)}")
+        self._refuse(
+            f"is an index of schema version {version_text(self.minor)}, without {what} (schema version "
+            f"{version_text(since)}) that this explorer needs; rebuild it: "
+            f"{rebuild_command(self.meta, self.name)}"
+        )
 
     # -- the checks, in order -----------------------------------------------
     def run(self) -> tuple[dict, dict[int, dict]]:
@@ -108,15 +110,17 @@ class _Checker:
     def _catalogue(self) -> dict[str, dict[str, FoundColumn]]:
         found: dict[str, dict[str, FoundColumn]] = {}
         for table, column, type_, nullable in self.con.execute(
-                "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
-                "WHERE database_name = current_database() AND schema_name = 'main'").fetchall():
+            "SELECT table_name, column_name, data_type, is_nullable FROM duckdb_columns() "
+            "WHERE database_name = current_database() AND schema_name = 'main'"
+        ).fetchall():
             found.setdefault(table, {})[column] = FoundColumn(type_, bool(nullable))
         return found
 
     def _read_meta(self) -> None:
         try:
-            self.meta = {key: json.loads(value) for key, value in
-                         self.con.execute("SELECT key, value FROM meta").fetchall()}
+            self.meta = {
+                key: json.loads(value) for key, value in self.con.execute("SELECT key, value FROM meta").fetchall()
+            }
         except (TypeError, ValueError) as error:
             self._refuse(f"has malformed metadata: {first_line(error)}")
         version = self.meta.get("schema_version")
@@ -126,11 +130,15 @@ class _Checker:
         if problem:
             self._refuse(f"has malformed metadata: meta.schema_version: {problem}")
         if version > SCHEMA_VERSION:
-            self._refuse(f"has index schema version {version}; this explorer reads schema version "
-                         f"{SCHEMA_VERSION} (a newer clipscope-explorer serves it)")
+            self._refuse(
+                f"has index schema version {version}; this explorer reads schema version "
+                f"{SCHEMA_VERSION} (a newer clipscope-explorer serves it)"
+            )
         if version < SCHEMA_VERSION:
-            self._refuse(f"has index schema version {version}; this explorer reads schema version "
-                         f"{SCHEMA_VERSION}; rebuild it: {rebuild_command(self.meta, self.name)}")
+            self._refuse(
+                f"has index schema version {version}; this explorer reads schema version "
+                f"{SCHEMA_VERSION}; rebuild it: {rebuild_command(self.meta, self.name)}"
+            )
         minor = self.meta.get("schema_minor", 0)
         problem = META["schema_minor"].type.check(minor)
         if problem:
@@ -152,8 +160,9 @@ class _Checker:
                         missing.append((f"{table.name}.{column.name}", column.since))
                 elif found.type != column.type:
                     self.mismatch(f"{table.name}.{column.name} is {found.type}, not {column.type}")
-        missing += [(f"meta.{key.name}", key.since) for key in META.values()
-                    if key.needed and key.name not in self.meta]
+        missing += [
+            (f"meta.{key.name}", key.since) for key in META.values() if key.needed and key.name not in self.meta
+        ]
         self._report_missing(missing)
 
     def _report_missing(self, missing: list[tuple[str, int]]) -> None:
@@ -172,8 +181,9 @@ class _Checker:
                     self._refuse(f"has malformed metadata: meta.{key.name}: {problem}")
         grid_h, grid_w = self.meta["grid"]
         if self.meta["n_tokens"] != 1 + grid_h * grid_w:
-            self.inconsistent(f"meta.n_tokens is {self.meta['n_tokens']}, not 1 + {grid_h} x {grid_w} "
-                              f"(CLS and the meta.grid patches)")
+            self.inconsistent(
+                f"meta.n_tokens is {self.meta['n_tokens']}, not 1 + {grid_h} x {grid_w} (CLS and the meta.grid patches)"
+            )
 
     def _layer_rows(self) -> dict[int, dict]:
         cursor = self.con.execute("SELECT * FROM layers ORDER BY layer")
@@ -186,15 +196,23 @@ class _Checker:
             for column in layers.columns:
                 if not column.nullable and row[column.name] is None:
                     self.mismatch(f"layers.{column.name} is NULL (layer {row['layer']})")
-            for name, least in (("layer", 0), ("d_in", 1), ("n_features", 1), ("k", 1), ("n_images", 0),
-                                ("n_tokens", 0)):
+            for name, least in (
+                ("layer", 0),
+                ("d_in", 1),
+                ("n_features", 1),
+                ("k", 1),
+                ("n_images", 0),
+                ("n_tokens", 0),
+            ):
                 if row[name] < least:
                     self.inconsistent(f"layers.{name} is {row[name]} (layer {row['layer']}), below {least}")
             if len(row["histogram_edges"]) < 2:
                 self.inconsistent(f"layer {row['layer']} has {len(row['histogram_edges'])} histogram edges")
             if len(row["mse_by_position"]) != self.meta["n_tokens"]:
-                self.inconsistent(f"layer {row['layer']} has {len(row['mse_by_position'])} mse_by_position "
-                                  f"values for meta.n_tokens = {self.meta['n_tokens']}")
+                self.inconsistent(
+                    f"layer {row['layer']} has {len(row['mse_by_position'])} mse_by_position "
+                    f"values for meta.n_tokens = {self.meta['n_tokens']}"
+                )
         return {row["layer"]: row for row in rows}
 
     def _check_meta_against(self, layers: dict[int, dict]) -> None:
@@ -209,13 +227,16 @@ class _Checker:
             stats = self.meta.get("normalisation_stats") or {}
             for layer in layers:
                 if str(layer) not in stats:
-                    self.inconsistent(f"meta.normalisation is \"sample\" but normalisation_stats has no layer {layer}")
+                    self.inconsistent(f'meta.normalisation is "sample" but normalisation_stats has no layer {layer}')
 
     def _unenforced_nulls(self, table: str) -> list[str]:
         """SELECT items counting NULLs in the columns that must hold none but are not declared NOT NULL."""
         found = self.found[table]
-        return [f"count(*) - count({c.name}) AS null_{c.name}" for c in TABLES[table].columns
-                if not c.nullable and found[c.name].nullable]
+        return [
+            f"count(*) - count({c.name}) AS null_{c.name}"
+            for c in TABLES[table].columns
+            if not c.nullable and found[c.name].nullable
+        ]
 
     def _null_columns(self, table: str, row: dict, where: str) -> None:
         for name, value in row.items():
@@ -229,71 +250,103 @@ class _Checker:
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def _check_images(self) -> int:
-        (row,) = self._grouped("images", ["count(*) AS n", "count(DISTINCT image_id) AS ids",
-                                          "min(image_id) AS lo", "max(image_id) AS hi"], by_layer=False)
+        (row,) = self._grouped(
+            "images",
+            ["count(*) AS n", "count(DISTINCT image_id) AS ids", "min(image_id) AS lo", "max(image_id) AS hi"],
+            by_layer=False,
+        )
         self._null_columns("images", row, "")
         if row["n"] and (row["lo"] != 0 or row["hi"] != row["n"] - 1 or row["ids"] != row["n"]):
-            self.inconsistent(f"images.image_id is not dense from 0 ({row['n']} rows, ids {row['lo']} to "
-                              f"{row['hi']})")
+            self.inconsistent(f"images.image_id is not dense from 0 ({row['n']} rows, ids {row['lo']} to {row['hi']})")
         return row["n"]
 
     def _check_features(self, layers: dict[int, dict]) -> None:
         seen = set()
-        for row in self._grouped("features", [
-                "count(*) AS n", "count(DISTINCT feature) AS ids", "min(feature) AS lo", "max(feature) AS hi",
+        for row in self._grouped(
+            "features",
+            [
+                "count(*) AS n",
+                "count(DISTINCT feature) AS ids",
+                "min(feature) AS lo",
+                "max(feature) AS hi",
                 "count(*) FILTER (WHERE n_fired_tokens > 0 AND (mean_activation IS NULL OR max_activation IS NULL))"
-                " AS unmeasured"]):
+                " AS unmeasured",
+            ],
+        ):
             layer = row["layer"]
             self._null_columns("features", row, f" (layer {layer})")
             if layer not in layers:
                 self.inconsistent(f"features holds rows of layer {layer}, which is not in the layers table")
             if row["unmeasured"]:
-                self.inconsistent(f"layer {layer} has {row['unmeasured']} features that fire but have a NULL mean "
-                                  "or max activation")
+                self.inconsistent(
+                    f"layer {layer} has {row['unmeasured']} features that fire but have a NULL mean or max activation"
+                )
             n_features = layers[layer]["n_features"]
             if (row["n"], row["ids"], row["lo"], row["hi"]) != (n_features, n_features, 0, n_features - 1):
-                self.inconsistent(f"layer {layer} has {n_features} features, but features holds {row['n']} rows "
-                                  f"for features {row['lo']} to {row['hi']}")
+                self.inconsistent(
+                    f"layer {layer} has {n_features} features, but features holds {row['n']} rows "
+                    f"for features {row['lo']} to {row['hi']}"
+                )
             seen.add(layer)
         for layer in layers.keys() - seen:
             self.inconsistent(f"layer {layer} has no rows in the features table")
 
     def _check_examples(self, layers: dict[int, dict], n_images: int) -> None:
         band_count = self.meta["band_count"]
-        for row in self._grouped("examples", [
-                "min(feature) AS lo", "max(feature) AS hi", "min(image_id) AS first_image",
-                "max(image_id) AS last_image", "min(rank) AS rank", "min(band) AS low_band", "max(band) AS high_band",
+        for row in self._grouped(
+            "examples",
+            [
+                "min(feature) AS lo",
+                "max(feature) AS hi",
+                "min(image_id) AS first_image",
+                "max(image_id) AS last_image",
+                "min(rank) AS rank",
+                "min(band) AS low_band",
+                "max(band) AS high_band",
                 "count(*) FILTER (WHERE kind NOT IN ('top', 'band')) AS odd_kind",
-                "count(*) FILTER (WHERE (kind = 'top') <> (band = 0)) AS odd_band"]):
+                "count(*) FILTER (WHERE (kind = 'top') <> (band = 0)) AS odd_band",
+            ],
+        ):
             layer = row["layer"]
             self._null_columns("examples", row, f" (layer {layer})")
             if layer not in layers:
                 self.inconsistent(f"examples holds rows of layer {layer}, which is not in the layers table")
             where = f"examples of layer {layer}"
             if row["lo"] < 0 or row["hi"] >= layers[layer]["n_features"]:
-                self.inconsistent(f"{where} name features {row['lo']} to {row['hi']}, outside the layer's "
-                                  f"{layers[layer]['n_features']}")
+                self.inconsistent(
+                    f"{where} name features {row['lo']} to {row['hi']}, outside the layer's "
+                    f"{layers[layer]['n_features']}"
+                )
             if row["first_image"] < 0 or row["last_image"] >= n_images:
-                self.inconsistent(f"{where} name images {row['first_image']} to {row['last_image']}, but the "
-                                  f"images table holds {n_images}")
+                self.inconsistent(
+                    f"{where} name images {row['first_image']} to {row['last_image']}, but the "
+                    f"images table holds {n_images}"
+                )
             if row["rank"] < 1:
                 self.inconsistent(f"{where} have rank {row['rank']}; ranks start at 1")
             if row["odd_kind"] or row["odd_band"] or row["low_band"] < 0 or row["high_band"] > band_count:
-                self.inconsistent(f"{where} have kinds other than top (band 0) and band (bands 1 to "
-                                  f"meta.band_count = {band_count})")
+                self.inconsistent(
+                    f"{where} have kinds other than top (band 0) and band (bands 1 to meta.band_count = {band_count})"
+                )
 
     def _check_one_row_per_layer(self, layers: dict[int, dict]) -> None:
         grid_h, grid_w = self.meta["grid"]
         for layer, row in layers.items():
             lengths = self.con.execute(
                 "SELECT len(histogram), len(position_mean), len(similar_features), len(similar_cosines) "
-                "FROM features WHERE layer = ? LIMIT 1", [layer]).fetchone()
+                "FROM features WHERE layer = ? LIMIT 1",
+                [layer],
+            ).fetchone()
             expected = (len(row["histogram_edges"]) - 1, self.meta["n_tokens"], lengths[2], lengths[2])
             if lengths != expected:
-                self.inconsistent(f"a feature of layer {layer} has list lengths (histogram, position_mean, "
-                                  f"similar_features, similar_cosines) {lengths}, not {expected}")
-            heatmap = self.con.execute("SELECT octet_length(heatmap) FROM examples WHERE layer = ? LIMIT 1",
-                                       [layer]).fetchone()
+                self.inconsistent(
+                    f"a feature of layer {layer} has list lengths (histogram, position_mean, "
+                    f"similar_features, similar_cosines) {lengths}, not {expected}"
+                )
+            heatmap = self.con.execute(
+                "SELECT octet_length(heatmap) FROM examples WHERE layer = ? LIMIT 1", [layer]
+            ).fetchone()
             if heatmap is not None and heatmap[0] != grid_h * grid_w:
-                self.inconsistent(f"an example of layer {layer} has a {heatmap[0]}-byte heatmap for a "
-                                  f"{grid_h} x {grid_w} grid")
+                self.inconsistent(
+                    f"an example of layer {layer} has a {heatmap[0]}-byte heatmap for a {grid_h} x {grid_w} grid"
+                )

@@ -71,5 +71,14 @@ def image_features(values_tk: np.ndarray, indices_tk: np.ndarray) -> ImageFeatur
     order = np.argsort(-activation, kind="stable")  # unique() sorted features ascending
     rank = np.empty_like(order)
     rank[order] = np.arange(n)
-    return ImageFeatures(features[order], activation[order], cls[order], patch_max[order], mean[order], tokens,
-                         rank[slot], token, fired_values)
+    return ImageFeatures(
+        features[order],
+        activation[order],
+        cls[order],
+        patch_max[order],
+        mean[order],
+        tokens,
+        rank[slot],
+        token,
+        fired_values,
+    )

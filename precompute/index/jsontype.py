@@ -136,8 +136,9 @@ class Record(JsonType):
         return None
 
     def describe(self):
-        parts = [f'"{name}"{"?" if name in self.optional else ""}: {kind.describe()}'
-                 for name, kind in self.fields.items()]
+        parts = [
+            f'"{name}"{"?" if name in self.optional else ""}: {kind.describe()}' for name, kind in self.fields.items()
+        ]
         return "{" + ", ".join(parts) + "}"
 
 

@@ -7,8 +7,8 @@ index (the page tests' small index) fills it from small arrays and gets the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -23,18 +23,18 @@ class LayerTotals:
 
     n_images: int
     n_tokens: int
-    fired: int                        # firing (token, feature) pairs
-    nonpositive_kept: int             # kept (top-k) values <= 0
+    fired: int  # firing (token, feature) pairs
+    nonpositive_kept: int  # kept (top-k) values <= 0
     sq_error_by_position: np.ndarray  # [T] squared reconstruction error summed over images
-    explained_variance: float         # per-token explained variance, summed over tokens
-    fire_tokens: np.ndarray           # [F] tokens on which each feature fires
-    fire_images: np.ndarray           # [F] images with a firing token
-    fire_cls: np.ndarray              # [F] images whose CLS token fires
-    activation_sum: np.ndarray        # [F] sum of firing values
-    max_activation: np.ndarray        # [F] largest firing value (0 if dead)
-    position_sum: np.ndarray          # [F, T] firing values summed over images, per position
-    histogram: np.ndarray             # [F, B] firing tokens per bin of `edges`
-    edges: np.ndarray                 # [B + 1] histogram edges
+    explained_variance: float  # per-token explained variance, summed over tokens
+    fire_tokens: np.ndarray  # [F] tokens on which each feature fires
+    fire_images: np.ndarray  # [F] images with a firing token
+    fire_cls: np.ndarray  # [F] images whose CLS token fires
+    activation_sum: np.ndarray  # [F] sum of firing values
+    max_activation: np.ndarray  # [F] largest firing value (0 if dead)
+    position_sum: np.ndarray  # [F, T] firing values summed over images, per position
+    histogram: np.ndarray  # [F, B] firing tokens per bin of `edges`
+    edges: np.ndarray  # [B + 1] histogram edges
     sq_error_raw: float | None = None  # the same two sums on raw activations (normalised runs)
     explained_variance_raw: float | None = None
 
@@ -43,8 +43,9 @@ class LayerTotals:
         return len(self.fire_tokens)
 
 
-def layer_row(layer: int, totals: LayerTotals, *, d_in: int, k: int, sae_file: str | None,
-              checkpoint: int | None) -> dict:
+def layer_row(
+    layer: int, totals: LayerTotals, *, d_in: int, k: int, sae_file: str | None, checkpoint: int | None
+) -> dict:
     """The `layers` row of one layer."""
     t = totals
     n_tokens = max(t.n_tokens, 1)
@@ -54,9 +55,18 @@ def layer_row(layer: int, totals: LayerTotals, *, d_in: int, k: int, sae_file: s
     raw_ev = ev if t.explained_variance_raw is None else float(t.explained_variance_raw) / n_tokens
     image_frequency = np.asarray(t.fire_images) / max(t.n_images, 1)
     return {
-        "layer": layer, "sae_file": sae_file, "checkpoint": checkpoint,
-        "d_in": d_in, "n_features": t.n_features, "k": k, "n_images": t.n_images, "n_tokens": t.n_tokens,
-        "mse": mse, "explained_variance": ev, "mse_raw": raw_mse, "explained_variance_raw": raw_ev,
+        "layer": layer,
+        "sae_file": sae_file,
+        "checkpoint": checkpoint,
+        "d_in": d_in,
+        "n_features": t.n_features,
+        "k": k,
+        "n_images": t.n_images,
+        "n_tokens": t.n_tokens,
+        "mse": mse,
+        "explained_variance": ev,
+        "mse_raw": raw_mse,
+        "explained_variance_raw": raw_ev,
         "l0": t.fired / n_tokens,
         "dead_fraction": float((np.asarray(t.fire_tokens) == 0).mean()),
         "active_fraction": float((image_frequency >= ACTIVE_THRESHOLD).mean()),
@@ -66,8 +76,13 @@ def layer_row(layer: int, totals: LayerTotals, *, d_in: int, k: int, sae_file: s
     }
 
 
-def feature_columns(layer: int, totals: LayerTotals, label_terms: list[list[str]],
-                    similar_features: np.ndarray, similar_cosines: np.ndarray) -> dict:
+def feature_columns(
+    layer: int,
+    totals: LayerTotals,
+    label_terms: list[list[str]],
+    similar_features: np.ndarray,
+    similar_cosines: np.ndarray,
+) -> dict:
     """The `features` rows of one layer, as columns (every feature, in order)."""
     t, n = totals, totals.n_features
     n_images, n_tokens = max(t.n_images, 1), max(t.n_tokens, 1)
@@ -119,8 +134,12 @@ def images_columns(first_id: int, rows: Sequence[tuple]) -> dict:
     ids from `first_id` on in order (image ids are dense from 0 in sample order)."""
     columns = list(zip(*rows)) if rows else [[] for _ in range(8)]
     return {
-        "image_id": np.arange(first_id, first_id + len(rows), dtype=np.int32), "source": list(columns[1]),
-        "key": list(columns[2]), "url": list(columns[3]), "caption": list(columns[4]),
-        "width": np.array(columns[5], dtype=np.int32), "height": np.array(columns[6], dtype=np.int32),
+        "image_id": np.arange(first_id, first_id + len(rows), dtype=np.int32),
+        "source": list(columns[1]),
+        "key": list(columns[2]),
+        "url": list(columns[3]),
+        "caption": list(columns[4]),
+        "width": np.array(columns[5], dtype=np.int32),
+        "height": np.array(columns[6], dtype=np.int32),
         "thumbnail": list(columns[7]),
     }

@@ -16,8 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipscope_explorer.precompute.index.jsontype import (Boolean, Integer, JsonType, ListOf, MapOf, Nullable,
-                                                          Number, Record, String)
+from clipscope_explorer.precompute.index.jsontype import (
+    Boolean,
+    Integer,
+    JsonType,
+    ListOf,
+    MapOf,
+    Nullable,
+    Number,
+    Record,
+    String,
+)
 
 SCHEMA_VERSION = 1
 SCHEMA_MINOR = 1
@@ -57,46 +66,72 @@ def _columns(type_: str, *names: str, nullable: bool = False, since: int = 0) ->
     return tuple(Column(name, type_, nullable, since) for name in names)
 
 
-TABLES: dict[str, Table] = {table.name: table for table in (
-    Table("meta", _columns("VARCHAR", "key") + _columns("JSON", "value"), primary_key="key"),
-    Table("layers", (
-        *_columns("INTEGER", "layer"),
-        *_columns("VARCHAR", "sae_file", nullable=True),
-        *_columns("BIGINT", "checkpoint", nullable=True),
-        *_columns("INTEGER", "d_in", "n_features", "k"),
-        *_columns("BIGINT", "n_images", "n_tokens"),
-        *_columns("DOUBLE", "mse", "explained_variance", "mse_raw", "explained_variance_raw", "l0",
-                  "dead_fraction", "active_fraction", "nonpositive_kept_fraction"),
-        *_columns("DOUBLE[]", "mse_by_position", "histogram_edges"),
-    ), primary_key="layer"),
-    Table("features", (
-        *_columns("INTEGER", "layer", "feature"),
-        *_columns("BIGINT", "n_fired_tokens", "n_fired_images", "n_fired_cls"),
-        *_columns("DOUBLE", "frequency", "image_frequency", "cls_frequency"),
-        *_columns("DOUBLE", "mean_activation", "max_activation", nullable=True),
-        *_columns("INTEGER[]", "histogram"),
-        *_columns("FLOAT[]", "position_mean"),
-        *_columns("VARCHAR[]", "label_terms"),
-        *_columns("VARCHAR", "label"),
-        *_columns("INTEGER[]", "similar_features"),
-        *_columns("FLOAT[]", "similar_cosines"),
-    )),
-    Table("examples", (
-        *_columns("INTEGER", "layer", "feature"),
-        *_columns("VARCHAR", "kind"),
-        *_columns("TINYINT", "band"),
-        *_columns("INTEGER", "rank", "image_id"),
-        *_columns("FLOAT", "activation", "cls_activation", "heatmap_scale"),
-        *_columns("BLOB", "heatmap"),
-    )),
-    Table("images", (
-        *_columns("INTEGER", "image_id"),
-        *_columns("VARCHAR", "source", "key"),
-        *_columns("VARCHAR", "url", "caption", nullable=True),
-        *_columns("INTEGER", "width", "height"),
-        *_columns("BLOB", "thumbnail"),
-    ), primary_key="image_id"),
-)}
+TABLES: dict[str, Table] = {
+    table.name: table
+    for table in (
+        Table("meta", _columns("VARCHAR", "key") + _columns("JSON", "value"), primary_key="key"),
+        Table(
+            "layers",
+            (
+                *_columns("INTEGER", "layer"),
+                *_columns("VARCHAR", "sae_file", nullable=True),
+                *_columns("BIGINT", "checkpoint", nullable=True),
+                *_columns("INTEGER", "d_in", "n_features", "k"),
+                *_columns("BIGINT", "n_images", "n_tokens"),
+                *_columns(
+                    "DOUBLE",
+                    "mse",
+                    "explained_variance",
+                    "mse_raw",
+                    "explained_variance_raw",
+                    "l0",
+                    "dead_fraction",
+                    "active_fraction",
+                    "nonpositive_kept_fraction",
+                ),
+                *_columns("DOUBLE[]", "mse_by_position", "histogram_edges"),
+            ),
+            primary_key="layer",
+        ),
+        Table(
+            "features",
+            (
+                *_columns("INTEGER", "layer", "feature"),
+                *_columns("BIGINT", "n_fired_tokens", "n_fired_images", "n_fired_cls"),
+                *_columns("DOUBLE", "frequency", "image_frequency", "cls_frequency"),
+                *_columns("DOUBLE", "mean_activation", "max_activation", nullable=True),
+                *_columns("INTEGER[]", "histogram"),
+                *_columns("FLOAT[]", "position_mean"),
+                *_columns("VARCHAR[]", "label_terms"),
+                *_columns("VARCHAR", "label"),
+                *_columns("INTEGER[]", "similar_features"),
+                *_columns("FLOAT[]", "similar_cosines"),
+            ),
+        ),
+        Table(
+            "examples",
+            (
+                *_columns("INTEGER", "layer", "feature"),
+                *_columns("VARCHAR", "kind"),
+                *_columns("TINYINT", "band"),
+                *_columns("INTEGER", "rank", "image_id"),
+                *_columns("FLOAT", "activation", "cls_activation", "heatmap_scale"),
+                *_columns("BLOB", "heatmap"),
+            ),
+        ),
+        Table(
+            "images",
+            (
+                *_columns("INTEGER", "image_id"),
+                *_columns("VARCHAR", "source", "key"),
+                *_columns("VARCHAR", "url", "caption", nullable=True),
+                *_columns("INTEGER", "width", "height"),
+                *_columns("BLOB", "thumbnail"),
+            ),
+            primary_key="image_id",
+        ),
+    )
+}
 
 VERSIONED_PACKAGES = ("clipscope-explorer", "torch", "open_clip_torch", "duckdb")  # meta.versions: the writer's
 
@@ -106,36 +141,55 @@ _SIZE = Integer(minimum=1)
 _SKIPPED = Record({"source": String(), "key": String(), "reason": String()})
 _FAILED_SHARD = Record({"shard": Integer(minimum=0), "reason": String()})
 
-META: dict[str, MetaKey] = {key.name: key for key in (
-    MetaKey("schema_version", Integer(minimum=1)),
-    MetaKey("schema_minor", Integer(minimum=0), since=1, needed=False),
-    MetaKey("index_id", _NAME),
-    MetaKey("created_at", _NAME),
-    MetaKey("model", Record({"name": String(), "pretrained": Nullable(String())})),
-    MetaKey("sae", Record({"source": String(), "checkpoint": Nullable(_COUNT)})),
-    MetaKey("released_suite", Boolean()),
-    MetaKey("layers", ListOf(_COUNT, min_length=1)),
-    MetaKey("n_tokens", Integer(minimum=2)),
-    MetaKey("grid", ListOf(_SIZE, length=2)),
-    MetaKey("d_model", _SIZE),
-    MetaKey("image_size", _SIZE),
-    MetaKey("normalisation", String(("none", "sample"))),
-    MetaKey("precision", String(("fp32", "bf16")), needed=False),
-    MetaKey("normalisation_stats", MapOf(Record({"mean": ListOf(Number()), "std": ListOf(Number())}), key="layer"),
-            needed=False),
-    MetaKey("sample", Record({
-        "sources": ListOf(String()), "n_images": _COUNT, "n_skipped": _COUNT, "skipped": ListOf(_SKIPPED),
-        "failed_shards": ListOf(_FAILED_SHARD), "max_images": Nullable(_SIZE),
-    }, optional=frozenset({"failed_shards", "max_images"}))),
-    MetaKey("top_n", _COUNT),
-    MetaKey("band_count", _COUNT),
-    MetaKey("band_size", _COUNT),
-    MetaKey("active_threshold", Number()),
-    MetaKey("timings", MapOf(Number(), key="phase")),
-    MetaKey("versions", Record({name: Nullable(String()) for name in VERSIONED_PACKAGES},
-                               optional=frozenset(VERSIONED_PACKAGES))),
-    MetaKey("demo", Boolean()),
-)}
+META: dict[str, MetaKey] = {
+    key.name: key
+    for key in (
+        MetaKey("schema_version", Integer(minimum=1)),
+        MetaKey("schema_minor", Integer(minimum=0), since=1, needed=False),
+        MetaKey("index_id", _NAME),
+        MetaKey("created_at", _NAME),
+        MetaKey("model", Record({"name": String(), "pretrained": Nullable(String())})),
+        MetaKey("sae", Record({"source": String(), "checkpoint": Nullable(_COUNT)})),
+        MetaKey("released_suite", Boolean()),
+        MetaKey("layers", ListOf(_COUNT, min_length=1)),
+        MetaKey("n_tokens", Integer(minimum=2)),
+        MetaKey("grid", ListOf(_SIZE, length=2)),
+        MetaKey("d_model", _SIZE),
+        MetaKey("image_size", _SIZE),
+        MetaKey("normalisation", String(("none", "sample"))),
+        MetaKey("precision", String(("fp32", "bf16")), needed=False),
+        MetaKey(
+            "normalisation_stats",
+            MapOf(Record({"mean": ListOf(Number()), "std": ListOf(Number())}), key="layer"),
+            needed=False,
+        ),
+        MetaKey(
+            "sample",
+            Record(
+                {
+                    "sources": ListOf(String()),
+                    "n_images": _COUNT,
+                    "n_skipped": _COUNT,
+                    "skipped": ListOf(_SKIPPED),
+                    "failed_shards": ListOf(_FAILED_SHARD),
+                    "max_images": Nullable(_SIZE),
+                },
+                optional=frozenset({"failed_shards", "max_images"}),
+            ),
+        ),
+        MetaKey("top_n", _COUNT),
+        MetaKey("band_count", _COUNT),
+        MetaKey("band_size", _COUNT),
+        MetaKey("active_threshold", Number()),
+        MetaKey("timings", MapOf(Number(), key="phase")),
+        MetaKey(
+            "versions",
+            Record({name: Nullable(String()) for name in VERSIONED_PACKAGES}, optional=frozenset(VERSIONED_PACKAGES)),
+        ),
+        MetaKey("demo", Boolean()),
+    )
+}
+
 
 def version_text(minor: int = SCHEMA_MINOR) -> str:
     return f"{SCHEMA_VERSION}.{minor}"
@@ -150,9 +204,10 @@ def column_sql(table: Table, column: Column) -> str:
 
 def ddl() -> str:
     """CREATE TABLE statements for every table of this version (NOT NULL declared, so DuckDB enforces it)."""
-    return "\n".join(f"CREATE TABLE {table.name} ("
-                     f"{', '.join(f'{c.name} {column_sql(table, c)}' for c in table.columns)});"
-                     for table in TABLES.values())
+    return "\n".join(
+        f"CREATE TABLE {table.name} ({', '.join(f'{c.name} {column_sql(table, c)}' for c in table.columns)});"
+        for table in TABLES.values()
+    )
 
 
 def additions(minor: int) -> list[str]:

@@ -12,18 +12,24 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
-from clipscope_explorer.precompute.index.schema import (META, SCHEMA_MINOR, SCHEMA_VERSION, TABLES,
-                                                        VERSIONED_PACKAGES, ddl)
+from clipscope_explorer.precompute.index.schema import (
+    META,
+    SCHEMA_MINOR,
+    SCHEMA_VERSION,
+    TABLES,
+    VERSIONED_PACKAGES,
+    ddl,
+)
 
 
 def _version(package: str) -> str | None:
@@ -74,10 +80,14 @@ class IndexWriter:
         except (OSError, duckdb.Error) as error:
             raise IndexWriteError(f"cannot create index {self.partial}: {error}") from error
         self.index_id = uuid.uuid4().hex[:16]
-        self.put_meta(schema_version=SCHEMA_VERSION, schema_minor=SCHEMA_MINOR, index_id=self.index_id,
-                      versions={package: _version(package) for package in VERSIONED_PACKAGES})
+        self.put_meta(
+            schema_version=SCHEMA_VERSION,
+            schema_minor=SCHEMA_MINOR,
+            index_id=self.index_id,
+            versions={package: _version(package) for package in VERSIONED_PACKAGES},
+        )
 
-    def __enter__(self) -> "IndexWriter":
+    def __enter__(self) -> IndexWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -125,7 +135,7 @@ class IndexWriter:
 
     def finish(self) -> Path:
         """Stamp completion, check the index as a reader would, flush, and rename it over `out` atomically."""
-        self.put_meta(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.put_meta(created_at=datetime.now(UTC).isoformat(timespec="seconds"))
         try:
             check_index_file(self.con, str(self.out))
         except IndexCheckError as error:

@@ -50,8 +50,13 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         except (SafetensorError, OSError, ValueError) as error:
             raise SAELoadError(f"SAE file {path} is corrupt or not safetensors: {error}") from error
         header = {key: int(meta[key]) for key in ("d_in", "n_features", "k", "token_count") if key in meta}
-        return _Checkpoint(tensors, header.get("d_in"), header.get("n_features"),
-                           header.get("k", RELEASED_K), header.get("token_count"))
+        return _Checkpoint(
+            tensors,
+            header.get("d_in"),
+            header.get("n_features"),
+            header.get("k", RELEASED_K),
+            header.get("token_count"),
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as error:
@@ -60,8 +65,13 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
     if missing:
         raise SAELoadError(f"SAE file {path} lacks key(s) {missing}")
     token_count = blob.get("token_count")
-    return _Checkpoint(blob["model_state_dict"], int(blob["d_in"]), int(blob["n_features"]), int(blob["k"]),
-                       int(token_count) if token_count is not None else None)
+    return _Checkpoint(
+        blob["model_state_dict"],
+        int(blob["d_in"]),
+        int(blob["n_features"]),
+        int(blob["k"]),
+        int(token_count) if token_count is not None else None,
+    )
 
 
 def _validate(ckpt: _Checkpoint, path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,9 +95,15 @@ def _validate(ckpt: _Checkpoint, path: Path) -> tuple[torch.Tensor, torch.Tensor
 PURPOSES = ("full", "encode")
 
 
-def load_checkpoint_file(path: str | Path, source: str | None = None, layer: int | None = None, *,
-                         purpose: str = "full", weights_precision: str = "fp32",
-                         device: torch.device | str = "cpu") -> TopKSAE | SAEEncoder:
+def load_checkpoint_file(
+    path: str | Path,
+    source: str | None = None,
+    layer: int | None = None,
+    *,
+    purpose: str = "full",
+    weights_precision: str = "fp32",
+    device: torch.device | str = "cpu",
+) -> TopKSAE | SAEEncoder:
     """Load one checkpoint file (.pt in the released layout, or .safetensors) onto `device`.
 
     purpose `full`: a TopKSAE (encode and decode, float32 as released). purpose `encode`: an SAEEncoder,
@@ -198,18 +214,26 @@ def find_checkpoint(source: str, layer: int | None = None, checkpoint: int | Non
     return _file_in_hub(source, layer, checkpoint), source
 
 
-def load_sae(source: str = DEFAULT_SAE_REPO, layer: int | None = None, checkpoint: int | None = None, *,
-             purpose: str = "full", weights_precision: str = "fp32",
-             device: torch.device | str = "cpu") -> TopKSAE | SAEEncoder:
+def load_sae(
+    source: str = DEFAULT_SAE_REPO,
+    layer: int | None = None,
+    checkpoint: int | None = None,
+    *,
+    purpose: str = "full",
+    weights_precision: str = "fp32",
+    device: torch.device | str = "cpu",
+) -> TopKSAE | SAEEncoder:
     """Load one layer's SAE from a file, a hub-layout folder, or a hub repo id (see `find_checkpoint`);
     `purpose`, `weights_precision` and `device` as in `load_checkpoint_file`."""
     path, recorded = find_checkpoint(source, layer, checkpoint)
-    return load_checkpoint_file(path, recorded, layer, purpose=purpose, weights_precision=weights_precision,
-                                device=device)
+    return load_checkpoint_file(
+        path, recorded, layer, purpose=purpose, weights_precision=weights_precision, device=device
+    )
 
 
-def load_saes(source: str, layers: list[int], checkpoint: int | None = None,
-              device: torch.device | str = "cpu") -> dict[int, TopKSAE]:
+def load_saes(
+    source: str, layers: list[int], checkpoint: int | None = None, device: torch.device | str = "cpu"
+) -> dict[int, TopKSAE]:
     """One whole SAE per layer; a single file serves only a single layer."""
     if Path(source).expanduser().is_file() and len(layers) != 1:
         raise SAELoadError(f"--sae {source} is one file, but {len(layers)} layers were asked for")
@@ -231,8 +255,11 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     n_features = enc.shape[1]
     blob = {
-        "model_state_dict": {"pre_b": pre_b.detach().cpu().float(), "enc": enc.detach().cpu().float(),
-                             "dec": dec.detach().cpu().float()},
+        "model_state_dict": {
+            "pre_b": pre_b.detach().cpu().float(),
+            "enc": enc.detach().cpu().float(),
+            "dec": dec.detach().cpu().float(),
+        },
         "d_in": enc.shape[0],
         "n_features": n_features,
         "k": int(k),

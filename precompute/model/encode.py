@@ -7,8 +7,8 @@ What one image's codes say is `precompute/index/image_features.py` (torch-free).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -29,14 +29,21 @@ class LayerCodes:
 
 
 @torch.inference_mode()
-def encode_pixels(tower: VisionTower, saes: Mapping[int, SAEEncoder], pixels_bchw: torch.Tensor,
-                  precision: str | None = None,
-                  normalisation: Mapping[int, Standardisation] | None = None) -> dict[int, LayerCodes]:
+def encode_pixels(
+    tower: VisionTower,
+    saes: Mapping[int, SAEEncoder],
+    pixels_bchw: torch.Tensor,
+    precision: str | None = None,
+    normalisation: Mapping[int, Standardisation] | None = None,
+) -> dict[int, LayerCodes]:
     """Run the tower once (up to the deepest layer asked for) and each layer's SAE on its output, both in
     `precision` (`fp32`, `bf16`; None: the device's default). A layer in `normalisation` is standardised
     with its statistics before its SAE reads it; the others are encoded raw."""
     acts = tower.capture(pixels_bchw, list(saes), precision)
     normalisation = normalisation or {}
-    return {layer: LayerCodes(acts[layer], sae.encode(acts[layer], normalisation=normalisation.get(layer),
-                                                      precision=precision))
-            for layer, sae in saes.items()}
+    return {
+        layer: LayerCodes(
+            acts[layer], sae.encode(acts[layer], normalisation=normalisation.get(layer), precision=precision)
+        )
+        for layer, sae in saes.items()
+    }

@@ -131,8 +131,9 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=_formats())
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not_image", "not an image in a supported format "
-                                            "(JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+        raise ImageDecodeError(
+            "not_image", "not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError("too_large", "the image has too many pixels (decompression bomb limit)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
@@ -170,13 +171,18 @@ def open_picture(data: bytes, max_pixels: int | None = None) -> Picture:
     if width < 1 or height < 1:
         raise ImageDecodeError("corrupt", "the image has no pixels")
     if limit and width * height > limit:
-        raise ImageDecodeError("too_large", f"the image is {width} x {height} pixels, more than the "
-                                            f"{limit:,}-pixel limit (decompression bomb guard)")
+        raise ImageDecodeError(
+            "too_large",
+            f"the image is {width} x {height} pixels, more than the {limit:,}-pixel limit (decompression bomb guard)",
+        )
     cost = decode_cost(raw)
     if limit and width * height * cost > BYTES_PER_PIXEL * limit:
-        raise ImageDecodeError("too_large", f"the image is {width} x {height} pixels; a {raw.format} {raw.mode} "
-                                            f"image takes {cost:g} bytes a pixel to decode, so at most "
-                                            f"{int(BYTES_PER_PIXEL * limit / cost):,} pixels are accepted")
+        raise ImageDecodeError(
+            "too_large",
+            f"the image is {width} x {height} pixels; a {raw.format} {raw.mode} "
+            f"image takes {cost:g} bytes a pixel to decode, so at most "
+            f"{int(BYTES_PER_PIXEL * limit / cost):,} pixels are accepted",
+        )
     return _decode(raw)
 
 

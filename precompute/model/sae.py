@@ -80,12 +80,21 @@ class SAEEncoder:
     same and the encoder takes half the memory; such an encoder encodes only in bf16.
     """
 
-    def __init__(self, pre_b: torch.Tensor, enc: torch.Tensor, k: int, origin: SAESource | None = None, *,
-                 weights_precision: str = "fp32", device: torch.device | str | None = None):
+    def __init__(
+        self,
+        pre_b: torch.Tensor,
+        enc: torch.Tensor,
+        k: int,
+        origin: SAESource | None = None,
+        *,
+        weights_precision: str = "fp32",
+        device: torch.device | str | None = None,
+    ):
         device = enc.device if device is None else torch.device(device)
         if enc.ndim != 2 or tuple(pre_b.shape) != (enc.shape[0],):
-            raise ValueError(f"enc must be [d_in, n_features] and pre_b [d_in], not {tuple(enc.shape)} "
-                             f"and {tuple(pre_b.shape)}")
+            raise ValueError(
+                f"enc must be [d_in, n_features] and pre_b [d_in], not {tuple(enc.shape)} and {tuple(pre_b.shape)}"
+            )
         if not 0 < int(k) <= enc.shape[1]:
             raise ValueError(f"k={k} is not in 1..{enc.shape[1]}")
         self.pre_b = pre_b.detach().to(device, torch.float32)
@@ -110,8 +119,14 @@ class SAEEncoder:
         return "bf16" if self.enc.dtype == torch.bfloat16 else "fp32"
 
     @torch.inference_mode()
-    def encode(self, x: torch.Tensor, *, normalisation: Standardisation | None = None,
-               precision: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SparseCode:
+    def encode(
+        self,
+        x: torch.Tensor,
+        *,
+        normalisation: Standardisation | None = None,
+        precision: str | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> SparseCode:
         """Sparse codes of raw x [..., d_in] -> SparseCode([..., k], [..., k]).
 
         normalisation: standardise x first (the SAE then reads `normalisation.apply(x)`, which is what
@@ -143,20 +158,25 @@ class SAEEncoder:
     def check_fits(self, width: int) -> None:
         if self.d_in != width:
             where = self.origin.file if self.origin else "SAE"
-            raise SAELoadError(
-                f"{where}: d_in is {self.d_in} but the model's residual width is {width}"
-            )
+            raise SAELoadError(f"{where}: d_in is {self.d_in} but the model's residual width is {width}")
 
 
 class TopKSAE(SAEEncoder):
     """The whole SAE as released, in float32: an `SAEEncoder` plus the decoder dec [F, d]."""
 
-    def __init__(self, pre_b: torch.Tensor, enc: torch.Tensor, dec: torch.Tensor, k: int,
-                 origin: SAESource | None = None, *, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        pre_b: torch.Tensor,
+        enc: torch.Tensor,
+        dec: torch.Tensor,
+        k: int,
+        origin: SAESource | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ):
         super().__init__(pre_b, enc, k, origin, device=device)
         if tuple(dec.shape) != (self.n_features, self.d_in):
-            raise ValueError(f"dec must be [n_features, d_in] = {(self.n_features, self.d_in)}, "
-                             f"not {tuple(dec.shape)}")
+            raise ValueError(f"dec must be [n_features, d_in] = {(self.n_features, self.d_in)}, not {tuple(dec.shape)}")
         self.dec = dec.detach().to(self.device, torch.float32)
 
     @torch.inference_mode()

@@ -13,15 +13,14 @@ requested one never run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from clipscope_explorer.precompute.model.precision import autocast, effective
 from clipscope_explorer.precompute.model.release import DEFAULT_MODEL
-
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,17 @@ class VisionTower:
     no time casting, and it captures only in bf16. Norms and embeddings stay float32.
     """
 
-    def __init__(self, visual: nn.Module, preprocess: Callable, spec: ModelSpec,
-                 device: torch.device | str = "cpu", weights_precision: str = "fp32"):
+    def __init__(
+        self,
+        visual: nn.Module,
+        preprocess: Callable,
+        spec: ModelSpec,
+        device: torch.device | str = "cpu",
+        weights_precision: str = "fp32",
+    ):
         if not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
             raise ModelLoadError(
-                f"{spec.describe()}: only open_clip ViT towers are supported "
-                f"(got {type(visual).__name__})"
+                f"{spec.describe()}: only open_clip ViT towers are supported (got {type(visual).__name__})"
             )
         if weights_precision not in ("fp32", "bf16"):
             raise ValueError(f"weights precision must be fp32 or bf16, not {weights_precision!r}")
@@ -105,14 +109,13 @@ class VisionTower:
             raise ValueError("no layers requested")
         bad = [n for n in layers if not 0 <= n < self.n_blocks]
         if bad:
-            raise ValueError(
-                f"layers {bad} do not exist in {self.spec.describe()}: blocks are 0..{self.n_blocks - 1}"
-            )
+            raise ValueError(f"layers {bad} do not exist in {self.spec.describe()}: blocks are 0..{self.n_blocks - 1}")
         return layers
 
     @torch.inference_mode()
-    def capture(self, pixels_bchw: torch.Tensor, layers: Iterable[int],
-                precision: str | None = None) -> dict[int, torch.Tensor]:
+    def capture(
+        self, pixels_bchw: torch.Tensor, layers: Iterable[int], precision: str | None = None
+    ) -> dict[int, torch.Tensor]:
         """Residual stream after each requested block, one forward pass.
 
         pixels_bchw: preprocessed images [B, 3, H, W]; precision: `fp32` or

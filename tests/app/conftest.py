@@ -19,16 +19,22 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from clipscope_explorer.precompute.index.rows import (ACTIVE_THRESHOLD, LayerTotals, examples_columns,
-                                                      feature_columns, images_columns, layer_row)
+from clipscope_explorer.precompute.index.rows import (
+    ACTIVE_THRESHOLD,
+    LayerTotals,
+    examples_columns,
+    feature_columns,
+    images_columns,
+    layer_row,
+)
 from clipscope_explorer.precompute.index.store import IndexWriter
 
 LAYERS = (11, 20)
 N_FEATURES = 64
 GRID = (16, 16)
 N_TOKENS = 1 + GRID[0] * GRID[1]
-N_SAMPLE = 120          # images encoded
-STORED = 40             # images that examples may reference
+N_SAMPLE = 120  # images encoded
+STORED = 40  # images that examples may reference
 TOP_N, BAND_COUNT, BAND_SIZE = 8, 2, 3
 DEAD = {5, 17, 40}
 THEMES = [
@@ -68,9 +74,9 @@ def _heatmap(rng, image_id: int, peak: float) -> np.ndarray:
     """A blob over the image's object whose largest patch value is exactly `peak`."""
     cx, cy, r = _object(image_id)
     patch = 224 / GRID[0]
-    y, x = np.mgrid[0:GRID[0], 0:GRID[1]] + 0.5
+    y, x = np.mgrid[0 : GRID[0], 0 : GRID[1]] + 0.5
     sigma = r / patch * rng.uniform(0.5, 0.9)
-    heat = np.exp(-((y - cy / patch) ** 2 + (x - cx / patch) ** 2) / (2 * sigma ** 2))
+    heat = np.exp(-((y - cy / patch) ** 2 + (x - cx / patch) ** 2) / (2 * sigma**2))
     heat[heat < 0.1] = 0.0
     return (heat / heat.max() * peak).reshape(-1).astype(np.float32)
 
@@ -80,8 +86,9 @@ def _label_terms(captions: list[str | None]) -> list[str]:
     return [w for w, _ in words.most_common(4)]
 
 
-def _feature_examples(rng, feature: int, layer: int, stored: list[int],
-                      theme_of: dict[int, int]) -> tuple[list, int, float]:
+def _feature_examples(
+    rng, feature: int, layer: int, stored: list[int], theme_of: dict[int, int]
+) -> tuple[list, int, float]:
     """Example rows (kind, band, rank, ordinal, activation) of an alive feature, the number of images it
     fires on among those stored, and its peak activation."""
     theme = (feature + layer) % len(THEMES)
@@ -101,8 +108,9 @@ def _feature_examples(rng, feature: int, layer: int, stored: list[int],
     return rows, len(firing), peak
 
 
-def _layer(rng, layer: int, stored: list[int], theme_of: dict[int, int], captions: dict[int, str | None],
-           edges: np.ndarray) -> tuple[LayerTotals, list[list[str]], np.ndarray, np.ndarray, dict]:
+def _layer(
+    rng, layer: int, stored: list[int], theme_of: dict[int, int], captions: dict[int, str | None], edges: np.ndarray
+) -> tuple[LayerTotals, list[list[str]], np.ndarray, np.ndarray, dict]:
     """One layer's totals, labels, neighbours and examples (image ordinals), as the job would count them."""
     fire = {name: np.zeros(N_FEATURES, np.int64) for name in ("tokens", "images", "cls")}
     activation_sum, max_activation = np.zeros(N_FEATURES), np.zeros(N_FEATURES)
@@ -110,8 +118,9 @@ def _layer(rng, layer: int, stored: list[int], theme_of: dict[int, int], caption
     position_sum = np.zeros((N_FEATURES, N_TOKENS))
     similar = np.zeros((N_FEATURES, 10), np.int32), np.zeros((N_FEATURES, 10), np.float32)
     labels: list[list[str]] = [[] for _ in range(N_FEATURES)]
-    examples: dict[str, list] = {name: [] for name in (
-        "feature", "kind", "band", "rank", "ordinal", "activation", "cls", "scale", "heat")}
+    examples: dict[str, list] = {
+        name: [] for name in ("feature", "kind", "band", "rank", "ordinal", "activation", "cls", "scale", "heat")
+    }
     for feature in range(N_FEATURES):
         similar[0][feature] = rng.choice([f for f in range(N_FEATURES) if f != feature], 10, replace=False)
         similar[1][feature] = np.sort(rng.uniform(0.1, 0.9, 10))[::-1]
@@ -124,9 +133,17 @@ def _layer(rng, layer: int, stored: list[int], theme_of: dict[int, int], caption
             cls = float(act * rng.uniform(0.2, 0.9)) if rng.random() < 0.5 else 0.0
             scale = float(heat.max()) / 255
             n_patches_fired += int((heat > 0).sum())
-            for name, value in (("feature", feature), ("kind", kind), ("band", band), ("rank", rank),
-                                ("ordinal", ordinal), ("activation", max(float(heat.max()), cls)), ("cls", cls),
-                                ("scale", scale), ("heat", np.round(heat / scale).astype(np.uint8))):
+            for name, value in (
+                ("feature", feature),
+                ("kind", kind),
+                ("band", band),
+                ("rank", rank),
+                ("ordinal", ordinal),
+                ("activation", max(float(heat.max()), cls)),
+                ("cls", cls),
+                ("scale", scale),
+                ("heat", np.round(heat / scale).astype(np.uint8)),
+            ):
                 examples[name].append(value)
         n_images = n_firing + int(rng.integers(0, 30))
         fire["tokens"][feature] = n_patches_fired + int(rng.integers(n_images, 4 * n_images + 1))
@@ -140,13 +157,23 @@ def _layer(rng, layer: int, stored: list[int], theme_of: dict[int, int], caption
         position_sum[feature] = (rng.random(N_TOKENS) * peak * 0.05).astype(np.float32) * N_SAMPLE
         labels[feature] = _label_terms([captions.get(r[3]) for r in rows if r[0] == "top"])
     n_tokens = N_SAMPLE * N_TOKENS
-    centre = np.hypot(*(np.mgrid[0:GRID[0], 0:GRID[1]] - 7.5)).reshape(-1)
+    centre = np.hypot(*(np.mgrid[0 : GRID[0], 0 : GRID[1]] - 7.5)).reshape(-1)
     totals = LayerTotals(
-        n_images=N_SAMPLE, n_tokens=n_tokens, fired=int(31.5 * n_tokens), nonpositive_kept=2000,
+        n_images=N_SAMPLE,
+        n_tokens=n_tokens,
+        fired=int(31.5 * n_tokens),
+        nonpositive_kept=2000,
         sq_error_by_position=np.array([250.0] + (400.0 - 10 * centre).tolist()) * N_SAMPLE,
-        explained_variance=0.7 * n_tokens, fire_tokens=fire["tokens"], fire_images=fire["images"],
-        fire_cls=fire["cls"], activation_sum=activation_sum, max_activation=max_activation,
-        position_sum=position_sum, histogram=histogram, edges=edges)
+        explained_variance=0.7 * n_tokens,
+        fire_tokens=fire["tokens"],
+        fire_images=fire["images"],
+        fire_cls=fire["cls"],
+        activation_sum=activation_sum,
+        max_activation=max_activation,
+        position_sum=position_sum,
+        histogram=histogram,
+        edges=edges,
+    )
     return totals, labels, similar[0], similar[1], examples
 
 
@@ -163,24 +190,60 @@ def build_index(path: Path) -> Path:
     image_id = {ordinal: i for i, ordinal in enumerate(shown)}  # dense from 0 in sample order, as the job's
     with IndexWriter(path) as writer:
         for layer, (totals, labels, similar, cosines, examples) in layers.items():
-            writer.add_layer(layer_row(layer, totals, d_in=1024, k=32, sae_file=f"{layer}_resid/1200013184.pt",
-                                       checkpoint=1200013184))
+            writer.add_layer(
+                layer_row(
+                    layer, totals, d_in=1024, k=32, sae_file=f"{layer}_resid/1200013184.pt", checkpoint=1200013184
+                )
+            )
             writer.add_rows("features", feature_columns(layer, totals, labels, similar, cosines))
             examples["image_id"] = [image_id[o] for o in examples["ordinal"]]
             writer.add_rows("examples", examples_columns(layer, examples))
-        writer.add_rows("images", images_columns(0, [
-            (i, f"shards/0000{i % 2}.tar", f"{i:09d}", None if i % 7 == 0 else f"https://example.org/img/{i}.jpg",
-             captions[i], 640, 480, _thumbnail(theme_of[i], i)) for i in shown]))
+        writer.add_rows(
+            "images",
+            images_columns(
+                0,
+                [
+                    (
+                        i,
+                        f"shards/0000{i % 2}.tar",
+                        f"{i:09d}",
+                        None if i % 7 == 0 else f"https://example.org/img/{i}.jpg",
+                        captions[i],
+                        640,
+                        480,
+                        _thumbnail(theme_of[i], i),
+                    )
+                    for i in shown
+                ],
+            ),
+        )
         writer.put_meta(
             model={"name": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"},
-            sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184}, released_suite=True,
-            layers=list(LAYERS), n_tokens=N_TOKENS, grid=list(GRID), d_model=1024, image_size=224,
-            normalisation="none", precision="fp32", normalisation_stats={},
-            sample={"sources": ["shards/00000.tar", "shards/00001.tar"], "n_images": N_SAMPLE, "n_skipped": 1,
-                    "skipped": [{"source": "shards/00001.tar", "key": "000001234", "reason": "cannot decode"}],
-                    "failed_shards": [], "max_images": None},
-            top_n=TOP_N, band_count=BAND_COUNT, band_size=BAND_SIZE, active_threshold=ACTIVE_THRESHOLD,
-            timings={"encode": 12.5, "neighbours": 0.4, "labels": 0.2, "write": 0.3, "total": 13.4}, demo=False)
+            sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
+            released_suite=True,
+            layers=list(LAYERS),
+            n_tokens=N_TOKENS,
+            grid=list(GRID),
+            d_model=1024,
+            image_size=224,
+            normalisation="none",
+            precision="fp32",
+            normalisation_stats={},
+            sample={
+                "sources": ["shards/00000.tar", "shards/00001.tar"],
+                "n_images": N_SAMPLE,
+                "n_skipped": 1,
+                "skipped": [{"source": "shards/00001.tar", "key": "000001234", "reason": "cannot decode"}],
+                "failed_shards": [],
+                "max_images": None,
+            },
+            top_n=TOP_N,
+            band_count=BAND_COUNT,
+            band_size=BAND_SIZE,
+            active_threshold=ACTIVE_THRESHOLD,
+            timings={"encode": 12.5, "neighbours": 0.4, "labels": 0.2, "write": 0.3, "total": 13.4},
+            demo=False,
+        )
         return writer.finish()
 
 
@@ -220,8 +283,13 @@ def live_app_client(tiny_index: Path, store: Path | None, **overrides):
     from clipscope_explorer.app.main import create_app
     from clipscope_explorer.app.settings import Settings
 
-    options = dict(index=tiny_index, upload_store=store, store_uploads=store is not None, upload_rate_limit=0,
-                   upload_slots_per_client=0)
+    options = dict(
+        index=tiny_index,
+        upload_store=store,
+        store_uploads=store is not None,
+        upload_rate_limit=0,
+        upload_slots_per_client=0,
+    )
     if store is None:
         options.pop("upload_store")
     settings = Settings(**{**options, **overrides})

@@ -52,8 +52,14 @@ def endpoints(app) -> list[Endpoint]:
     out = []
     for route in _walk(app.routes):
         if isinstance(route, APIRoute):
-            out.append(Endpoint(route.path, frozenset(route.methods), tuple(route.param_convertors),
-                                tuple(dict.fromkeys(_query_params(route.dependant)))))
+            out.append(
+                Endpoint(
+                    route.path,
+                    frozenset(route.methods),
+                    tuple(route.param_convertors),
+                    tuple(dict.fromkeys(_query_params(route.dependant))),
+                )
+            )
         elif isinstance(route, Route):  # /openapi.json and other plain Starlette routes
             out.append(Endpoint(route.path, frozenset(route.methods or ()), tuple(route.param_convertors), ()))
     return out

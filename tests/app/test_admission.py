@@ -79,14 +79,17 @@ def test_concurrent_admissions_never_exceed_the_share(batcher):
     assert 1 <= most[0] <= 3 and batcher.in_progress == 0
 
 
-@pytest.mark.parametrize("host, key", [
-    ("203.0.113.7", "203.0.113.7"),
-    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
-    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same /64: one client
-    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
-    ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client on a dual-stack socket
-    ("testclient", "testclient"),
-])
+@pytest.mark.parametrize(
+    "host, key",
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same /64: one client
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client on a dual-stack socket
+        ("testclient", "testclient"),
+    ],
+)
 def test_client_key(host, key):
     assert client_key(SimpleNamespace(client=SimpleNamespace(host=host))) == key
 
@@ -95,16 +98,19 @@ def test_client_key_without_a_client():
     assert client_key(SimpleNamespace(client=None)) == "unknown"
 
 
-@pytest.mark.parametrize("location, expected", [
-    (b"http://evil.example/layers/1", b"/layers/1"),
-    (b"https://EVIL.example/layers/1?page=2", b"/layers/1?page=2"),
-    (b"http://evil.example//other.example/x", b"/other.example/x"),
-    (b"http://evil.example/\\other.example/x", b"/other.example/x"),
-    (b"http://evil.example", b"/"),
-    (b"http://127.0.0.1:8000/layers/1", b"/layers/1"),  # no Host header: the server's own address
-    (b"https://elsewhere.example/x", b"https://elsewhere.example/x"),  # not this server: left alone
-    (b"/layers/1", b"/layers/1"),
-])
+@pytest.mark.parametrize(
+    "location, expected",
+    [
+        (b"http://evil.example/layers/1", b"/layers/1"),
+        (b"https://EVIL.example/layers/1?page=2", b"/layers/1?page=2"),
+        (b"http://evil.example//other.example/x", b"/other.example/x"),
+        (b"http://evil.example/\\other.example/x", b"/other.example/x"),
+        (b"http://evil.example", b"/"),
+        (b"http://127.0.0.1:8000/layers/1", b"/layers/1"),  # no Host header: the server's own address
+        (b"https://elsewhere.example/x", b"https://elsewhere.example/x"),  # not this server: left alone
+        (b"/layers/1", b"/layers/1"),
+    ],
+)
 def test_redirects_back_to_this_server_become_relative(location, expected):
     assert relative_location(location, {"evil.example", "127.0.0.1:8000"}) == expected
 
@@ -139,14 +145,18 @@ def test_html_upload_redirect_keeps_the_chosen_layers_sort_and_top(live_client):
     assert response.status_code == 303
     location = response.headers["location"]
     upload_id = re.fullmatch(r"/uploads/([0-9a-f]{32})\?layers=2&sort=cls&top=5", location).group(1)
-    direct = live_client.post("/api/encode", files={"file": ("photo.jpg", data, "image/jpeg")},
-                              data={"layers": "2", "sort": "cls", "top": "5"}).json()
+    direct = live_client.post(
+        "/api/encode",
+        files={"file": ("photo.jpg", data, "image/jpeg")},
+        data={"layers": "2", "sort": "cls", "top": "5"},
+    ).json()
     page = live_client.get(location)
     assert page.status_code == 200 and '<b aria-current="true">CLS activation</b>' in page.text
     twin = live_client.get("/api" + location).json()  # what the page shows, as JSON
     assert direct["upload_id"] == upload_id == twin["upload_id"]
     assert twin["sort"] == "cls" and twin["top"] == 5 and list(twin["layers"]) == ["2"]
-    assert [f["feature"] for f in twin["layers"]["2"]["features"]] == \
-        [f["feature"] for f in direct["layers"]["2"]["features"]]
+    assert [f["feature"] for f in twin["layers"]["2"]["features"]] == [
+        f["feature"] for f in direct["layers"]["2"]["features"]
+    ]
     defaults = upload(live_client, data, layers="1,2", top="16")  # every layer and the default top: implicit
     assert defaults.headers["location"] == f"/uploads/{upload_id}?sort=max"

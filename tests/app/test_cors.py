@@ -15,14 +15,20 @@ EVIL = "https://evil.example.com"
 
 @pytest.fixture(scope="module")
 def open_to(index_path, tmp_path_factory):
-    settings = Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("cors"),
-                        cors_origins=f"{NOTEBOOK}/, http://localhost:8888", public_url="https://explorer.example.org")
+    settings = Settings(
+        index=index_path,
+        live=False,
+        upload_store=tmp_path_factory.mktemp("cors"),
+        cors_origins=f"{NOTEBOOK}/, http://localhost:8888",
+        public_url="https://explorer.example.org",
+    )
     with TestClient(create_app(settings), follow_redirects=False) as test_client:
         yield test_client
 
 
-@pytest.mark.parametrize("url", ["/api", "/api/layers/20", "/api/layers/20/features/8", "/api/search?q=cat",
-                                 "/openapi.json", "/api/nothing"])
+@pytest.mark.parametrize(
+    "url", ["/api", "/api/layers/20", "/api/layers/20/features/8", "/api/search?q=cat", "/openapi.json", "/api/nothing"]
+)
 def test_json_is_readable_from_any_origin(client, url):
     for headers in ({}, {"Origin": EVIL}):
         response = client.get(url, headers=headers)
@@ -36,8 +42,14 @@ def test_pages_are_not_opened_to_other_origins(client, url):
 
 
 def test_preflight_for_json_reads(client):
-    response = client.options("/api/layers/20", headers={"Origin": EVIL, "Access-Control-Request-Method": "GET",
-                                                         "Access-Control-Request-Headers": "x-requested-with"})
+    response = client.options(
+        "/api/layers/20",
+        headers={
+            "Origin": EVIL,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "x-requested-with",
+        },
+    )
     assert response.status_code == 204 and response.headers["access-control-allow-origin"] == "*"
     assert response.headers["access-control-allow-headers"] == "x-requested-with"
     assert response.headers["content-security-policy"]  # security headers on preflights too
@@ -62,8 +74,14 @@ def test_same_origin_and_originless_posts_pass(client, path):
 
 def test_listed_origins_may_post_to_the_encoder(open_to):
     for origin in (NOTEBOOK, "http://localhost:8888"):
-        preflight = open_to.options("/api/encode", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
-                                                           "Access-Control-Request-Headers": "content-type"})
+        preflight = open_to.options(
+            "/api/encode",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == origin
         assert preflight.headers["access-control-allow-methods"] == "POST"
         assert "Origin" in preflight.headers["vary"].split(", ")  # the answer depends on the origin

@@ -10,12 +10,26 @@ from tests.app.conftest import N_FEATURES
 from tests.app.test_security import assert_secured
 
 
-@pytest.mark.parametrize("url", [
-    "/layers/99", "/layers/-1", "/layers/abc", "/layers/1e3", "/layers/99999999999999999999999999",
-    "/layers/20/features/64", "/layers/20/features/-1", "/layers/20/features/x", "/layers/20/features/2.5",
-    "/layers/20/features/99999999999999999999", "/layers/20/features/8/examples/999999",
-    "/layers/20/features/8/examples/abc", "/layers/20/random/x", "/nothing/here", "/layers/99/random",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/layers/99",
+        "/layers/-1",
+        "/layers/abc",
+        "/layers/1e3",
+        "/layers/99999999999999999999999999",
+        "/layers/20/features/64",
+        "/layers/20/features/-1",
+        "/layers/20/features/x",
+        "/layers/20/features/2.5",
+        "/layers/20/features/99999999999999999999",
+        "/layers/20/features/8/examples/999999",
+        "/layers/20/features/8/examples/abc",
+        "/layers/20/random/x",
+        "/nothing/here",
+        "/layers/99/random",
+    ],
+)
 def test_not_found_pages(client, url):
     for path in (url, "/api" + url):
         response = client.get(path)
@@ -42,10 +56,21 @@ def test_unknown_feature_links_to_its_layer(client):
     assert {"href": "/layers/20", "text": "Layer 20"} in links
 
 
-@pytest.mark.parametrize("query", [
-    "page=0", "page=x", "sort=evil", "sort=frequency;DROP%20TABLE%20features", "order=sideways",
-    "min_freq=abc", "min_freq=2", "max_freq=-1", "page_size=0", "q=" + "x" * 201,
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "page=0",
+        "page=x",
+        "sort=evil",
+        "sort=frequency;DROP%20TABLE%20features",
+        "order=sideways",
+        "min_freq=abc",
+        "min_freq=2",
+        "max_freq=-1",
+        "page_size=0",
+        "q=" + "x" * 201,
+    ],
+)
 def test_malformed_query_is_422(client, query):
     for path in ("/layers/20", "/api/layers/20"):
         response = client.get(f"{path}?{query}")

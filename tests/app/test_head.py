@@ -15,8 +15,7 @@ RANDOM = re.compile(r"(/api)?/layers/20/features/\d+")
 @pytest.fixture(scope="module")
 def valid(index) -> dict[str, str]:
     image_id = index.examples(20, 8, heatmaps=False)[0]["image_id"]
-    return {"layer": "20", "feature": "8", "image_id": str(image_id), "index_id": index.index_id,
-            "upload_id": "0" * 32}
+    return {"layer": "20", "feature": "8", "image_id": str(image_id), "index_id": index.index_id, "upload_id": "0" * 32}
 
 
 def _same_answer(client, url: str, headers: dict | None = None) -> int:

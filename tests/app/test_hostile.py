@@ -10,16 +10,58 @@ import pytest
 from tests.app.route_walk import endpoints, fill, mounts
 
 PATH_VALUES = [
-    "..", "%2e%2e", "..%2f..%2f..%2fetc%2fpasswd", "%2e%2e%2f%2e%2e%2fpyproject.toml", "..%5c..%5cpyproject.toml",
-    "%252e%252e%252fetc", "%00", "8%00", "-1", "1e3", "0x10", "%208", "%EF%BC%98", "9" * 30,
-    "1%20OR%201%3D1", "8'%20OR%20'1'%3D'1", "8%3BDROP%20TABLE%20features", "%0d%0aX-Injected:%201",
-    "%E2%80%AE", "%ff%fe", "a" * 4000, "1" * 4000, "%7B%7D", "null",
+    "..",
+    "%2e%2e",
+    "..%2f..%2f..%2fetc%2fpasswd",
+    "%2e%2e%2f%2e%2e%2fpyproject.toml",
+    "..%5c..%5cpyproject.toml",
+    "%252e%252e%252fetc",
+    "%00",
+    "8%00",
+    "-1",
+    "1e3",
+    "0x10",
+    "%208",
+    "%EF%BC%98",
+    "9" * 30,
+    "1%20OR%201%3D1",
+    "8'%20OR%20'1'%3D'1",
+    "8%3BDROP%20TABLE%20features",
+    "%0d%0aX-Injected:%201",
+    "%E2%80%AE",
+    "%ff%fe",
+    "a" * 4000,
+    "1" * 4000,
+    "%7B%7D",
+    "null",
 ]
 QUERY_VALUES = [
-    "' OR 1=1 --", '"; DROP TABLE features; --', "%", "_", "\\", "*", "\x00", "x\r\nX-Injected: 1", "nan", "inf",
-    "-inf", "1e309", "-1", "0", "9" * 30, "a" * 5000, "[]", '{"$gt": ""}', "asc; DROP TABLE x",
-    "frequency DESC, (SELECT 1)", "../../etc/passwd", "\u202e", "20/8\r\nX-Injected: 1",
-    "\u00b2", "\u0661\u0662", "9" * 5000,  # digits to str.isdigit but not to int(); past int()'s 4,300 digits
+    "' OR 1=1 --",
+    '"; DROP TABLE features; --',
+    "%",
+    "_",
+    "\\",
+    "*",
+    "\x00",
+    "x\r\nX-Injected: 1",
+    "nan",
+    "inf",
+    "-inf",
+    "1e309",
+    "-1",
+    "0",
+    "9" * 30,
+    "a" * 5000,
+    "[]",
+    '{"$gt": ""}',
+    "asc; DROP TABLE x",
+    "frequency DESC, (SELECT 1)",
+    "../../etc/passwd",
+    "\u202e",
+    "20/8\r\nX-Injected: 1",
+    "\u00b2",
+    "\u0661\u0662",
+    "9" * 5000,  # digits to str.isdigit but not to int(); past int()'s 4,300 digits
 ]
 LEAKS = ("Traceback", 'File "', "root:x:0:0", "[project]", "duckdb.")  # a traceback, a file, an error class
 EXTRA_METHODS = ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
@@ -39,8 +81,7 @@ def check_safe(response, what: str) -> None:
 def valid(index) -> dict[str, str]:
     """A value for every path parameter that names something real, so each hostile value is the only fault."""
     image_id = index.examples(20, 8, heatmaps=False)[0]["image_id"]
-    return {"layer": "20", "feature": "8", "image_id": str(image_id), "index_id": index.index_id,
-            "upload_id": "0" * 32}
+    return {"layer": "20", "feature": "8", "image_id": str(image_id), "index_id": index.index_id, "upload_id": "0" * 32}
 
 
 def _gets(client):
@@ -95,19 +136,40 @@ def test_other_methods_are_405(client, valid):
             assert response.status_code == 405, (method, url, response.status_code)
 
 
-@pytest.mark.parametrize("path", [
-    "/static/..%2fpyproject.toml", "/static/..%2f..%2f..%2fetc%2fpasswd", "/static/%2e%2e/app/settings.py",
-    "/static/vendor/..%2f..%2fapp%2fsettings.py", "/static/%00", "/static/style.css%00.js", "/static/..%5csettings.py",
-    "/static/" + "a" * 4000, "/static/%ff%fe", "/static/", "/static", "/static/vendor",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/..%2fpyproject.toml",
+        "/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/%2e%2e/app/settings.py",
+        "/static/vendor/..%2f..%2fapp%2fsettings.py",
+        "/static/%00",
+        "/static/style.css%00.js",
+        "/static/..%5csettings.py",
+        "/static/" + "a" * 4000,
+        "/static/%ff%fe",
+        "/static/",
+        "/static",
+        "/static/vendor",
+    ],
+)
 def test_static_files_stay_in_their_folder(client, path):
     response = client.get(path)
     check_safe(response, path)
     assert response.status_code in (404, 405, 307), (path, response.status_code)
 
 
-@pytest.mark.parametrize("range_header", ["bytes=abc", "bytes=5-1", "bytes=" + ",".join(["0-0"] * 300),
-                                          "bytes=99999999999999999999-", "lines=1-2", "bytes=-0"])
+@pytest.mark.parametrize(
+    "range_header",
+    [
+        "bytes=abc",
+        "bytes=5-1",
+        "bytes=" + ",".join(["0-0"] * 300),
+        "bytes=99999999999999999999-",
+        "lines=1-2",
+        "bytes=-0",
+    ],
+)
 def test_static_ranges(client, range_header):
     check_safe(client.get("/static/style.css", headers={"Range": range_header}), range_header)
 
@@ -128,10 +190,17 @@ def test_sql_wildcards_are_literal(client):
         assert not found["label_results"] and not found["caption_results"], q
 
 
-@pytest.mark.parametrize("query, status", [
-    ("page=1000000&page_size=100000", 200), ("page=1000001", 422), ("page=" + "9" * 40, 422),
-    ("page_size=" + "9" * 40, 422), ("page=-5", 422), ("page_size=100000", 200),
-])
+@pytest.mark.parametrize(
+    "query, status",
+    [
+        ("page=1000000&page_size=100000", 200),
+        ("page=1000001", 422),
+        ("page=" + "9" * 40, 422),
+        ("page_size=" + "9" * 40, 422),
+        ("page=-5", 422),
+        ("page_size=100000", 200),
+    ],
+)
 def test_huge_pages(client, query, status):
     for path in ("/layers/20", "/api/layers/20"):
         response = client.get(f"{path}?{query}")

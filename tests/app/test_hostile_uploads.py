@@ -41,14 +41,21 @@ MALFORMED = {
     "garbage": (MULTIPART, os.urandom(3000)),
     "empty-body": (MULTIPART, b""),
     "no-disposition": (MULTIPART, f"--{B}\r\nContent-Type: image/jpeg\r\n\r\n".encode() + JPEG + b"\r\n" + END),
-    "nameless-part": (MULTIPART, f'--{B}\r\nContent-Disposition: form-data; filename="a.jpg"\r\n\r\n'.encode()
-                      + JPEG + b"\r\n" + END),
+    "nameless-part": (
+        MULTIPART,
+        f'--{B}\r\nContent-Disposition: form-data; filename="a.jpg"\r\n\r\n'.encode() + JPEG + b"\r\n" + END,
+    ),
     "file-as-field": (MULTIPART, part("file", b"not a file upload") + END),
     "two-files": (MULTIPART, part("file", JPEG, "a.jpg") + part("file", JPEG, "b.jpg") + END),
     "many-fields": (MULTIPART, b"".join(part(f"f{n}", b"x") for n in range(200)) + part("file", JPEG, "a.jpg") + END),
     "huge-field": (MULTIPART, part("layers", b"1," * 40_000) + part("file", JPEG, "a.jpg") + END),
-    "huge-part-header": (MULTIPART, f'--{B}\r\nContent-Disposition: form-data; name="file"; filename="{"a" * 100_000}"'
-                         f'\r\n\r\n'.encode() + JPEG + b"\r\n" + END),
+    "huge-part-header": (
+        MULTIPART,
+        f'--{B}\r\nContent-Disposition: form-data; name="file"; filename="{"a" * 100_000}"\r\n\r\n'.encode()
+        + JPEG
+        + b"\r\n"
+        + END,
+    ),
     "binary-field-value": (MULTIPART, part("layers", b"\xff\xfe\x00") + part("file", JPEG, "a.jpg") + END),
     "nested-multipart": (MULTIPART, part("file", part("inner", JPEG, "x.jpg") + END, "a", "multipart/mixed") + END),
 }
@@ -80,19 +87,30 @@ def test_odd_but_harmless_multipart_is_encoded(live_client, case, path):
 
 def test_lying_content_length_is_413_before_reading(live_client):
     limit = live_client.app.state.settings.max_upload_bytes
-    response = live_client.post("/api/encode", content=part("file", JPEG, "a.jpg") + END,
-                                headers={"content-type": MULTIPART, "content-length": str(limit * 10)})
+    response = live_client.post(
+        "/api/encode",
+        content=part("file", JPEG, "a.jpg") + END,
+        headers={"content-type": MULTIPART, "content-length": str(limit * 10)},
+    )
     check_safe(response, "content-length")
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("filename", ["../../../../tmp/clipscope-pwned.jpg", "/etc/cron.d/x", "..\\..\\x.jpg",
-                                      "a\x00.jpg", "%2e%2e%2fx.jpg", "x" * 2000])
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "../../../../tmp/clipscope-pwned.jpg",
+        "/etc/cron.d/x",
+        "..\\..\\x.jpg",
+        "a\x00.jpg",
+        "%2e%2e%2fx.jpg",
+        "x" * 2000,
+    ],
+)
 def test_client_names_never_reach_the_file_system(live_client, filename, tmp_path):
     store = live_client.app.state.uploads.root
     data = cases.encode(cases.noisy((40, 30), seed=len(filename)), "PNG")
-    response = live_client.post("/api/encode", files={"file": (filename, data, "image/png")},
-                                data={"layers": "../1"})
+    response = live_client.post("/api/encode", files={"file": (filename, data, "image/png")}, data={"layers": "../1"})
     assert response.status_code == 422  # layers are numbers
     response = live_client.post("/api/encode", files={"file": (filename, data, "image/png")})
     check_safe(response, filename)
@@ -101,12 +119,28 @@ def test_client_names_never_reach_the_file_system(live_client, filename, tmp_pat
     for path in store.rglob("*"):
         relative = path.relative_to(store).parts
         assert relative[0] in (".write-test",) or len(relative[0]) == 2, path
-        assert all(part == "meta.json" or part.startswith((".tmp-", "L", "view")) or len(part) in (2, 32)
-                   for part in relative), path
+        assert all(
+            part == "meta.json" or part.startswith((".tmp-", "L", "view")) or len(part) in (2, 32) for part in relative
+        ), path
 
 
-@pytest.mark.parametrize("upload_id", ["../../etc", "..", "/tmp/x", "a" * 32 + "\n", "A" * 32, "a" * 31, "a" * 33,
-                                       "aa/../../" + "a" * 23, "\x00" * 32, "ａ" * 32, "0" * 30 + "/.", "."])
+@pytest.mark.parametrize(
+    "upload_id",
+    [
+        "../../etc",
+        "..",
+        "/tmp/x",
+        "a" * 32 + "\n",
+        "A" * 32,
+        "a" * 31,
+        "a" * 33,
+        "aa/../../" + "a" * 23,
+        "\x00" * 32,
+        "ａ" * 32,
+        "0" * 30 + "/.",
+        ".",
+    ],
+)
 def test_the_store_refuses_ids_that_are_not_32_hex_digits(tmp_path, upload_id):
     root = tmp_path / "store"
     store = UploadStore(root, max_bytes=10**9)
@@ -132,9 +166,15 @@ def _png_with_text(text: bytes) -> bytes:
     return cases.encode(cases.noisy((64, 48), seed=5), "PNG", pnginfo=info)
 
 
-@pytest.mark.parametrize("make", [lambda: JPEG + PAYLOAD, lambda: _png_with_text(PAYLOAD),
-                                  lambda: cases.encode(cases.noisy((50, 50), seed=8), "GIF", comment=PAYLOAD)],
-                         ids=["jpeg-with-trailer", "png-text-chunk", "gif-comment"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: JPEG + PAYLOAD,
+        lambda: _png_with_text(PAYLOAD),
+        lambda: cases.encode(cases.noisy((50, 50), seed=8), "GIF", comment=PAYLOAD),
+    ],
+    ids=["jpeg-with-trailer", "png-text-chunk", "gif-comment"],
+)
 def test_stored_images_are_reencoded_never_the_uploaded_bytes(live_client, make):
     data = make()
     result = live_client.post("/api/encode", files={"file": ("x.html", data, "text/html")}).json()
@@ -149,8 +189,11 @@ def test_stored_images_are_reencoded_never_the_uploaded_bytes(live_client, make)
             assert image.format == "JPEG" and not image.info.get("comment")
     for path in stored.folder.iterdir():
         assert PAYLOAD not in path.read_bytes() and path.read_bytes() != data
-    page = live_client.post("/upload", files={"file": ("x.html", data, "text/html")},
-                            headers={"HX-Request": "true", "HX-Target": "upload-result"})
+    page = live_client.post(
+        "/upload",
+        files={"file": ("x.html", data, "text/html")},
+        headers={"HX-Request": "true", "HX-Target": "upload-result"},
+    )
     assert page.status_code == 200 and b"alert(document.domain)" not in page.content
 
 

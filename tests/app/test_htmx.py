@@ -45,7 +45,7 @@ def test_search_results_fragment_and_jump(client):
 
 def test_pages_use_boost_once_and_every_hx_get_has_a_real_link(client):
     text = client.get("/layers/20").text
-    assert text.count("hx-boost=\"true\"") == 1
+    assert text.count('hx-boost="true"') == 1
     for tag in re.findall(r"<(?:a|form)\b[^>]*hx-get=[^>]*>", text):
         target = re.search(r'hx-get="([^"]+)"', tag).group(1)
         assert f'href="{target}"' in tag or f'action="{target}"' in tag, tag

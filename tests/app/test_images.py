@@ -70,9 +70,12 @@ def test_image_errors(client, index):
     foreign = next(r["image_id"] for r in other if r["image_id"] not in {e["image_id"] for e in _top(index)})
     for url, status in [
         (f"/images/0000000000000000/{_top(index)[0]['image_id']}.jpg", 404),
-        (f"{base}/999999.jpg", 404), (f"{base}/abc.jpg", 404),
-        (f"{base}/layers/20/features/8/{foreign}.png", 404), (f"{base}/layers/99/features/8/1.png", 404),
-        (f"{base}/layers/20/features/64/positions.png", 404), (f"{base}/layers/99/mse.png", 404),
+        (f"{base}/999999.jpg", 404),
+        (f"{base}/abc.jpg", 404),
+        (f"{base}/layers/20/features/8/{foreign}.png", 404),
+        (f"{base}/layers/99/features/8/1.png", 404),
+        (f"{base}/layers/20/features/64/positions.png", 404),
+        (f"{base}/layers/99/mse.png", 404),
     ]:
         response = client.get(url)
         assert response.status_code == status, url
@@ -82,7 +85,7 @@ def test_image_errors(client, index):
 def test_viridis_endpoints():
     table = viridis()
     assert table.shape == (256, 3)
-    assert tuple(table[0]) == (0x44, 0x01, 0x54) and tuple(table[-1]) == (0xfd, 0xe7, 0x25)
+    assert tuple(table[0]) == (0x44, 0x01, 0x54) and tuple(table[-1]) == (0xFD, 0xE7, 0x25)
 
 
 def _revalidate(client, url: str, *values: str):
@@ -94,10 +97,12 @@ def test_a_validator_for_a_missing_image_is_a_404_not_a_304(client, index):
     base = f"/images/{index.index_id}"
     other = index.examples(20, 9, heatmaps=False)
     foreign = next(r["image_id"] for r in other if r["image_id"] not in {e["image_id"] for e in _top(index)})
-    for url, etag in [(f"{base}/999999.jpg", f'"{index.index_id}-t999999"'),
-                      (f"{base}/layers/20/features/8/{foreign}.png", f'"{index.index_id}-r1-o20.8.{foreign}"'),
-                      (f"{base}/layers/20/features/64/positions.png", f'"{index.index_id}-r1-p20.64"'),
-                      (f"{base}/layers/99/mse.png", f'"{index.index_id}-r1-m99"')]:
+    for url, etag in [
+        (f"{base}/999999.jpg", f'"{index.index_id}-t999999"'),
+        (f"{base}/layers/20/features/8/{foreign}.png", f'"{index.index_id}-r1-o20.8.{foreign}"'),
+        (f"{base}/layers/20/features/64/positions.png", f'"{index.index_id}-r1-p20.64"'),
+        (f"{base}/layers/99/mse.png", f'"{index.index_id}-r1-m99"'),
+    ]:
         for value in (etag, "*", f"W/{etag}"):
             response = _revalidate(client, url, value)
             assert response.status_code == 404, (url, value)
@@ -110,13 +115,18 @@ def test_if_none_match_star_weak_and_lists(client, index):
     url = f"/images/{index.index_id}/{_top(index)[0]['image_id']}.jpg"
     fresh = client.get(url)
     etag = fresh.headers["etag"]
-    for values in [("*",), (f"W/{etag}",), (f'"other", {etag}',), (f'W/"a,b", W/{etag}, "c"',),
-                   ('"other"', etag), (f"{etag}, *",)]:
+    for values in [
+        ("*",),
+        (f"W/{etag}",),
+        (f'"other", {etag}',),
+        (f'W/"a,b", W/{etag}, "c"',),
+        ('"other"', etag),
+        (f"{etag}, *",),
+    ]:
         response = _revalidate(client, url, *values)
         assert response.status_code == 304 and response.content == b"", values
         assert response.headers["etag"] == etag and response.headers["cache-control"] == fresh.headers["cache-control"]
-    for values in [('"other"',), ("W/\"other\", \"x\"",), (etag.strip('"'),), (etag.lower() + "x",),
-                   (f'w/{etag}',), ("",)]:
+    for values in [('"other"',), ('W/"other", "x"',), (etag.strip('"'),), (etag.lower() + "x",), (f"w/{etag}",), ("",)]:
         response = _revalidate(client, url, *values)
         assert response.status_code == 200 and response.content == fresh.content, values
 

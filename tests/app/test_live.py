@@ -70,7 +70,7 @@ def test_html_upload_redirects_to_its_share_link(live_client):
     location = response.headers["location"]
     assert re.fullmatch(r"/uploads/[0-9a-f]{32}\?sort=cls", location)
     page = live_client.get(location)
-    assert page.status_code == 200 and "<b aria-current=\"true\">CLS activation</b>" in page.text
+    assert page.status_code == 200 and '<b aria-current="true">CLS activation</b>' in page.text
     upload_id = location.split("/")[2].split("?")[0]
     assert f'<meta property="og:image" content="http://testserver/uploads/{upload_id}/preview.jpg">' in page.text
     assert '<link rel="alternate" type="application/json" href="/api/uploads/' in page.text
@@ -111,11 +111,16 @@ def test_a_repeated_upload_is_not_encoded_again(live_client):
     assert again == first and live_client.app.state.live.encoder.batcher.batches == batches
 
 
-@pytest.mark.parametrize("url, status", [
-    ("/uploads/0123456789abcdef0123456789abcdef", 404), ("/uploads/../../etc/passwd", 404),
-    ("/uploads/not-an-id", 404), ("/api/uploads/0123456789abcdef0123456789abcdef", 404),
-    ("/uploads/0123456789abcdef0123456789abcdef/image.jpg", 404),
-])
+@pytest.mark.parametrize(
+    "url, status",
+    [
+        ("/uploads/0123456789abcdef0123456789abcdef", 404),
+        ("/uploads/../../etc/passwd", 404),
+        ("/uploads/not-an-id", 404),
+        ("/api/uploads/0123456789abcdef0123456789abcdef", 404),
+        ("/uploads/0123456789abcdef0123456789abcdef/image.jpg", 404),
+    ],
+)
 def test_unknown_uploads_are_404(live_client, url, status):
     response = live_client.get(url)
     assert response.status_code == status and "Traceback" not in response.text
@@ -138,8 +143,10 @@ def test_an_unwritable_store_loses_only_the_share_links(live_index, tmp_path):
         assert data["stored"] is False and data["url"] is None and data["layers"]["2"]["features"]
 
 
-@pytest.mark.parametrize("sort, key", [("max", "activation"), ("patch", "patch_activation"), ("cls", "cls_activation"),
-                                       ("mean", "mean_activation")])
+@pytest.mark.parametrize(
+    "sort, key",
+    [("max", "activation"), ("patch", "patch_activation"), ("cls", "cls_activation"), ("mean", "mean_activation")],
+)
 def test_each_ranking_lists_the_strongest_features_by_its_key(live_client, sort, key):
     everything = upload(live_client, image(13), layers="2", top="1000").json()["layers"]["2"]
     ranked = upload(live_client, image(13), layers="2", sort=sort, top="5").json()["layers"]["2"]["features"]

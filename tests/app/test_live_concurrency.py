@@ -36,8 +36,12 @@ def same_result(got: dict, expected: dict) -> None:
     assert got["upload_id"] == expected["upload_id"]
     for layer, data in expected["layers"].items():
         assert [f["feature"] for f in got["layers"][layer]["features"]] == [f["feature"] for f in data["features"]]
-        np.testing.assert_allclose([f["activation"] for f in got["layers"][layer]["features"]],
-                                   [f["activation"] for f in data["features"]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            [f["activation"] for f in got["layers"][layer]["features"]],
+            [f["activation"] for f in data["features"]],
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def assert_busy(response) -> None:

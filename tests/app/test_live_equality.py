@@ -53,10 +53,16 @@ def index_rows(served):
     try:
         examples = con.execute(
             "SELECT e.layer, e.feature, e.kind, i.key, e.activation, e.cls_activation, e.heatmap_scale, e.heatmap "
-            "FROM examples e JOIN images i USING (image_id)").fetchall()
-        floors = dict(((layer, feature), low) for layer, feature, low, n in con.execute(
-            "SELECT layer, feature, min(activation), count(*) FROM examples WHERE kind = 'top' "
-            "GROUP BY layer, feature").fetchall() if n == 6)  # top_n of the tiny index: full lists only
+            "FROM examples e JOIN images i USING (image_id)"
+        ).fetchall()
+        floors = dict(
+            ((layer, feature), low)
+            for layer, feature, low, n in con.execute(
+                "SELECT layer, feature, min(activation), count(*) FROM examples WHERE kind = 'top' "
+                "GROUP BY layer, feature"
+            ).fetchall()
+            if n == 6
+        )  # top_n of the tiny index: full lists only
         top_n = con.execute("SELECT value FROM meta WHERE key = 'top_n'").fetchone()[0]
         precision = con.execute("SELECT value FROM meta WHERE key = 'precision'").fetchone()[0]
     finally:
@@ -74,25 +80,30 @@ def uploads(served, shard_dir, index_rows):
     keys = sorted({row[3] for row in examples})
     results = {}
     for key in keys:
-        response = served[1].post("/api/encode", files={"file": (f"{key}.jpg", images[key], "image/jpeg")},
-                                    data={"top": "1000"})
+        response = served[1].post(
+            "/api/encode", files={"file": (f"{key}.jpg", images[key], "image/jpeg")}, data={"top": "1000"}
+        )
         assert response.status_code == 200, response.text
-        results[key] = {int(layer): {f["feature"]: f for f in data["features"]}
-                        for layer, data in response.json()["layers"].items()}
+        results[key] = {
+            int(layer): {f["feature"]: f for f in data["features"]} for layer, data in response.json()["layers"].items()
+        }
     return results
 
 
 def test_every_index_example_is_reproduced_by_upload(uploads, index_rows):
     examples, _ = index_rows
     assert len(examples) > 500
-    for layer, feature, kind, key, activation, cls_activation, scale, heatmap in examples:
+    for layer, feature, _kind, key, activation, cls_activation, scale, heatmap in examples:
         live = uploads[key][layer].get(feature)
         assert live is not None, f"feature {feature} of layer {layer} does not fire on {key} when uploaded"
         np.testing.assert_allclose(live["activation"], activation, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(live["cls_activation"], cls_activation, rtol=1e-4, atol=1e-5)
         stored = dequantise(scale, heatmap)
         assert np.abs(np.asarray(live["heatmap"]) - stored).max() <= scale / 2 + 1e-4 * max(activation, 1), (
-            layer, feature, key)
+            layer,
+            feature,
+            key,
+        )
         assert max(max(live["heatmap"]), live["cls_activation"]) == pytest.approx(live["activation"])
 
 

@@ -19,12 +19,23 @@ ALIVE, RARE = 8, 3  # feature 3 (% 11 == 3) has a single example and no bands
 def _pages(index) -> list[str]:
     example = index.examples(20, ALIVE, heatmaps=False)[0]["image_id"]
     return [
-        "/", "/layers", "/layers/11", "/layers/20?sort=frequency&order=desc&min_freq=0",
-        "/layers/20?q=cat&sort=max_activation", "/layers/11?page=2&page_size=20",
-        f"/layers/20/features/{ALIVE}", f"/layers/11/features/{ALIVE}", f"/layers/20/features/{min(DEAD)}",
-        f"/layers/20/features/{RARE}", f"/layers/20/features/{N_FEATURES - 1}", "/layers/11/features/0",
+        "/",
+        "/layers",
+        "/layers/11",
+        "/layers/20?sort=frequency&order=desc&min_freq=0",
+        "/layers/20?q=cat&sort=max_activation",
+        "/layers/11?page=2&page_size=20",
+        f"/layers/20/features/{ALIVE}",
+        f"/layers/11/features/{ALIVE}",
+        f"/layers/20/features/{min(DEAD)}",
+        f"/layers/20/features/{RARE}",
+        f"/layers/20/features/{N_FEATURES - 1}",
+        "/layers/11/features/0",
         f"/layers/20/features/{ALIVE}/examples/{example}",
-        "/search", "/search?q=cat", "/search?q=red+car&layer=20", "/search?q=zzzz",
+        "/search",
+        "/search?q=cat",
+        "/search?q=red+car&layer=20",
+        "/search?q=zzzz",
     ]
 
 
@@ -52,7 +63,7 @@ def check_overview(text: str, data: dict) -> None:
     assert data["index"]["index_id"] in text
     check_layers(text, data)
     for layer in data["layers"]:
-        assert f'{layer["layer"]}/mse.png' in text
+        assert f"{layer['layer']}/mse.png" in text
 
 
 def check_layers(text: str, data: dict) -> None:
@@ -61,11 +72,11 @@ def check_layers(text: str, data: dict) -> None:
         assert sig(layer["mse"], 4) in text
         assert percent(layer["dead_fraction"], 3) in text
         if layer["model_card"]:
-            assert f'card {sig(layer["model_card"]["mse"], 5)}' in text
+            assert f"card {sig(layer['model_card']['mse'], 5)}" in text
 
 
 def check_layer(text: str, data: dict) -> None:
-    assert f'Layer {data["layer"]}' in text
+    assert f"Layer {data['layer']}" in text
     assert thousands(data["paging"]["total"]) in text
     for row in data["features"]:
         assert f'href="{row["url"]}"' in text
@@ -75,7 +86,7 @@ def check_layer(text: str, data: dict) -> None:
 
 
 def check_feature(text: str, data: dict) -> None:
-    assert f'Layer {data["layer"]} · feature {data["feature"]}' in text
+    assert f"Layer {data['layer']} · feature {data['feature']}" in text
     assert sig(data["frequency"], 3) in text
     assert sig(data["max_activation"], 4) in text
     for term in data["label_terms"]:
@@ -84,7 +95,7 @@ def check_feature(text: str, data: dict) -> None:
     for example in examples:
         for key in ("thumbnail_url", "overlay_url", "page_url"):
             assert example[key] in text
-        assert f'<b>{sig(example["activation"], 3)}</b>' in text
+        assert f"<b>{sig(example['activation'], 3)}</b>" in text
     for similar in data["similar"]:
         assert f'href="{similar["url"]}"' in text
     for link in data["links"]["other_layers"]:
@@ -106,8 +117,14 @@ def check_search(text: str, data: dict) -> None:
         assert html.escape(data["message"]) in text
 
 
-CHECKS = {"overview": check_overview, "layers": check_layers, "layer": check_layer, "feature": check_feature,
-          "example": check_example, "search": check_search}
+CHECKS = {
+    "overview": check_overview,
+    "layers": check_layers,
+    "layer": check_layer,
+    "feature": check_feature,
+    "example": check_example,
+    "search": check_search,
+}
 
 
 @pytest.mark.parametrize("position", range(PAGE_COUNT))
@@ -126,11 +143,23 @@ def test_every_page_and_its_twin_carry_the_same_data(client, index, position):
 
 def test_every_page_route_has_its_twin_with_the_same_parameters(client):
     gets = {e.path: e for e in endpoints(client.app) if "GET" in e.methods}
-    pages = [path for path in gets if not path.startswith(("/api", "/images/", "/static", "/openapi.json", "/docs"))
-             and not path.endswith((".jpg", ".png"))]
-    assert set(pages) == {"/", "/layers", "/layers/{layer}", "/layers/{layer}/random",
-                          "/layers/{layer}/features/{feature}", "/layers/{layer}/features/{feature}/examples/{image_id}",
-                          "/search", "/upload", "/uploads/{upload_id}"}
+    pages = [
+        path
+        for path in gets
+        if not path.startswith(("/api", "/images/", "/static", "/openapi.json", "/docs"))
+        and not path.endswith((".jpg", ".png"))
+    ]
+    assert set(pages) == {
+        "/",
+        "/layers",
+        "/layers/{layer}",
+        "/layers/{layer}/random",
+        "/layers/{layer}/features/{feature}",
+        "/layers/{layer}/features/{feature}/examples/{image_id}",
+        "/search",
+        "/upload",
+        "/uploads/{upload_id}",
+    }
     for path in pages:
         twin = gets[twin_of(path)]
         assert (twin.path_params, twin.query_params) == (gets[path].path_params, gets[path].query_params), path
@@ -147,12 +176,28 @@ def test_layers_json_contract(client):
     layers = client.get("/api/layers").json()["layers"]
     assert [layer["layer"] for layer in layers] == [11, 20]
     for layer in layers:
-        for key in ("layer", "n_features", "n_images", "n_tokens", "mse", "explained_variance", "l0",
-                    "dead_fraction", "active_fraction", "mse_by_position", "model_card"):
+        for key in (
+            "layer",
+            "n_features",
+            "n_images",
+            "n_tokens",
+            "mse",
+            "explained_variance",
+            "l0",
+            "dead_fraction",
+            "active_fraction",
+            "mse_by_position",
+            "model_card",
+        ):
             assert key in layer
         assert len(layer["mse_by_position"]) == 257
-    assert layers[1]["model_card"] == {"mse": 278.06, "explained_variance": 0.706, "dead_fraction": 0.0000763,
-                                      "active_fraction": 0.2036, "sort_eval_cls": 0.9149}
+    assert layers[1]["model_card"] == {
+        "mse": 278.06,
+        "explained_variance": 0.706,
+        "dead_fraction": 0.0000763,
+        "active_fraction": 0.2036,
+        "sort_eval_cls": 0.9149,
+    }
 
 
 def test_layer_json_pages_and_sorts(client):
@@ -160,8 +205,14 @@ def test_layer_json_pages_and_sorts(client):
     assert data["layer"] == 20 and data["n_features"] == N_FEATURES
     values = [row["max_activation"] for row in data["features"]]
     assert values == sorted(values, reverse=True) and len(values) == 10
-    assert data["paging"] == {"page": 1, "page_size": 10, "total": N_FEATURES, "has_next": True,
-                              "next": "/layers/20?sort=max_activation&order=desc&page_size=10&page=2", "previous": None}
+    assert data["paging"] == {
+        "page": 1,
+        "page_size": 10,
+        "total": N_FEATURES,
+        "has_next": True,
+        "next": "/layers/20?sort=max_activation&order=desc&page_size=10&page=2",
+        "previous": None,
+    }
     last = client.get("/api/layers/20?page_size=10&page=7").json()
     assert len(last["features"]) == N_FEATURES - 60 and not last["paging"]["has_next"]
     alive = client.get("/api/layers/20?min_freq=0&page_size=200").json()
@@ -183,10 +234,18 @@ def test_label_filter_treats_wildcards_literally(client):
     assert cats["paging"]["total"] > 0 and all("cat" in row["label"] for row in cats["features"])
 
 
-@pytest.mark.parametrize("q, words", [
-    ("cat,", ["cat"]), ("Cat.", ["cat"]), ("(cat)", ["cat"]), ("cat;  sofa", ["cat", "sofa"]),
-    ("red,car", ["red", "car"]), ("dog's-day", ["dog's-day"]), (",;.", []),
-])
+@pytest.mark.parametrize(
+    "q, words",
+    [
+        ("cat,", ["cat"]),
+        ("Cat.", ["cat"]),
+        ("(cat)", ["cat"]),
+        ("cat;  sofa", ["cat", "sofa"]),
+        ("red,car", ["red", "car"]),
+        ("dog's-day", ["dog's-day"]),
+        (",;.", []),
+    ],
+)
 def test_label_filter_and_search_split_words_alike(client, q, words):
     labels = [row["label"] for row in client.get("/api/layers/20?page_size=200").json()["features"]]
     assert len(labels) == N_FEATURES
@@ -202,8 +261,21 @@ def test_label_filter_and_search_split_words_alike(client, q, words):
 
 def test_feature_json_contract_and_heatmaps(client, index):
     data = client.get(f"/api/layers/20/features/{ALIVE}").json()
-    for key in ("layer", "feature", "frequency", "image_frequency", "cls_frequency", "max_activation",
-                "mean_activation", "histogram", "top_images", "similar", "bands", "label_terms", "position_mean"):
+    for key in (
+        "layer",
+        "feature",
+        "frequency",
+        "image_frequency",
+        "cls_frequency",
+        "max_activation",
+        "mean_activation",
+        "histogram",
+        "top_images",
+        "similar",
+        "bands",
+        "label_terms",
+        "position_mean",
+    ):
         assert key in data
     assert len(data["position_mean"]) == 257
     assert len(data["histogram"]["counts"]) == len(data["histogram"]["edges"]) - 1
@@ -250,8 +322,10 @@ def test_feature_page_unfurls_with_a_preview_image(client):
 
     data = client.get(f"/api/layers/20/features/{ALIVE}").json()
     page = client.get(f"/layers/20/features/{ALIVE}").text
-    meta = {key: html.unescape(value) for key, value in
-            re.findall(r'<meta (?:property|name)="((?:og|twitter):[a-z:]+)" content="([^"]*)"', page)}
+    meta = {
+        key: html.unescape(value)
+        for key, value in re.findall(r'<meta (?:property|name)="((?:og|twitter):[a-z:]+)" content="([^"]*)"', page)
+    }
     title = f"Layer 20 · feature {ALIVE}" + (f": {data['label']}" if data["label"] else "")
     assert meta["og:title"] == meta["twitter:title"] == title
     assert meta["og:url"] == f"http://testserver/layers/20/features/{ALIVE}"
@@ -261,8 +335,11 @@ def test_feature_page_unfurls_with_a_preview_image(client):
     assert meta["og:image"] == meta["twitter:image"] and meta["og:image"].startswith("http://testserver/images/")
     preview = client.get(meta["og:image"].removeprefix("http://testserver"))
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
-    assert Image.open(BytesIO(preview.content)).size == (int(meta["og:image:width"]), int(meta["og:image:height"])) \
+    assert (
+        Image.open(BytesIO(preview.content)).size
+        == (int(meta["og:image:width"]), int(meta["og:image:height"]))
         == (1200, 630)
+    )
 
 
 def test_random_goes_to_a_feature_that_fires(client):

@@ -53,8 +53,9 @@ def test_settings():
 
 @pytest.fixture(scope="module")
 def limited(live_index, tmp_path_factory):
-    with live_app_client(live_index, tmp_path_factory.mktemp("limited"), upload_rate_limit=2,
-                         upload_rate_burst=2) as client:
+    with live_app_client(
+        live_index, tmp_path_factory.mktemp("limited"), upload_rate_limit=2, upload_rate_burst=2
+    ) as client:
         wait_live(client)
         yield client
 

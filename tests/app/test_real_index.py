@@ -64,9 +64,12 @@ def test_feature_json_matches_the_index_rows(real_client, tiny_index, tmp_path):
     layer, feature = con.execute("SELECT layer, feature FROM features ORDER BY n_fired_images DESC LIMIT 1").fetchone()
     rows = con.execute(
         "SELECT e.rank, i.key, e.activation, e.heatmap_scale, e.heatmap FROM examples e JOIN images i "
-        "USING (image_id) WHERE layer = ? AND feature = ? AND kind = 'top' ORDER BY rank", [layer, feature]).fetchall()
-    frequency = con.execute("SELECT frequency FROM features WHERE layer = ? AND feature = ?",
-                            [layer, feature]).fetchone()[0]
+        "USING (image_id) WHERE layer = ? AND feature = ? AND kind = 'top' ORDER BY rank",
+        [layer, feature],
+    ).fetchall()
+    frequency = con.execute(
+        "SELECT frequency FROM features WHERE layer = ? AND feature = ?", [layer, feature]
+    ).fetchone()[0]
     con.close()
     data = real_client.get(f"/api/layers/{layer}/features/{feature}").json()
     assert data["frequency"] == pytest.approx(frequency)

@@ -28,8 +28,9 @@ ATTRIBUTE = re.compile(r'\s(href|src|action|hx-get|hx-post|data-copy|data-featur
 def prefixed(request, index_path, tmp_path_factory):
     """A client for the app under PREFIX, by the setting or by the server's root_path."""
     if request.param == "setting":
-        settings = Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("up"),
-                            root_path=PREFIX + "/")
+        settings = Settings(
+            index=index_path, live=False, upload_store=tmp_path_factory.mktemp("up"), root_path=PREFIX + "/"
+        )
         client = TestClient(create_app(settings), follow_redirects=False)
     else:
         settings = Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("up"))
@@ -87,10 +88,12 @@ def test_every_page_and_twin_under_the_prefix(prefixed, index):
 
 
 def test_redirects_and_hx_location_carry_the_prefix(prefixed):
-    for url, target in [("/layers/20/random", r"/layers/20/features/\d+"),
-                        ("/api/layers/20/random", r"/api/layers/20/features/\d+"),
-                        ("/search?q=20/7", r"/layers/20/features/7"),
-                        ("/api/search?q=20/7", r"/api/layers/20/features/7")]:
+    for url, target in [
+        ("/layers/20/random", r"/layers/20/features/\d+"),
+        ("/api/layers/20/random", r"/api/layers/20/features/\d+"),
+        ("/search?q=20/7", r"/layers/20/features/7"),
+        ("/api/search?q=20/7", r"/api/layers/20/features/7"),
+    ]:
         for asked in (PREFIX + url, url):
             response = prefixed.get(asked)
             assert response.status_code == 303, asked

@@ -7,15 +7,27 @@ from pathlib import Path
 
 import pytest
 
-
 from clipscope_explorer.app.serving.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
 from tests.app.route_walk import endpoints, fill
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
-@pytest.mark.parametrize("url", ["/", "/api", "/layers/20", "/layers/20/features/8", "/static/style.css",
-                                 "/static/vendor/htmx.min.js", "/layers/99", "/api/nothing", "/docs", "/openapi.json"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/",
+        "/api",
+        "/layers/20",
+        "/layers/20/features/8",
+        "/static/style.css",
+        "/static/vendor/htmx.min.js",
+        "/layers/99",
+        "/api/nothing",
+        "/docs",
+        "/openapi.json",
+    ],
+)
 def test_security_headers(client, url):
     headers = client.get(url).headers
     assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
@@ -44,11 +56,16 @@ def test_every_route_and_every_kind_of_answer_is_secured(client, index):
                 seen.add(response.status_code)
     thumbnail = f"/images/{index.index_id}/{image_id}.jpg"
     cached = client.get(thumbnail, headers={"If-None-Match": client.get(thumbnail).headers["etag"]})
-    extra = [cached, client.get("/search?q=20/8"), client.get("/layers/20?page=x"), client.get("/nowhere"),
-             client.options("/api/layers", headers={"Origin": "https://a.org", "Access-Control-Request-Method": "GET"}),
-             client.post("/api/encode", headers={"Origin": "https://a.org"}),
-             client.get("/static/style.css", headers={"Range": "bytes=0-9"}),
-             client.get("/static/style.css", headers={"Range": "bytes=999999-"})]
+    extra = [
+        cached,
+        client.get("/search?q=20/8"),
+        client.get("/layers/20?page=x"),
+        client.get("/nowhere"),
+        client.options("/api/layers", headers={"Origin": "https://a.org", "Access-Control-Request-Method": "GET"}),
+        client.post("/api/encode", headers={"Origin": "https://a.org"}),
+        client.get("/static/style.css", headers={"Range": "bytes=0-9"}),
+        client.get("/static/style.css", headers={"Range": "bytes=999999-"}),
+    ]
     for response in extra:
         assert_secured(response, response.url)
         seen.add(response.status_code)
@@ -56,12 +73,16 @@ def test_every_route_and_every_kind_of_answer_is_secured(client, index):
 
 
 def test_upload_refusals_are_secured(live_client):
-    for response in (live_client.post("/api/encode", content=b"x", headers={"content-type": "text/plain"}),
-                     live_client.post("/api/encode", files={"file": ("a", b"")}),
-                     live_client.post("/upload", files={"file": ("a", b"")}),
-                     live_client.post("/api/encode", content=b"0" * 10,
-                                      headers={"content-type": "multipart/form-data; boundary=x",
-                                               "content-length": str(10**10)})):
+    for response in (
+        live_client.post("/api/encode", content=b"x", headers={"content-type": "text/plain"}),
+        live_client.post("/api/encode", files={"file": ("a", b"")}),
+        live_client.post("/upload", files={"file": ("a", b"")}),
+        live_client.post(
+            "/api/encode",
+            content=b"0" * 10,
+            headers={"content-type": "multipart/form-data; boundary=x", "content-length": str(10**10)},
+        ),
+    ):
         assert response.status_code in (400, 413, 415)
         assert_secured(response, response.status_code)
 
@@ -103,5 +124,7 @@ def test_user_text_is_escaped(client):
 
 def test_htmx_is_served_locally_with_its_licence(client):
     assert client.get("/static/vendor/htmx.min.js").status_code == 200
-    assert "Zero-Clause BSD" in client.get("/static/vendor/htmx.LICENSE").text or \
-        "BSD" in client.get("/static/vendor/htmx.LICENSE").text
+    assert (
+        "Zero-Clause BSD" in client.get("/static/vendor/htmx.LICENSE").text
+        or "BSD" in client.get("/static/vendor/htmx.LICENSE").text
+    )

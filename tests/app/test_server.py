@@ -47,8 +47,11 @@ def bad_indexes(tmp_path_factory) -> dict[str, Path]:
 
 
 EXPECTED = {
-    "missing": "index not found", "directory": "not a file", "corrupt": "cannot open",
-    "foreign": "no meta table", "version": "schema version 99; this explorer reads schema version 1",
+    "missing": "index not found",
+    "directory": "not a file",
+    "corrupt": "cannot open",
+    "foreign": "no meta table",
+    "version": "schema version 99; this explorer reads schema version 1",
     "incomplete": "does not match schema version 1",
 }
 
@@ -82,7 +85,8 @@ def test_serve_refuses_a_taken_port_before_loading_anything(index_path, capsys, 
         code = serve(ServeOptions(index=index_path, port=port, live=False))
     assert code == 2
     assert capsys.readouterr().err == (
-        f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+        f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
 
 
 def test_the_good_index_passes(index_path):
@@ -91,16 +95,27 @@ def test_the_good_index_passes(index_path):
 
 def test_uvicorn_entry_point_refuses_a_bad_index_in_one_line(bad_indexes):
     env = {**os.environ, "CLIPSCOPE_INDEX": str(bad_indexes["version"])}
-    result = subprocess.run([sys.executable, "-c", "import clipscope_explorer.app.main as m; m.app"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import clipscope_explorer.app.main as m; m.app"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "schema version 99" in result.stderr
 
 
 def test_importing_the_app_module_builds_nothing():
-    result = subprocess.run([sys.executable, "-c", "import clipscope_explorer.app.main as m; print('app' in vars(m))"],
-                            cwd=REPO, env={k: v for k, v in os.environ.items() if k != "CLIPSCOPE_INDEX"},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import clipscope_explorer.app.main as m; print('app' in vars(m))"],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "CLIPSCOPE_INDEX"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "False"
 
 
@@ -118,7 +133,8 @@ def test_a_server_without_live_encoding_never_imports_torch(index_path, tmp_path
         "with TestClient(create_app(settings)) as client:\n"
         "    assert client.get('/layers/20/features/8').status_code == 200\n"
         "    assert client.get('/upload').status_code == 200\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('clipscope_explorer.precompute.', 'open_clip'))))\n"
+        "print(sorted(m for m in sys.modules"
+        " if m == 'torch' or m.startswith(('clipscope_explorer.precompute.', 'open_clip'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -160,9 +176,22 @@ def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
         return live_environment(options_from(ServeOptions, args))
 
     for name, value in environment(
-            "--live-model", "local-dir:/models/vit", "--live-sae", "/saes/scope", "--live-layers", "20,5",
-            "--live-device", "cuda:1", "--live-precision", "bf16", "--no-store-uploads",
-            "--upload-store", str(tmp_path / "store"), "--max-upload-mb", "2.5").items():
+        "--live-model",
+        "local-dir:/models/vit",
+        "--live-sae",
+        "/saes/scope",
+        "--live-layers",
+        "20,5",
+        "--live-device",
+        "cuda:1",
+        "--live-precision",
+        "bf16",
+        "--no-store-uploads",
+        "--upload-store",
+        str(tmp_path / "store"),
+        "--max-upload-mb",
+        "2.5",
+    ).items():
         monkeypatch.setenv(name, value)
     settings = Settings(index=tmp_path / "index.duckdb")
     assert (settings.live, settings.live_model, settings.live_sae) == (True, "local-dir:/models/vit", "/saes/scope")

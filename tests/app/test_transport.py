@@ -32,8 +32,9 @@ def test_connection_made_turns_nagle_off():
         config.load()
         loop = asyncio.new_event_loop()
         try:
-            protocol = ServerHTTPProtocol(config=config, server_state=uvicorn.server.ServerState(), app_state={},
-                                           _loop=loop)
+            protocol = ServerHTTPProtocol(
+                config=config, server_state=uvicorn.server.ServerState(), app_state={}, _loop=loop
+            )
             protocol.connection_made(Transport(accepted))
         finally:
             loop.close()

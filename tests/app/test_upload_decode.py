@@ -58,5 +58,7 @@ def test_a_format_too_costly_to_decode_at_its_size_is_413(live_client, monkeypat
     assert live_client.post("/api/encode", files={"file": ("a.png", png, "image/png")}).status_code == 200
     response = live_client.post("/api/encode", files={"file": ("a.webp", webp, "image/webp")})
     assert response.status_code == 413
-    assert response.json() == {"detail": "the image is 120 x 120 pixels; a WEBP RGB image takes 16 bytes a pixel "
-                                          "to decode, so at most 10,000 pixels are accepted"}
+    assert response.json() == {
+        "detail": "the image is 120 x 120 pixels; a WEBP RGB image takes 16 bytes a pixel "
+        "to decode, so at most 10,000 pixels are accepted"
+    }

@@ -33,13 +33,18 @@ def test_full_size_feature_page_fits_the_budget(client, index):
     example = page.top_images[0].model_copy(update={"caption": "a long LAION caption " * 12, "heatmap": None})
     top = [example.model_copy(update={"rank": r, "image_id": 10_000_000 + r}) for r in range(1, 33)]
     bands = [band.model_copy(update={"examples": top[:8]}) for band in page.bands[:1]] * 3
-    big = page.model_copy(update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536,
-                                  "position_mean": None})
+    big = page.model_copy(
+        update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536, "position_mean": None}
+    )
     templates = client.app.state.templates
-    site = SiteInfo(index_id=index.index_id, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14",
-                    public_url=None)
+    site = SiteInfo(index_id=index.index_id, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14", public_url=None)
     html = templates.get_template("feature.html").render(
-        page=big, site=site, urls=Urls(index.index_id), twin="/api/layers/20/features/65535",
-        canonical="https://explorer.example.org/layers/20/features/65535", base="https://explorer.example.org")
+        page=big,
+        site=site,
+        urls=Urls(index.index_id),
+        twin="/api/layers/20/features/65535",
+        canonical="https://explorer.example.org/layers/20/features/65535",
+        base="https://explorer.example.org",
+    )
     weight = len(html.encode()) + _assets(html)
     assert weight <= BUDGET, f"{weight} bytes"

@@ -17,8 +17,14 @@ from tests.app.conftest import build_index
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("CLIPSCOPE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def _free_port() -> int:
@@ -32,16 +38,28 @@ def e2e_index(tmp_path_factory) -> Path:
     return build_index(tmp_path_factory.mktemp("e2e") / "index.duckdb")
 
 
-def run_server(index: Path, *options: str, ready: str = "/", log_path: Path | None = None,
-               processes: list | None = None, cwd: Path = REPO, env: dict | None = None,
-               program: tuple[str, ...] = (sys.executable, "-m", "clipscope_explorer.cli")):
+def run_server(
+    index: Path,
+    *options: str,
+    ready: str = "/",
+    log_path: Path | None = None,
+    processes: list | None = None,
+    cwd: Path = REPO,
+    env: dict | None = None,
+    program: tuple[str, ...] = (sys.executable, "-m", "clipscope_explorer.cli"),
+):
     """Start `clipscope-explorer serve INDEX` (`program`, run in `cwd` with `env`) on a free port; yield its base
     URL; stop it. Its output goes to `log_path` (default INDEX.log); `processes`, when given, receives the server's
     `Popen`."""
     port = _free_port()
     log = open(tmp_log := log_path or index.with_suffix(".log"), "w")
-    process = subprocess.Popen([*program, "serve", str(index), "--port", str(port), *options],
-                               cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [*program, "serve", str(index), "--port", str(port), *options],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     if processes is not None:
         processes.append(process)
     base = f"http://127.0.0.1:{port}"
@@ -76,8 +94,9 @@ def stop_process(process: subprocess.Popen) -> None:
 def server(e2e_index, tmp_path_factory):
     """Base URL of a running server (the CLI path, two workers sharing the read-only index). The synthetic
     index names the real ViT-L/14 release, which cannot load offline, so live encoding is off."""
-    yield from run_server(e2e_index, "--workers", "2", "--no-live",
-                          "--upload-store", str(tmp_path_factory.mktemp("e2e_uploads")))
+    yield from run_server(
+        e2e_index, "--workers", "2", "--no-live", "--upload-store", str(tmp_path_factory.mktemp("e2e_uploads"))
+    )
 
 
 @pytest.fixture(scope="session")
@@ -118,10 +137,15 @@ def new_tab(browser, server: str):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server)
     tab = context.new_page()
     tab.problems = []
-    tab.on("console", lambda m: tab.problems.append(f"console {m.type}: {m.text} at {m.location}") if m.type == "error" else None)
+    tab.on(
+        "console",
+        lambda m: tab.problems.append(f"console {m.type}: {m.text} at {m.location}") if m.type == "error" else None,
+    )
     tab.on("pageerror", lambda e: tab.problems.append(f"page error: {e}"))
-    tab.on("response", lambda r: tab.problems.append(f"{r.status} {r.url}")
-           if r.status >= 400 and r.url.startswith(server) else None)
+    tab.on(
+        "response",
+        lambda r: tab.problems.append(f"{r.status} {r.url}") if r.status >= 400 and r.url.startswith(server) else None,
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     return tab
 

@@ -11,7 +11,6 @@ import pytest
 
 from tests.e2e.conftest import shot
 
-
 AXE = (Path(__file__).parent / "vendor" / "axe.min.js").read_text()
 TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
 
@@ -20,12 +19,26 @@ def serious_violations(page) -> list[str]:
     """axe runs through the DevTools protocol's evaluate, which the page's CSP does not govern."""
     page.evaluate(AXE)
     result = page.evaluate("tags => axe.run(document, {runOnly: {type: 'tag', values: tags}})", TAGS)
-    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
-            for v in result["violations"] if v["impact"] in ("serious", "critical")]
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
 
 
-@pytest.mark.parametrize("path", ["/", "/layers/20", "/layers/20/features/8", "/search?q=dog", "/search?q=",
-                                  "/layers/20?q=dog&sort=frequency", "/upload", "example"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/layers/20",
+        "/layers/20/features/8",
+        "/search?q=dog",
+        "/search?q=",
+        "/layers/20?q=dog&sort=frequency",
+        "/upload",
+        "example",
+    ],
+)
 def test_pages_have_no_serious_accessibility_violations(page, path):
     if path == "example":  # the large view of the feature's first top image, as its own page
         image_id = page.request.get("/api/layers/20/features/8").json()["top_images"][0]["image_id"]

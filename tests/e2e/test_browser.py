@@ -76,7 +76,7 @@ def test_explore_a_feature(page):
     page.wait_for_load_state("networkidle")
     assert _feature_of(page) == followed and page.locator("h1").inner_text() == heading
     shot(page, "06-similar-after-reload")
-    assert page.problems == [], '\n'.join(page.problems)
+    assert page.problems == [], "\n".join(page.problems)
 
 
 def test_keyboard_shortcuts_and_random(page):
@@ -95,7 +95,7 @@ def test_keyboard_shortcuts_and_random(page):
     page.keyboard.press("Enter")
     page.wait_for_url("**/layers/11/features/7")
     assert page.locator("h1").inner_text() == "Layer 11 · feature 7"
-    assert page.problems == [], '\n'.join(page.problems)
+    assert page.problems == [], "\n".join(page.problems)
 
 
 def test_layer_table_paging_keeps_the_url(page):
@@ -107,7 +107,7 @@ def test_layer_table_paging_keeps_the_url(page):
     assert page.locator("table.features tbody tr").first.locator("a").inner_text() == "20"
     page.go_back()
     page.wait_for_url(re.compile(r".*/layers/11\?page_size=20$"))
-    assert page.problems == [], '\n'.join(page.problems)
+    assert page.problems == [], "\n".join(page.problems)
 
 
 def test_works_without_javascript(browser, server):

@@ -27,8 +27,22 @@ def demo_server(tmp_path_factory):
     log_path = data / "demo.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "clipscope_explorer.cli", "demo", "--images", str(N_IMAGES), "--data", str(data),
-             "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "clipscope_explorer.cli",
+                "demo",
+                "--images",
+                str(N_IMAGES),
+                "--data",
+                str(data),
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     try:
@@ -66,8 +80,9 @@ def test_demo_serves_its_index_and_encodes_uploads(demo_server):
     page = httpx.get(f"{base}/layers/{layer}/features/{feature}")
     assert page.status_code == 200 and f"feature {feature}" in page.text
     image = (data / "images" / "00007.jpg").read_bytes()
-    encoded = httpx.post(f"{base}/api/encode", files={"file": ("x.jpg", image, "image/jpeg")},
-                         data={"layers": "1,3"}, timeout=60)
+    encoded = httpx.post(
+        f"{base}/api/encode", files={"file": ("x.jpg", image, "image/jpeg")}, data={"layers": "1,3"}, timeout=60
+    )
     assert encoded.status_code == 200, encoded.text
     result = encoded.json()
     assert set(result["layers"]) == {"1", "3"}

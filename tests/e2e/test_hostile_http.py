@@ -25,7 +25,7 @@ def raw(server: str, request: bytes, timeout: float = 10) -> bytes:
                 length = re.search(rb"(?im)^content-length: *(\d+)", head)
                 if _ and length and len(body) >= int(length.group(1)):
                     break
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return data
 
@@ -37,7 +37,13 @@ def status_and_head(response: bytes) -> tuple[int | None, bytes]:
 
 
 def get(target: bytes, *headers: bytes) -> bytes:
-    return b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+    return (
+        b"GET "
+        + target
+        + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
 
 
 CASES = {
@@ -59,11 +65,12 @@ CASES = {
     "no-version": b"GET /\r\n\r\n",
     "absolute-form": get(b"http://evil.example/layers/20"),
     "garbage": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(256)),
-    "conflicting-lengths": b"POST /api/encode HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\nhello",
+    "conflicting-lengths": b"POST /api/encode HTTP/1.1\r\nHost: t\r\n"
+    b"Content-Length: 5\r\nContent-Length: 50\r\n\r\nhello",
     "chunked-and-length": b"POST /api/encode HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
-                          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "bad-chunk": b"POST /api/encode HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
-                 b"Content-Type: multipart/form-data; boundary=x\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    b"Content-Type: multipart/form-data; boundary=x\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
 }
 
 

@@ -25,8 +25,15 @@ URL_ATTRIBUTE = re.compile(r'\s(?:href|src|action|hx-get)="(/[^"]*)"')
 @pytest.fixture(scope="module")
 def prefixed_server(e2e_index, tmp_path_factory):
     env = {**os.environ, "CLIPSCOPE_ROOT_PATH": PREFIX}
-    yield from run_server(e2e_index, "--no-live", "--upload-store", str(tmp_path_factory.mktemp("uploads")),
-                          ready=PREFIX + "/", env=env, log_path=tmp_path_factory.mktemp("log") / "server.log")
+    yield from run_server(
+        e2e_index,
+        "--no-live",
+        "--upload-store",
+        str(tmp_path_factory.mktemp("uploads")),
+        ready=PREFIX + "/",
+        env=env,
+        log_path=tmp_path_factory.mktemp("log") / "server.log",
+    )
 
 
 def test_a_crawl_under_the_prefix_finds_only_prefixed_working_urls(prefixed_server):

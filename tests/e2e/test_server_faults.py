@@ -57,8 +57,16 @@ def test_two_servers_one_index_and_a_swap_while_serving(tmp_path):
     other = build_index(tmp_path / "next.duckdb")  # another build: same schema, another index id
     processes: list = []
     log = tmp_path / "first.log"
-    first = run_server(served, "--workers", "2", "--no-live", "--upload-store", str(tmp_path / "up1"),
-                       log_path=log, processes=processes)
+    first = run_server(
+        served,
+        "--workers",
+        "2",
+        "--no-live",
+        "--upload-store",
+        str(tmp_path / "up1"),
+        log_path=log,
+        processes=processes,
+    )
     second = run_server(served, "--no-live", "--upload-store", str(tmp_path / "up2"), log_path=tmp_path / "second.log")
     a, b = next(first), next(second)
     try:

@@ -120,8 +120,7 @@ def descriptors():
 
 def test_idle_and_slow_connections_are_closed_and_never_lock_others_out(e2e_index, tmp_path, descriptors):
     processes: list = []
-    running = run_server(e2e_index, "--workers", "2", "--no-live", log_path=tmp_path / "serve.log",
-                         processes=processes)
+    running = run_server(e2e_index, "--workers", "2", "--no-live", log_path=tmp_path / "serve.log", processes=processes)
     base = next(running)
     watched = Watched()
     try:
@@ -194,10 +193,18 @@ BOUNDARY = "slowclientboundary"
 
 def upload_request(image: bytes) -> tuple[bytes, bytes]:
     """(head, body) of a `POST /api/encode` carrying `image`."""
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
-    head = (f"POST /api/encode HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        f"POST /api/encode HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head, body
 
 
@@ -227,7 +234,7 @@ def test_slow_uploads_hold_a_bounded_share_of_slots_for_a_bounded_time(tiny_inde
                 assert time.monotonic() < deadline, "a slow upload was never admitted"
                 time.sleep(0.05)
         admitted = time.monotonic()
-        trickling = holders[SHARE // 2:]
+        trickling = holders[SHARE // 2 :]
 
         for _ in range(2):  # the same address again: refused at once, its body unread
             sock = connect(base)
@@ -245,7 +252,7 @@ def test_slow_uploads_hold_a_bounded_share_of_slots_for_a_bounded_time(tiny_inde
             for sock in trickling:
                 if sock not in watched.closed_at and sent < len(body) - 1:
                     try:
-                        sock.send(body[sent:sent + 1])  # never pausing, far below the minimum rate
+                        sock.send(body[sent : sent + 1])  # never pausing, far below the minimum rate
                     except OSError:
                         pass
             sent += 1
@@ -267,9 +274,11 @@ def test_slow_uploads_hold_a_bounded_share_of_slots_for_a_bounded_time(tiny_inde
 
 
 def test_protocol_errors_carry_the_security_headers(server):
-    for request in (b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: 1\r\n\r\n",  # a bad header line
-                    b"GET / HTTP/1.1\r\n\r\n",  # no Host
-                    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):  # two
+    for request in (
+        b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: 1\r\n\r\n",  # a bad header line
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ):  # two
         with connect(server) as sock:
             sock.sendall(request)
             status, head = status_and_head(read_response(sock))

@@ -77,7 +77,8 @@ def test_drop_and_paste_upload(live_page, tmp_path):
     for kind, seed in (("drop", 5), ("paste", 6)):
         path, _ = photo(tmp_path, seed, (300, 200))
         data = base64.b64encode(path.read_bytes()).decode()
-        page.evaluate("""([kind, data]) => {
+        page.evaluate(
+            """([kind, data]) => {
             const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
             const transfer = new DataTransfer();
             transfer.items.add(new File([bytes], "image.jpg", {type: "image/jpeg"}));
@@ -85,7 +86,9 @@ def test_drop_and_paste_upload(live_page, tmp_path):
                 ? new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true})
                 : new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true, cancelable: true});
             document.querySelector("#drop-zone").dispatchEvent(event);
-        }""", [kind, data])
+        }""",
+            [kind, data],
+        )
         page.wait_for_url(re.compile(r".*/uploads/[0-9a-f]{32}\?sort=max$"))
         page.wait_for_selector("#upload-result .upload-result")
         page.goto("/upload")

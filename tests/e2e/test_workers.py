@@ -52,8 +52,16 @@ def server_side_inodes(client_ports: set[int]) -> dict[str, int]:
 
 def test_keep_alive_connections_spread_over_the_workers(e2e_index, tmp_path):
     processes: list = []
-    server = run_server(e2e_index, "--workers", "2", "--no-live", "--upload-store", str(tmp_path / "up"),
-                        log_path=tmp_path / "serve.log", processes=processes)
+    server = run_server(
+        e2e_index,
+        "--workers",
+        "2",
+        "--no-live",
+        "--upload-store",
+        str(tmp_path / "up"),
+        log_path=tmp_path / "serve.log",
+        processes=processes,
+    )
     base = next(server)
     port = int(base.rsplit(":", 1)[1])
     connections = []
@@ -77,8 +85,16 @@ def test_keep_alive_connections_spread_over_the_workers(e2e_index, tmp_path):
 def test_a_killed_worker_is_replaced_and_no_request_is_refused(e2e_index, tmp_path):
     processes: list = []
     log = tmp_path / "serve.log"
-    server = run_server(e2e_index, "--workers", "2", "--no-live", "--upload-store", str(tmp_path / "up"),
-                        log_path=log, processes=processes)
+    server = run_server(
+        e2e_index,
+        "--workers",
+        "2",
+        "--no-live",
+        "--upload-store",
+        str(tmp_path / "up"),
+        log_path=log,
+        processes=processes,
+    )
     base = next(server)
     try:
         before = worker_pids(processes[0].pid)
@@ -109,8 +125,25 @@ def test_a_port_in_use_is_refused_with_one_line(e2e_index):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            result = subprocess.run([sys.executable, "-m", "clipscope_explorer.cli", "serve", str(e2e_index), "--port", str(port),
-                                     "--workers", "2", "--no-live"], cwd=REPO, capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clipscope_explorer.cli",
+                    "serve",
+                    str(e2e_index),
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "2",
+                    "--no-live",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (
-            f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+            f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
