@@ -144,7 +144,7 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
         options = parse_options(fields, encoder.layers)
         if patches is None:
             patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
-        upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # 20 MB take ~30 ms
+        upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # hashing 20 MB is not free
         stored = await run_in_threadpool(store.get, upload_id) if store else None
         codes = None
         if stored is not None and set(options.layers) <= set(stored.layers):

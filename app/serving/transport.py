@@ -3,8 +3,8 @@
 - Nagle's algorithm is off on every connection. With `--workers N > 1`,
   uvicorn binds the listening socket itself with protocol number 0, and
   asyncio only sets TCP_NODELAY on sockets whose protocol is IPPROTO_TCP.
-  Responses on kept-alive connections then wait for the client's delayed ACK:
-  about 40 ms per request (measured with bench/serve.py).
+  Responses on kept-alive connections then wait for the client's delayed ACK
+  (the cost is in bench/RESULTS.md, serving).
 - Read timeout (`timeout_keep_alive`, from `CLIPSCOPE_READ_TIMEOUT`): a
   connection waiting for a request (just opened, or after a response) must
   deliver that request's headers within that many seconds of when the wait

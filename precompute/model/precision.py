@@ -4,8 +4,7 @@ The index records the precision it was built in (`meta.precision`). `auto`
 means bf16 on CUDA (throughput) and fp32 on CPU for the precompute job; the
 server's live encoder follows the index it serves, so an upload is encoded as
 the index's images were. bf16 on a CPU is only fast with native bfloat16
-instructions (AMX or AVX512-BF16: ViT-L/14 and one SAE take 0.23 s per image
-in bf16 against 0.62 s in fp32 on 2 Sapphire Rapids cores); without them
+instructions (AMX or AVX512-BF16; figures in bench/RESULTS.md); without them
 `auto` stays fp32.
 """
 

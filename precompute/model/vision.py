@@ -145,8 +145,8 @@ class VisionTower:
 def _sequence_first(transformer: nn.Module) -> None:
     """Run the blocks on contiguous [tokens, batch, width] tensors. In the batch-first layout
     nn.MultiheadAttention projects a transposed view of its input, and under bf16 autocast torch's
-    matmul then copies the projection weight once per token (257 times: 2 s per ViT-L block at batch 4
-    on CPU, against 25 ms). fp32 results are the same up to rounding (4e-6 at layer 20 of ViT-L/14)."""
+    matmul then copies the projection weight once per token (257 times; the cost is in the README's
+    Decisions). fp32 results are the same up to rounding (tests/test_vision.py)."""
     attentions = [block.attn for block in transformer.resblocks]
     if getattr(transformer, "batch_first", False) and all(isinstance(a, nn.MultiheadAttention) for a in attentions):
         transformer.batch_first = False
