@@ -23,7 +23,9 @@ def localisation(index: Path, images: Path) -> dict[int, dict]:
     rows = con.execute(
         "SELECT e.layer, e.feature, i.key, e.heatmap FROM examples e JOIN images i USING (image_id) "
         "JOIN features f USING (layer, feature) WHERE e.kind = 'top' AND len(f.label_terms) > 0 "
-        "AND list_extract(f.label_terms, 1) IN (SELECT unnest(?)) ORDER BY ALL", [sorted(OBJECT_WORDS)]).fetchall()
+        "AND list_extract(f.label_terms, 1) IN (SELECT unnest(?)) ORDER BY ALL",
+        [sorted(OBJECT_WORDS)],
+    ).fetchall()
     con.close()
     result: dict[int, dict] = {}
     for layer, feature, key, heat in rows:
@@ -34,8 +36,10 @@ def localisation(index: Path, images: Path) -> dict[int, dict]:
         entry["features"].add(feature)
         entry["examples"] += 1
         entry["inside"] += int(heatmap.argmax()) in covered
-    return {layer: {"features": len(e["features"]), "examples": e["examples"],
-                    "fraction": e["inside"] / e["examples"]} for layer, e in result.items()}
+    return {
+        layer: {"features": len(e["features"]), "examples": e["examples"], "fraction": e["inside"] / e["examples"]}
+        for layer, e in result.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +55,11 @@ def demo_index(tmp_path_factory):
 def test_demo_features_localise_objects(demo_index):
     index, images = demo_index
     figures = localisation(index, images)
-    report = "; ".join(f"layer {layer}: {f['fraction']:.1%} of {f['examples']} top examples of "
-                       f"{f['features']} object-selective features" for layer, f in sorted(figures.items()))
+    report = "; ".join(
+        f"layer {layer}: {f['fraction']:.1%} of {f['examples']} top examples of "
+        f"{f['features']} object-selective features"
+        for layer, f in sorted(figures.items())
+    )
     print(f"\nDEMO LOCALISATION {report}")
     artifacts = Path(os.environ.get("CLIPSCOPE_ARTIFACTS", "test-artifacts"))
     artifacts.mkdir(exist_ok=True)

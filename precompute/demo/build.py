@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from clipscope_explorer.precompute.demo.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
+from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
 from clipscope_explorer.precompute.job import PrecomputeConfig, run
 from clipscope_explorer.precompute.model.checkpoints import CHECKPOINT_NAME
-from clipscope_explorer.precompute.sources import resolve_sources
-from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
 from clipscope_explorer.precompute.model.vision import load_tower
+from clipscope_explorer.precompute.sources import resolve_sources
 
 log = logging.getLogger(__name__)
 DEMO_LAYERS = (1, 3)
@@ -54,8 +54,18 @@ def build_demo(data: Path, n_images: int = 2000, fresh: bool = False, progress: 
         for layer in todo:
             save_fitted(fit_topk_sae(tokens[layer], DEMO_FIT, progress=progress), sae_dir, layer, DEMO_FIT.k)
     config = PrecomputeConfig(
-        images=[str(images)], out=index, model=model, sae=str(sae_dir), layers=list(DEMO_LAYERS), top_n=16,
-        batch_size=64, device="cpu", workers=2, demo=True, progress=progress, fresh=fresh,
+        images=[str(images)],
+        out=index,
+        model=model,
+        sae=str(sae_dir),
+        layers=list(DEMO_LAYERS),
+        top_n=16,
+        batch_size=64,
+        device="cpu",
+        workers=2,
+        demo=True,
+        progress=progress,
+        fresh=fresh,
     )
     run(config)
     log.warning("demo index built in %.0f s: %s", time.perf_counter() - started, index)

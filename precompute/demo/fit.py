@@ -59,21 +59,34 @@ def fit_topk_sae(tokens_nd: torch.Tensor, settings: FitSettings, progress: bool 
         since_fired = torch.where(fired, 0, since_fired + batch.shape[0])
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return {
-        "pre_b": pre_b.detach(), "enc": enc.detach(), "dec": dec.detach(), "tokens": seen,
-        "dead_latents": (since_fired >= settings.dead_after_tokens).float(), "steps": settings.steps,
+        "pre_b": pre_b.detach(),
+        "enc": enc.detach(),
+        "dec": dec.detach(),
+        "tokens": seen,
+        "dead_latents": (since_fired >= settings.dead_after_tokens).float(),
+        "steps": settings.steps,
     }
 
 
 def save_fitted(result: dict, folder: str | Path, layer: int, k: int) -> Path:
     """Write `{folder}/{layer}_resid/{tokens}.pt` in the released dict layout."""
     path = Path(folder) / f"{layer}_resid" / f"{result['tokens']}.pt"
-    return save_checkpoint(path, result["pre_b"], result["enc"], result["dec"], k, result["tokens"],
-                           n_iter=result["steps"], dead_latents=result["dead_latents"])
+    return save_checkpoint(
+        path,
+        result["pre_b"],
+        result["enc"],
+        result["dec"],
+        k,
+        result["tokens"],
+        n_iter=result["steps"],
+        dead_latents=result["dead_latents"],
+    )
 
 
 @torch.inference_mode()
-def collect_tokens(tower, shards, layers: list[int], max_images: int, batch_size: int = 64,
-                   progress: bool = True) -> dict[int, torch.Tensor]:
+def collect_tokens(
+    tower, shards, layers: list[int], max_images: int, batch_size: int = 64, progress: bool = True
+) -> dict[int, torch.Tensor]:
     """Residual-stream tokens [N, d] per layer from the first `max_images` images of the shards."""
     from clipscope_explorer.precompute.shard_reader import known_size
     from clipscope_explorer.precompute.sources import ShardBatches

@@ -16,19 +16,30 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def tiny_clip_config(width: int = 64, layers: int = 4, heads: int = 4, image_size: int = 224,
-                     patch_size: int = 14) -> dict:
+def tiny_clip_config(
+    width: int = 64, layers: int = 4, heads: int = 4, image_size: int = 224, patch_size: int = 14
+) -> dict:
     """An open_clip model config with a small vision tower (257 tokens at the defaults)."""
     return {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width,
-                       "patch_size": patch_size, "head_width": width // heads},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "patch_size": patch_size,
+            "head_width": width // heads,
+        },
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
 
 
-def save_tiny_clip(folder: str | Path, model_cfg: dict | None = None, seed: int = 0,
-                   state_dict: dict | None = None, position_scale: float = 1.0) -> Path:
+def save_tiny_clip(
+    folder: str | Path,
+    model_cfg: dict | None = None,
+    seed: int = 0,
+    state_dict: dict | None = None,
+    position_scale: float = 1.0,
+) -> Path:
     """Save a CLIP model in the hub layout; random weights from `seed` unless given.
 
     position_scale scales the vision tower's random positional embedding (the demo
@@ -45,8 +56,12 @@ def save_tiny_clip(folder: str | Path, model_cfg: dict | None = None, seed: int 
         state_dict["visual.positional_embedding"] *= position_scale
     config = {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.save(state_dict, folder / "open_clip_pytorch_model.bin")
@@ -56,8 +71,13 @@ def save_tiny_clip(folder: str | Path, model_cfg: dict | None = None, seed: int 
 # ---------------------------------------------------------------- the demo's procedural images
 
 OBJECT_COLOURS = {
-    "red": (215, 40, 40), "green": (40, 170, 70), "blue": (45, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 180), "orange": (245, 135, 30), "white": (245, 245, 245),
+    "red": (215, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (45, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 135, 30),
+    "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "ring", "cross")
 BACKGROUNDS = ("plain", "striped", "checkered", "noisy")
@@ -87,7 +107,9 @@ def _background(rng, size: int, kind: str):
     import numpy as np
     from PIL import Image
 
-    base = np.array([rng.randrange(40, 110)] * 3, dtype=np.float32) + np.array([rng.randrange(-15, 15) for _ in range(3)])
+    base = np.array([rng.randrange(40, 110)] * 3, dtype=np.float32) + np.array(
+        [rng.randrange(-15, 15) for _ in range(3)]
+    )
     yy, xx = np.mgrid[0:size, 0:size]
     pixels = np.broadcast_to(base, (size, size, 3)).copy()
     if kind == "striped":
