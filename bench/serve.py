@@ -30,6 +30,7 @@ from _timing import REPO_ROOT, print_results, result_line
 CACHE = REPO_ROOT / "bench" / ".cache" / "serve"
 LAYERS = (2, 5, 8, 11, 14, 17, 20, 22)
 N_FEATURES, TOP_N, N_IMAGES, N_TOKENS = 65_536, 32, 50_000, 257
+N_SAMPLES = 1_000_000  # images encoded; N_IMAGES of them are shown (thumbnails)
 SECONDS = float(os.environ.get("BENCH_SECONDS", 30))
 WORKERS = int(os.environ.get("BENCH_WORKERS", 2))  # one per core
 
@@ -101,6 +102,10 @@ def build_index(path) -> None:
                         "label": [" ".join(w) for w in words],
                         "similar_features": rng.integers(0, N_FEATURES, (n, 10)).astype(np.int32),
                         "similar_cosines": np.sort(rng.random((n, 10), dtype=np.float32))[:, ::-1].copy(),
+                        "prototype": [None] * n,  # built without embeddings
+                        "zero_shot_terms": [[]] * n,
+                        "zero_shot_scores": [[]] * n,
+                        "zero_shot_margins": [[]] * n,
                     },
                 )
                 rows = n * TOP_N
@@ -137,6 +142,21 @@ def build_index(path) -> None:
                     "thumbnail": [pool[i % len(pool)] for i in ids],
                 },
             )
+        for start in range(0, N_SAMPLES, 100_000):  # every encoded image, most not shown by any feature
+            ids = np.arange(start, min(start + 100_000, N_SAMPLES), dtype=np.int32)
+            writer.add_rows(
+                "samples",
+                {
+                    "image_id": ids,
+                    "source": ["laion/00000.tar"] * len(ids),
+                    "key": [f"{i:09d}" for i in ids],
+                    "url": [f"https://example.org/{i}.jpg" for i in ids],
+                    "caption": [f"synthetic image {i}" for i in ids],
+                    "width": np.full(len(ids), 640, np.int32),
+                    "height": np.full(len(ids), 480, np.int32),
+                    "embedding": [None] * len(ids),  # built without embeddings
+                },
+            )
         writer.put_meta(
             model={"name": "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "pretrained": None},
             sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
@@ -147,7 +167,7 @@ def build_index(path) -> None:
             d_model=1024,
             image_size=224,
             normalisation="none",
-            sample={"sources": ["synthetic"], "n_images": 1_000_000, "n_skipped": 0, "skipped": []},
+            sample={"sources": ["synthetic"], "n_images": N_SAMPLES, "n_skipped": 0, "skipped": []},
             top_n=TOP_N,
             band_count=4,
             band_size=4,
@@ -155,6 +175,8 @@ def build_index(path) -> None:
             timings={},
             versions={},
             demo=False,
+            embeddings=None,
+            zero_shot=None,
         )
         writer.finish()
 
@@ -206,7 +228,8 @@ def wait_ready(port: int, process) -> None:
     deadline = time.time() + 180
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            output = process.stderr or process.stdout  # load.py sends stderr to stdout
+            raise SystemExit(f"server exited: {output.read().decode()[-2000:] if output else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                 sock.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
