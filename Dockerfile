@@ -4,7 +4,8 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/cache/huggingface \
-    CLIPSCOPE_CACHE=/cache/clipscope
+    CLIPSCOPE_CACHE=/cache/clipscope \
+    CLIPSCOPE_SEARCH_CACHE=/cache/clipscope/search
 
 WORKDIR /opt/clipscope
 COPY pyproject.toml README.md constraints.txt ./

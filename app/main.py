@@ -8,7 +8,9 @@ when the server starts and closes it when it stops. The module attribute
 `CLIPSCOPE_*`), which is how both `uvicorn app.main:app` and
 `clipscope-explorer serve` (which sets `CLIPSCOPE_INDEX`) start. The lifespan
 also opens the upload store and starts loading the live encoder in the
-background (`app/live/encoder.py`), so the index is served while the model loads.
+background (`app/live/encoder.py`), and CLIP's text tower and the index's
+embeddings for search by meaning (`app/meaning/`), so the index is served while
+the models load.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from clipscope_explorer.app.index_file import IndexOpenError, check_index
 from clipscope_explorer.app.live.service import LiveService
 from clipscope_explorer.app.live.spec import LiveSpec
 from clipscope_explorer.app.live.store import UploadStore
+from clipscope_explorer.app.meaning.service import MeaningService
 from clipscope_explorer.app.pages import register
 from clipscope_explorer.app.queries import Index, open_index
 from clipscope_explorer.app.serving.cors import CrossOriginMiddleware
@@ -44,6 +47,7 @@ from clipscope_explorer.app.templating import SiteInfo, make_templates
 
 if TYPE_CHECKING:  # the encoder is the torch side: only app/live/service.py imports it, when asked to
     from clipscope_explorer.app.live.encoder import LiveEncoder
+    from clipscope_explorer.precompute.model.text import TextTower
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,8 @@ async def lifespan(app: FastAPI):
     app.state.decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
     app.state.live = _live_service(app, index)
     app.state.live.start()
+    app.state.meaning = MeaningService(index, settings, tower=app.state.text_tower)
+    app.state.meaning.start()
     warm = threading.Thread(target=_warm, args=(index,), name="clipscope-warm", daemon=True)
     warm.start()
     try:
@@ -121,11 +127,15 @@ async def lifespan(app: FastAPI):
     finally:
         warm.join(timeout=10)
         app.state.live.close()
+        app.state.meaning.close()
         index.close()
 
 
-def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> FastAPI:
-    """The app for `settings`; `live_encoder` supplies an already loaded encoder (tests, benchmarks)."""
+def create_app(
+    settings: Settings, live_encoder: LiveEncoder | None = None, text_tower: TextTower | None = None
+) -> FastAPI:
+    """The app for `settings`; `live_encoder` and `text_tower` supply an already loaded encoder and text
+    tower (tests, benchmarks)."""
     application = FastAPI(
         title="CLIP-Scope Explorer",
         version=app_version(),
@@ -138,6 +148,7 @@ def create_app(settings: Settings, live_encoder: LiveEncoder | None = None) -> F
     )
     application.state.settings = settings
     application.state.live_encoder = live_encoder
+    application.state.text_tower = text_tower
     application.state.templates = make_templates()
     application.state.upload_limiter = upload_limiter(settings)
     install_error_handlers(application)

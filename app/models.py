@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 from pydantic import BaseModel
@@ -87,3 +88,36 @@ def feature_summary(index: Index, urls: Urls, row: dict) -> FeatureSummary:
         image_id=int(first) if first >= 0 else None,
         url=urls.feature(row["layer"], row["feature"]),
     )
+
+
+class ImageHit(BaseModel):
+    """A sample image and its score: the cosine of its CLIP embedding with a query's (a text, another
+    sample image, an upload)."""
+
+    image_id: int
+    key: str
+    caption: str | None
+    score: float
+    url: str | None  # the original image URL, when known (as an Example's)
+    page_url: str  # the sample's own page
+    thumbnail_url: str | None  # when the index holds its thumbnail (images some feature shows)
+
+
+def image_hits(index: Index, urls: Urls, found: Iterable[tuple[int, float]]) -> list[ImageHit]:
+    """`ImageHit`s of (image_id, score) pairs, in their order."""
+    found = [(int(image_id), float(score)) for image_id, score in found]
+    ids = [image_id for image_id, _ in found]
+    samples = index.samples_by_id(ids)
+    shown = index.images(ids)  # the images with a thumbnail
+    return [
+        ImageHit(
+            image_id=image_id,
+            key=samples.get(image_id, {}).get("key") or "",
+            caption=samples.get(image_id, {}).get("caption"),
+            score=round_sig(score),
+            url=samples.get(image_id, {}).get("url"),
+            page_url=urls.sample(image_id),
+            thumbnail_url=urls.thumbnail(image_id) if image_id in shown else None,
+        )
+        for image_id, score in found
+    ]

@@ -15,10 +15,12 @@ per-layer density histogram).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from clipscope_explorer.app.index_file import IndexOpenError, connect, validate
 from clipscope_explorer.app.public_names import PublicNames
@@ -53,7 +55,24 @@ SUMMARY_COLUMNS = select_list(
 )
 EXAMPLE_COLUMNS = select_list("examples", "kind", "band", "rank", "image_id", "activation", "cls_activation")
 IMAGE_COLUMNS = select_list("images", "image_id", "source", "key", "url", "caption", "width", "height")
+ZERO_SHOT_COLUMNS = select_list("features", "zero_shot_terms", "zero_shot_scores", "zero_shot_margins")
+SAMPLE_COLUMNS = select_list("samples", "image_id", "source", "key", "url", "caption", "width", "height")
 TOP_IMAGES = 4  # top images per feature kept in memory (`Index.top_images`)
+# The unit vectors search by meaning scans (schema 1.2): table, float16 blob column, id columns (rows in id order).
+VECTOR_COLUMNS = {
+    "images": ("samples", select_list("samples", "embedding"), select_list("samples", "image_id")),
+    "features": ("features", select_list("features", "prototype"), select_list("features", "layer", "feature")),
+}
+
+
+class RowsOutOfOrder(ValueError):
+    """A table's rows are not stored in the order of its ids."""
+
+
+def _packed(keys: np.ndarray) -> np.ndarray:
+    """Id rows [n, 1 or 2] of non-negative int32s as one int64 per row, ordered as the rows."""
+    keys = keys.astype(np.int64)
+    return keys[:, 0] if keys.shape[1] == 1 else (keys[:, 0] << 32) | keys[:, 1]
 
 
 def like_pattern(word: str) -> str:
@@ -145,9 +164,30 @@ class Index:
     def has_feature(self, layer: int, feature: int) -> bool:
         return layer in self.layers and 0 <= feature < self.layers[layer]["n_features"]
 
+    def has(self, table: str, column: str | None = None) -> bool:
+        """Whether the file has `table` (and its `column`): what a later schema minor added (`needed=False`
+        in precompute/index/schema.py) may be missing from an older index."""
+        catalogue = self._cached(("catalogue",), self._catalogue)
+        return table in catalogue and (column is None or column in catalogue[table])
+
+    def _catalogue(self) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for table, column in (
+            self._cursor()
+            .execute(
+                "SELECT table_name, column_name FROM duckdb_columns() "
+                "WHERE database_name = current_database() AND schema_name = 'main'"
+            )
+            .fetchall()
+        ):
+            found.setdefault(table, set()).add(column)
+        return found
+
     # -- features -----------------------------------------------------------
     def feature(self, layer: int, feature: int) -> dict | None:
-        rows = self._dicts(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? AND feature = ?", [layer, feature])
+        """A feature's row; with its zero-shot labels (`ZERO_SHOT_COLUMNS`) when the index has them."""
+        columns = FEATURE_COLUMNS + (f", {ZERO_SHOT_COLUMNS}" if self.has("features", "zero_shot_terms") else "")
+        rows = self._dicts(f"SELECT {columns} FROM features WHERE layer = ? AND feature = ?", [layer, feature])
         return rows[0] if rows else None
 
     def position_mean(self, layer: int, feature: int) -> list[float] | None:
@@ -301,15 +341,21 @@ class Index:
 
     # -- search -------------------------------------------------------------
     def search_labels(self, words: list[str], layer: int | None, limit: int) -> list[dict]:
+        """Features whose label terms, or zero-shot labels (schema 1.2), hold every word; `exact_terms`
+        counts the terms of either kind equal to a word."""
+        text, terms, extra = "label", "label_terms", ""
+        if self.has("features", "zero_shot_terms"):
+            text = "label || ' ' || array_to_string(zero_shot_terms, ' ')"
+            terms, extra = "list_concat(label_terms, zero_shot_terms)", ", zero_shot_terms"
         where, params = [], {"terms": words, "limit": limit}
         for i, word in enumerate(words):
-            where.append(f"label ILIKE $w{i} ESCAPE '\\'")
+            where.append(f"{text} ILIKE $w{i} ESCAPE '\\'")
             params[f"w{i}"] = like_pattern(word)
         if layer is not None:
             where.append("layer = $layer")
             params["layer"] = layer
         return self._dicts(
-            f"SELECT {SUMMARY_COLUMNS}, len(list_intersect(label_terms, $terms)) AS exact_terms "
+            f"SELECT {SUMMARY_COLUMNS}{extra}, len(list_intersect({terms}, $terms)) AS exact_terms "
             f"FROM features WHERE {' AND '.join(where)} "
             "ORDER BY exact_terms DESC, image_frequency DESC, layer, feature LIMIT $limit",
             params,
@@ -370,3 +416,88 @@ class Index:
             .execute("SELECT image_id, thumbnail FROM images WHERE image_id = ANY(?)", [list(image_ids)])
             .fetchall()
         )
+
+    # -- sample images (schema 1.2: `samples`, `sample_codes`; absent from older indexes) --
+    def sample(self, image_id: int) -> dict | None:
+        """A sample image's row (without its embedding); None when there is none (or no `samples` table)."""
+        if not self.has("samples"):
+            return None
+        rows = self._dicts(f"SELECT {SAMPLE_COLUMNS} FROM samples WHERE image_id = ?", [image_id])
+        return rows[0] if rows else None
+
+    def sample_codes(self, image_id: int) -> dict[int, tuple[list[int], list[float]]]:
+        """The CLS token's kept latents of a sample image by layer: (indices, activations), as the SAE kept them."""
+        if not self.has("sample_codes"):
+            return {}
+        rows = (
+            self._cursor()
+            .execute(
+                "SELECT layer, indices, activations FROM sample_codes WHERE image_id = ? ORDER BY layer", [image_id]
+            )
+            .fetchall()
+        )
+        return {layer: (indices, activations) for layer, indices, activations in rows}
+
+    def vocabulary(self) -> tuple[list[str], np.ndarray]:
+        """The zero-shot vocabulary's terms (sorted) and their text embeddings as one [V, d] float16 matrix
+        (schema 1.2; no terms when the index has none); cached. A blob of the wrong size is a ValueError."""
+
+        def build() -> tuple[list[str], np.ndarray]:
+            rows = self._cursor().execute("SELECT term, embedding FROM vocabulary ORDER BY term").fetchall()
+            dim = len(rows[0][1]) // 2 if rows else 0
+            bad = next((term for term, blob in rows if len(blob) != 2 * dim or not dim), None)
+            if bad is not None:
+                raise ValueError(f"vocabulary.embedding of {bad!r} is not {dim} float16 values")
+            matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype="<f2").reshape(len(rows), dim)
+            return [term for term, _ in rows], matrix
+
+        if not self.has("vocabulary"):
+            return [], np.zeros((0, 0), dtype="<f2")
+        return self._cached(("vocabulary",), build)
+
+    def image_examples(self, image_id: int, limit: int) -> list[dict]:
+        """The examples that show an image (in any feature's top list or bands), by layer, band, rank and
+        feature; at most `limit` rows."""
+        return self._dicts(
+            "SELECT layer, feature, kind, band, rank, activation FROM examples WHERE image_id = ? "
+            "ORDER BY layer, band, rank, feature LIMIT ?",
+            [image_id, limit],
+        )
+
+    # -- vectors for search by meaning (schema 1.2; app/meaning/) ------------
+    def vector_count(self, kind: str) -> int:
+        """How many rows of `kind` (`VECTOR_COLUMNS`) hold a vector."""
+        table, column, _ = VECTOR_COLUMNS[kind]
+        return self._cursor().execute(f"SELECT count(*) FROM {table} WHERE {column} IS NOT NULL").fetchall()[0][0]
+
+    def vector_batches(
+        self, kind: str, ordered: bool = False, rows: int = 16_384
+    ) -> Iterator[tuple[np.ndarray, pa.Array]]:
+        """The vectors of `kind` in id order, in batches of (ids [b, id columns] int32, float16 blobs). The
+        writer stores rows in id order, so a plain scan gives that order (checked: `RowsOutOfOrder`);
+        `ordered` sorts them instead, which sorts every blob."""
+        table, column, ids = VECTOR_COLUMNS[kind]
+        order = f" ORDER BY {ids}" if ordered else ""
+        cursor = self._con.cursor()  # its own: the stream stays open between batches
+        try:
+            relation = cursor.sql(f"SELECT {ids}, {column} FROM {table} WHERE {column} IS NOT NULL{order}")
+            reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_record_batch  # DuckDB 2 / 1
+            last = None
+            for batch in reader(rows):
+                keys = np.stack([batch.column(i).to_numpy() for i in range(batch.num_columns - 1)], axis=1)
+                if len(keys) == 0:
+                    continue
+                packed = _packed(keys)
+                if np.any(np.diff(packed) <= 0) or (last is not None and packed[0] <= last):
+                    raise RowsOutOfOrder(f"{table} rows are not stored in ({ids}) order")
+                last = packed[-1]
+                yield keys.astype(np.int32), batch.column(batch.num_columns - 1)
+        finally:
+            cursor.close()
+
+    def samples_by_id(self, image_ids: list[int]) -> dict[int, dict]:
+        """Sample image rows (without embeddings) by id; those without a row are left out."""
+        if not image_ids or not self.has("samples"):
+            return {}
+        rows = self._dicts(f"SELECT {SAMPLE_COLUMNS} FROM samples WHERE image_id = ANY(?)", [list(image_ids)])
+        return {row["image_id"]: row for row in rows}

@@ -26,6 +26,11 @@ def default_upload_store() -> Path:
     return Path(cache) / "clipscope-explorer" / "uploads"
 
 
+def default_search_cache() -> Path:
+    """``$XDG_CACHE_HOME/clipscope-explorer/search`` (``~/.cache/...`` when unset)."""
+    return default_upload_store().parent / "search"
+
+
 class Settings(BaseSettings):
     """What the server reads from the environment (``CLIPSCOPE_<NAME>``)."""
 
@@ -110,6 +115,21 @@ class Settings(BaseSettings):
         50_000,
         ge=1,
         description="bytes per second an upload's body must average once read_timeout has passed; a slower upload is answered 408 and frees its slot",
+    )
+    # search by meaning (CLIP's text tower and the index's embeddings)
+    text: bool = Field(
+        True,
+        description="load CLIP's text tower at start for search by meaning (false: search by words only; image neighbours still work)",
+    )
+    search_cache: Path = Field(
+        default_factory=default_search_cache,
+        description="writable folder where the index's embeddings are exported once per index, as memory-mapped files that every worker shares",
+    )
+    query_cache_size: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="queries whose text embedding and best results are kept per process (0 disables)",
     )
     # connections
     read_timeout: float = Field(

@@ -72,6 +72,12 @@ class Urls:
     def search(self, **query) -> str:
         return self.app("/search", **query)
 
+    def search_images(self, **query) -> str:
+        return self.app("/search/images", **query)
+
+    def sample(self, image_id: int) -> str:
+        return self.app(f"/samples/{image_id}")
+
     def upload(self) -> str:
         return self.app("/upload")
 

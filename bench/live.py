@@ -105,6 +105,10 @@ def build_index(path: Path) -> None:
                 "label": [" ".join(w) for w in words],
                 "similar_features": rng.integers(0, N_FEATURES, (N_FEATURES, 10)).astype(np.int32),
                 "similar_cosines": np.sort(rng.random((N_FEATURES, 10), dtype=np.float32))[:, ::-1].copy(),
+                "prototype": [None] * N_FEATURES,  # built without embeddings
+                "zero_shot_terms": [[]] * N_FEATURES,
+                "zero_shot_scores": [[]] * N_FEATURES,
+                "zero_shot_margins": [[]] * N_FEATURES,
             },
         )
         rows = N_FEATURES * TOP_N
@@ -127,19 +131,17 @@ def build_index(path: Path) -> None:
         thumb = io.BytesIO()
         Image.new("RGB", (224, 224), (90, 120, 160)).save(thumb, "JPEG")
         ids = np.arange(N_IMAGES, dtype=np.int32)
-        writer.add_rows(
-            "images",
-            {
-                "image_id": ids,
-                "source": ["synthetic"] * N_IMAGES,
-                "key": [f"{i:09d}" for i in ids],
-                "url": [None] * N_IMAGES,
-                "caption": [f"synthetic image {i}" for i in ids],
-                "width": np.full(N_IMAGES, 640, np.int32),
-                "height": np.full(N_IMAGES, 480, np.int32),
-                "thumbnail": [thumb.getvalue()] * N_IMAGES,
-            },
-        )
+        metadata = {
+            "image_id": ids,
+            "source": ["synthetic"] * N_IMAGES,
+            "key": [f"{i:09d}" for i in ids],
+            "url": [None] * N_IMAGES,
+            "caption": [f"synthetic image {i}" for i in ids],
+            "width": np.full(N_IMAGES, 640, np.int32),
+            "height": np.full(N_IMAGES, 480, np.int32),
+        }
+        writer.add_rows("images", {**metadata, "thumbnail": [thumb.getvalue()] * N_IMAGES})
+        writer.add_rows("samples", {**metadata, "embedding": [None] * N_IMAGES})  # built without embeddings
         writer.put_meta(
             model={"name": "ViT-L-14", "pretrained": None},
             sae={"source": "random", "checkpoint": None},
@@ -159,6 +161,8 @@ def build_index(path: Path) -> None:
             versions={},
             demo=False,
             precision=INDEX_PRECISION,
+            embeddings=None,
+            zero_shot=None,
         )
         writer.finish()
 

@@ -265,6 +265,7 @@ def main() -> None:
             "--workers",
             str(WORKERS),
             "--no-live",
+            "--no-text",
         ],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """Memory per server worker: the RSS of one worker process after browsing and uploads.
 
-1. the demo index (bench/.cache/load/demo, built by bench/load.py), `serve --no-live` (the baseline);
+1. the demo index (bench/.cache/load/demo, built by bench/load.py), `serve --no-live --no-text` (the baseline);
 2. the same with live encoding of the demo's tiny model;
 3. ViT-L-14 (random weights, the released architecture) and one full-size SAE (1024 x 65,536, k 32)
    over the 65,536-feature index of bench/live.py, served by its `--serve` mode (uvicorn, the app).
@@ -84,7 +84,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=CACHE) as store:
         serve = [sys.executable, "-m", "clipscope_explorer.cli", "serve", str(demo), "--upload-store", store, "--port"]
         port = free_port()
-        bare = measure("demo index, --no-live (baseline)", [*serve, str(port), "--no-live"], port, False)
+        bare = measure(
+            "demo index, --no-live --no-text (baseline)", [*serve, str(port), "--no-live", "--no-text"], port, False
+        )
         port = free_port()
         tiny = measure("demo index, live encoding (tiny demo model)", [*serve, str(port)], port, True)
         live_index = REPO_ROOT / "bench" / ".cache" / "live" / "index.duckdb"

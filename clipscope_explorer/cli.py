@@ -120,6 +120,28 @@ def _add_precompute(parser: argparse.ArgumentParser) -> None:
         help="run on a Ray cluster (no address: start or join a local one)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    meaning = parser.add_argument_group("search by meaning")
+    meaning.add_argument(
+        "--no-embeddings",
+        dest="embeddings",
+        action="store_false",
+        help="do not store each image's final CLIP embedding (the blocks after the deepest layer then never run); "
+        "no feature prototypes or zero-shot labels",
+    )
+    meaning.add_argument(
+        "--vocabulary",
+        type=flags.vocabulary_file,
+        default=None,
+        metavar="FILE",
+        help="extra zero-shot label terms, one a line (beside the words and phrases of the captions)",
+    )
+    meaning.add_argument(
+        "--zero-shot-min-count",
+        type=whole(1, 10**9),
+        default=5,
+        metavar="N",
+        help="captions a word or two-word phrase must occur in to be a zero-shot label term (default 5)",
+    )
 
 
 def run_precompute(args: argparse.Namespace) -> int:
@@ -228,6 +250,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     live = parser.add_argument_group("live encoding of uploaded images")
     live.add_argument("--no-live", dest="live", action="store_false", help="do not load a model: uploads are off")
+    live.add_argument(
+        "--no-text",
+        dest="text",
+        action="store_false",
+        help="do not load CLIP's text tower: search by words only (it loads with or without --no-live)",
+    )
     live.add_argument(
         "--live-model",
         metavar="MODEL",

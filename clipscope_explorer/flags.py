@@ -173,3 +173,16 @@ def file_to_write(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text!r} is a folder: name the file to write in it")
     _check_writable(file.parent, text)
     return file
+
+
+def vocabulary_file(text: str) -> Path:
+    """A readable text file of zero-shot label terms, one a line, holding at least one (read now, so a bad
+    file is named before any compute)."""
+    from clipscope_explorer.precompute.zero_shot import read_user_vocabulary  # torch-free
+
+    file = path(text)
+    try:
+        read_user_vocabulary(file)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return file

@@ -3,7 +3,8 @@
 Each actor (one per GPU, or `workers` CPU actors on a cluster without GPUs)
 loads the model and SAEs itself, encodes its shards exactly as the single
 process does (same batches, same accumulators), and returns its mergeable
-state plus the metadata and thumbnails of the images it references. The
+state plus the metadata and thumbnails of the images it references, and the
+records of every image it encoded (metadata, embedding, CLS codes). The
 driver merges the states, so the index equals a single-process run's.
 Model, SAE and image paths must be readable from every node (hub ids, URLs,
 or a shared file system). The driver checkpoints after each actor's return.
@@ -30,11 +31,11 @@ class ShardWorker:
     def __init__(self, config, normalisation: dict):
         from clipscope_explorer.precompute.job import prepare
 
-        self.config = replace(config, progress=False, ray=None)
+        self.config = replace(config, progress=False, ray=None, vocabulary=None)  # labels are the driver's
         self.components = prepare(self.config)
         self.normalisation = normalisation
 
-    def encode(self, shard_indices: list[int]) -> tuple[dict, list[tuple]]:
+    def encode(self, shard_indices: list[int]) -> tuple[dict, list[tuple], tuple[list[tuple], list[tuple]]]:
         from clipscope_explorer.precompute.job import encode_all, new_state
         from clipscope_explorer.precompute.workdir import WorkDir
 
@@ -47,8 +48,9 @@ class ShardWorker:
             encode_all(self.components, self.config, state, spill, shards=shards)
             referenced = set().union(*(acc.referenced() for acc in state.accumulators.values()))
             rows = spill.image_rows(sorted(referenced))
+            records = spill.spilled_samples()
             spill.close()
-        return state.state_dict(), rows
+        return state.state_dict(), rows, records
 
 
 def _cluster_workers(ray, fallback: int) -> tuple[int, dict]:
@@ -84,11 +86,13 @@ def encode_on_ray(components, config, state, workdir) -> None:
     with tqdm(total=len(todo), unit="shard", desc="ray", disable=not config.progress) as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            part_state, rows = ray.get(ready[0])
+            part_state, rows, (samples, codes) = ray.get(ready[0])
             del pending[ready[0]]
             part = RunState.from_state_dict(part_state, components.device)
             state.merge(part)
             workdir.keep_rows(rows)
+            workdir.keep_rows(samples, "samples")
+            workdir.keep_rows(codes, "codes")
             checkpoint(workdir, state)
             bar.update(len(part.done))
     for actor in actors:

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -57,9 +58,13 @@ class PrecomputeConfig:
     ray: str | None = None
     progress: bool = True
     demo: bool = False
+    embeddings: bool = True  # the final CLIP image embedding of every image (runs the tower to its end)
+    vocabulary: Path | None = None  # extra zero-shot label terms, one a line
+    zero_shot_min_count: int = 5  # captions a word or phrase must occur in to be a zero-shot term
 
     def identity(self) -> dict:
-        """What makes two runs the same run (resume is refused across different ones)."""
+        """What makes two runs the same run (resume is refused across different ones). The vocabulary
+        settings are not part of it: they act only when the index is written."""
         keep = (
             "images",
             "model",
@@ -76,6 +81,7 @@ class PrecomputeConfig:
             "normalise",
             "precision",
             "demo",
+            "embeddings",
         )
         return {k: v for k, v in asdict(self).items() if k in keep}
 
@@ -92,12 +98,19 @@ class Components:
     quota: dict[int, int]
     device: torch.device
     precision: str  # fp32 or bf16, resolved for the device
+    embeddings: bool = True  # compute the final image embedding of every image
+    user_terms: list[str] | None = None  # the --vocabulary file's terms
 
 
 def prepare(config: PrecomputeConfig) -> Components:
     """Load and check everything before compute: sources, model, SAEs."""
     if config.normalise not in ("none", "sample"):
         raise ValueError(f"--normalise must be none or sample, not {config.normalise!r}")
+    user_terms = None
+    if config.vocabulary is not None:
+        from clipscope_explorer.precompute.zero_shot import read_user_vocabulary
+
+        user_terms = read_user_vocabulary(config.vocabulary)
     shards = resolve_sources(config.images)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -112,7 +125,7 @@ def prepare(config: PrecomputeConfig) -> Components:
         for shard in shards:
             quota[shard.index] = min(left, count_samples(shard)) if left > 0 else 0
             left -= quota[shard.index]
-    return Components(tower, saes, shards, quota, device, precision)
+    return Components(tower, saes, shards, quota, device, precision, config.embeddings, user_terms)
 
 
 def new_state(components: Components, config: PrecomputeConfig) -> RunState:
@@ -184,25 +197,56 @@ def raw_metrics(sae: TopKSAE, acts: torch.Tensor, precision: str):
     return squared_error(acts, raw_hat), explained_variance(acts, raw_hat)
 
 
+@dataclass
+class SampleRecords:
+    """What the index keeps of every encoded image of a batch: its metadata, its final embedding
+    ([n, d] float16, or None without embeddings) and per layer its CLS token's kept latents
+    ({layer: (indices [n, k] int32, values [n, k] float32)})."""
+
+    samples: list
+    embeddings: np.ndarray | None
+    cls_codes: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
 @torch.inference_mode()
-def encode_batch(components: Components, state: RunState, batch: Batch) -> list:
-    """Run one batch through tower and SAEs into the accumulators; return images to keep."""
+def encode_batch(components: Components, state: RunState, batch: Batch) -> tuple[list, SampleRecords]:
+    """Run one batch through tower and SAEs into the accumulators; return the images to keep (those that
+    entered an example list) and the records of every encoded image."""
     if batch.failure:
         log.warning("shard skipped: %s", batch.failure)
     state.record(batch)
     if batch.pixels is None:
-        return []
-    encoded = encode_pixels(components.tower, components.saes, batch.pixels, components.precision, state.normalisation)
+        return [], SampleRecords([], None, {})
+    encoded = encode_pixels(
+        components.tower,
+        components.saes,
+        batch.pixels,
+        components.precision,
+        state.normalisation,
+        embed=components.embeddings,
+    )
+    codes, embedding = encoded if components.embeddings else (encoded, None)
     entered = torch.zeros(len(batch.samples), dtype=torch.bool)
     for layer, sae in components.saes.items():
-        acts, code = encoded[layer].acts, encoded[layer].code
+        acts, code = codes[layer].acts, codes[layer].code
         stats = state.normalisation.get(layer)
         raw = None if stats is None else raw_metrics(sae, acts, components.precision)
         x, x_hat = (acts if stats is None else stats.apply(acts)), sae.decode(code)
         entered |= state.accumulators[layer].update(
             code, batch.ordinals, squared_error(x, x_hat), explained_variance(x, x_hat), raw
         )
-    return [sample for sample, keep in zip(batch.samples, entered.tolist()) if keep]
+    records = SampleRecords(
+        batch.samples,
+        None if embedding is None else embedding.to(torch.float16).cpu().numpy(),
+        {
+            layer: (
+                c.code.indices[:, 0].to(torch.int32).cpu().numpy(),
+                c.code.values[:, 0].to(torch.float32).cpu().numpy(),
+            )
+            for layer, c in codes.items()
+        },
+    )
+    return [sample for sample, keep in zip(batch.samples, entered.tolist()) if keep], records
 
 
 def total_images(components: Components) -> int | None:
@@ -230,8 +274,9 @@ def encode_all(
     since_checkpoint = encoded = 0
     started = loop_start = time.perf_counter()
     for batch in loader(components, config, state, shards=shards):
-        keep = encode_batch(components, state, batch)
+        keep, records = encode_batch(components, state, batch)
         if workdir is not None:
+            workdir.keep_samples(records.samples, records.embeddings, records.cls_codes)
             workdir.keep_images(keep)
         n = 0 if batch.pixels is None else batch.pixels.shape[0]
         bar.update(n + len(batch.skipped))

@@ -49,9 +49,16 @@ def layer_totals(acc: LayerAccumulator) -> LayerTotals:
 
 
 def layer_columns(
-    acc: LayerAccumulator, layer: int, sae, labels: list[list[str]], neighbours: tuple[torch.Tensor, torch.Tensor]
+    acc: LayerAccumulator,
+    layer: int,
+    sae,
+    labels: list[list[str]],
+    neighbours: tuple[torch.Tensor, torch.Tensor],
+    prototypes: np.ndarray | None = None,
+    zero_shot: list | None = None,
 ) -> tuple[dict, dict]:
-    """The layer's `layers` row and its `features` columns."""
+    """The layer's `layers` row and its `features` columns (prototypes and zero-shot labels: see
+    `rows.feature_columns`)."""
     totals = layer_totals(acc)
     row = layer_row(
         layer,
@@ -61,7 +68,8 @@ def layer_columns(
         sae_file=sae.origin.file if sae.origin else None,
         checkpoint=sae.origin.checkpoint if sae.origin else None,
     )
-    return row, feature_columns(layer, totals, labels, neighbours[0].numpy(), neighbours[1].numpy())
+    similar, cosines = neighbours[0].numpy(), neighbours[1].numpy()
+    return row, feature_columns(layer, totals, labels, similar, cosines, prototypes, zero_shot)
 
 
 def _valid(examples) -> np.ndarray:
@@ -114,7 +122,16 @@ def chosen_examples(acc: LayerAccumulator, settings: ExampleSettings) -> dict:
     return out
 
 
-def examples_columns(layer: int, chosen: dict, image_id: dict[int, int]) -> dict:
+def image_ids(sample_ordinals: np.ndarray, ordinals) -> np.ndarray:
+    """The image id of each of `ordinals`: its rank among the ordinals of every encoded image
+    (`sample_ordinals`, ascending)."""
+    ordinals = np.asarray(ordinals, dtype=np.int64)
+    ids = np.searchsorted(sample_ordinals, ordinals)
+    if len(ids) and (ids.max() >= len(sample_ordinals) or (sample_ordinals[ids] != ordinals).any()):
+        raise RuntimeError("an image to index is missing from the encoded samples; rerun with --fresh")
+    return ids.astype(np.int32)
+
+
+def examples_columns(layer: int, chosen: dict, sample_ordinals: np.ndarray) -> dict:
     """The `examples` rows of `chosen_examples`, their ordinals mapped to image ids."""
-    ids = np.array([image_id[int(o)] for o in chosen["ordinal"]], dtype=np.int32)
-    return rows_examples_columns(layer, {**chosen, "image_id": ids})
+    return rows_examples_columns(layer, {**chosen, "image_id": image_ids(sample_ordinals, chosen["ordinal"])})

@@ -5,6 +5,11 @@
 - ``images.sqlite``: metadata and thumbnails of every image that entered some
   example list, committed before each checkpoint. Rows written after the last
   checkpoint are harmless: the final index takes only referenced images.
+  The same file holds one row per encoded image (`samples`: metadata and the
+  final CLIP embedding) and its CLS token's kept SAE latents per layer
+  (`codes`), keyed by ordinal: a resumed run re-encodes the batches after the
+  checkpoint and replaces their rows, so the spill ends with exactly the
+  encoded images.
 
 A work folder belongs to one configuration (its fingerprint); running a
 different command against it is refused rather than mixing two runs.
@@ -17,9 +22,10 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipscope_explorer.precompute.sources import Sample
@@ -73,20 +79,94 @@ class WorkDir:
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             self._db = sqlite3.connect(self.path / "images.sqlite")
-            self._db.execute(
+            self._db.executescript(
                 "CREATE TABLE IF NOT EXISTS images (ordinal INTEGER PRIMARY KEY, source TEXT, key TEXT, "
-                "url TEXT, caption TEXT, width INTEGER, height INTEGER, thumbnail BLOB)"
+                "url TEXT, caption TEXT, width INTEGER, height INTEGER, thumbnail BLOB);"
+                "CREATE TABLE IF NOT EXISTS samples (ordinal INTEGER PRIMARY KEY, source TEXT, key TEXT, "
+                "url TEXT, caption TEXT, width INTEGER, height INTEGER, embedding BLOB);"
+                "CREATE TABLE IF NOT EXISTS codes (layer INTEGER, ordinal INTEGER, indices BLOB, activations BLOB, "
+                "PRIMARY KEY (layer, ordinal)) WITHOUT ROWID;"
             )
         return self._db
 
     def keep_images(self, samples: Iterable[Sample]) -> None:
         self.keep_rows((s.ordinal, s.source, s.key, s.url, s.caption, s.width, s.height, s.thumbnail) for s in samples)
 
-    def keep_rows(self, rows: Iterable[tuple]) -> None:
+    def keep_rows(self, rows: Iterable[tuple], table: str = "images") -> None:
+        """Insert spilled rows (by ordinal, replacing): `images` (thumbnails), `samples` or `codes`."""
+        marks = ", ".join("?" * {"images": 8, "samples": 8, "codes": 4}[table])
         try:
-            self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
         except sqlite3.Error as error:
             raise WorkDirError(f"cannot write {self.path / 'images.sqlite'}: {error}") from error
+
+    def keep_samples(self, samples: list[Sample], embeddings: np.ndarray | None, cls_codes: dict) -> None:
+        """One row per encoded image: metadata and embedding ([n, d] float16, or None), and per layer its CLS
+        token's kept latents (cls_codes: {layer: (indices [n, k] int32, values [n, k] float32)})."""
+        self.keep_rows(
+            (
+                (
+                    s.ordinal,
+                    s.source,
+                    s.key,
+                    s.url,
+                    s.caption,
+                    s.width,
+                    s.height,
+                    None if embeddings is None else embeddings[i].tobytes(),
+                )
+                for i, s in enumerate(samples)
+            ),
+            "samples",
+        )
+        for layer, (indices, values) in cls_codes.items():
+            self.keep_rows(
+                ((layer, s.ordinal, indices[i].tobytes(), values[i].tobytes()) for i, s in enumerate(samples)), "codes"
+            )
+
+    def sample_ordinals(self) -> np.ndarray:
+        """The ordinals of every encoded image, ascending (int64)."""
+        cursor = self.db.execute("SELECT ordinal FROM samples ORDER BY ordinal")
+        return np.fromiter((row[0] for row in cursor), dtype=np.int64)
+
+    def sample_rows(self, chunk: int) -> Iterator[list[tuple]]:
+        """Every `samples` row (ordinal, source, key, url, caption, width, height, embedding), by ordinal, in
+        lists of up to `chunk` rows."""
+        return self._chunks("SELECT * FROM samples ORDER BY ordinal", (), chunk)
+
+    def code_rows(self, layer: int, chunk: int) -> Iterator[list[tuple]]:
+        """One layer's `codes` rows (layer, ordinal, indices, activations), by ordinal, in chunks."""
+        return self._chunks("SELECT * FROM codes WHERE layer = ? ORDER BY ordinal", (layer,), chunk)
+
+    def spilled_samples(self) -> tuple[list[tuple], list[tuple]]:
+        """Every `samples` and `codes` row (what a Ray worker hands back)."""
+        return (
+            self.db.execute("SELECT * FROM samples").fetchall(),
+            self.db.execute("SELECT * FROM codes").fetchall(),
+        )
+
+    def captions_of_samples(self, chunk: int = 10_000) -> Iterator[str | None]:
+        """The caption of every encoded image, by ordinal."""
+        for rows in self._chunks("SELECT caption FROM samples ORDER BY ordinal", (), chunk):
+            yield from (row[0] for row in rows)
+
+    def embeddings(self, ordinals: np.ndarray, dim: int) -> np.ndarray:
+        """The stored embeddings [n, dim] float16 of `ordinals`, in their order (each must have one)."""
+        out = np.empty((len(ordinals), dim), np.float16)
+        for start in range(0, len(ordinals), 500):
+            chunk = [int(o) for o in ordinals[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            found = dict(
+                self.db.execute(f"SELECT ordinal, embedding FROM samples WHERE ordinal IN ({marks})", chunk).fetchall()
+            )
+            out[start : start + len(chunk)] = [np.frombuffer(found[o], np.float16) for o in chunk]
+        return out
+
+    def _chunks(self, sql: str, params: tuple, chunk: int) -> Iterator[list[tuple]]:
+        cursor = self.db.cursor()  # its own cursor: the caller may query in between
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(chunk):
+            yield rows
 
     def image_rows(self, ordinals: list[int], columns: str = "*") -> list[tuple]:
         """Rows (ordinal, source, key, url, caption, width, height, thumbnail), sorted by ordinal."""

@@ -16,6 +16,17 @@ TINY_K = 8
 TINY_WIDTH = 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_tower_off_unless_asked(tmp_path_factory):
+    """Apps and servers the tests start (in this process or as subprocesses) load no text tower unless a test
+    says `text=True`, as they pass --no-live for the model: most test indexes name the released ViT-L/14,
+    which cannot load offline. Search caches go to a temporary folder, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPSCOPE_TEXT", "false")
+        patch.setenv("CLIPSCOPE_SEARCH_CACHE", str(tmp_path_factory.mktemp("search_cache")))
+        yield
+
+
 def random_sae_tensors(d_in: int, n_features: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     enc = torch.randn(d_in, n_features, generator=generator) / d_in**0.5

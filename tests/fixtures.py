@@ -99,6 +99,9 @@ def index_contents(path) -> dict:
                 "ORDER BY layer, feature, kind, band, rank"
             ).fetchall(),
             "images": con.execute("SELECT * FROM images ORDER BY image_id").fetchall(),
+            "samples": con.execute("SELECT * FROM samples ORDER BY image_id").fetchall(),
+            "sample_codes": con.execute("SELECT * FROM sample_codes ORDER BY layer, image_id").fetchall(),
+            "vocabulary": con.execute("SELECT * FROM vocabulary ORDER BY term").fetchall(),
         }
     finally:
         con.close()

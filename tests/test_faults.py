@@ -41,10 +41,11 @@ def cli(shard_dir, model_spec, sae, out):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs (the tests run as root, as CI does)."""
+    """A 5 MiB tmpfs: room for the tiny index (3.6 MiB), not for a run beside it (the tests run as root, as
+    CI does)."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount_point)], check=True)
     try:
         yield mount_point
     finally:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The modules that may import torch: the model layer, the precompute job, and live encoding's torch side.
+# The modules that may import torch: the model layer, the precompute job, live encoding's torch side and
+# search by meaning's fast scan.
 MODEL_LAYER = {
     "clipscope_explorer.precompute.model.checkpoints",
     "clipscope_explorer.precompute.model.encode",
     "clipscope_explorer.precompute.model.sae",
+    "clipscope_explorer.precompute.model.text",
     "clipscope_explorer.precompute.model.vision",
 }
 JOB = {
@@ -34,13 +36,15 @@ JOB = {
     "clipscope_explorer.precompute.finalize",
     "clipscope_explorer.precompute.job",
     "clipscope_explorer.precompute.neighbours",
+    "clipscope_explorer.precompute.prototypes",
     "clipscope_explorer.precompute.run_state",
     "clipscope_explorer.precompute.sources",
     "clipscope_explorer.precompute.tables",
     "clipscope_explorer.precompute.workdir",
 }
 LIVE_ENCODER = {"clipscope_explorer.app.live.encoder"}
-TORCH_SIDE = MODEL_LAYER | JOB | LIVE_ENCODER
+MEANING_SCAN = {"clipscope_explorer.app.meaning.torch_scan"}  # imported once the text tower has loaded torch
+TORCH_SIDE = MODEL_LAYER | JOB | LIVE_ENCODER | MEANING_SCAN
 
 WEB = ("fastapi", "starlette", "uvicorn", "jinja2", "multipart", "clipscope_explorer.app")
 

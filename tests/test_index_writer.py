@@ -19,6 +19,9 @@ from clipscope_explorer.precompute.index.rows import (
     feature_columns,
     images_columns,
     layer_row,
+    sample_codes_columns,
+    samples_columns,
+    vocabulary_columns,
 )
 from clipscope_explorer.precompute.index.schema import META, SCHEMA_MINOR, SCHEMA_VERSION, VERSIONED_PACKAGES
 from clipscope_explorer.precompute.index.store import IndexWriteError, IndexWriter
@@ -46,11 +49,26 @@ META_VALUES = dict(
     active_threshold=ACTIVE_THRESHOLD,
     timings={},
     demo=False,
+    embeddings=None,
+    zero_shot=None,
 )
+DIM = 4
+ZERO_SHOT = {
+    "template": "a photo of {}",
+    "vocabulary_size": 2,
+    "min_count": 1,
+    "user_vocabulary": None,
+    "max_labels": 3,
+    "baseline_quantile": 0.99,
+    "min_margin": 1.0,
+    "n_null": 3,
+}
 
 
-def write_small_index(writer: IndexWriter, **meta_overrides) -> None:
-    """One layer of 3 features (feature 2 dead) over 2 images, each shown by feature 0 or 1."""
+def write_small_index(writer: IndexWriter, vectors: dict | None = None, **meta_overrides) -> None:
+    """One layer of 3 features (feature 2 dead) over 2 images, each shown by feature 0 or 1. `vectors`:
+    {"samples": [2, DIM], "prototypes": [3, DIM], "terms": [2, DIM]} when the index holds embeddings."""
+    vectors = vectors or {}
     totals = LayerTotals(
         n_images=N_IMAGES,
         n_tokens=N_IMAGES * N_TOKENS,
@@ -70,7 +88,15 @@ def write_small_index(writer: IndexWriter, **meta_overrides) -> None:
     writer.add_layer(layer_row(3, totals, d_in=8, k=2, sae_file="/saes/tiny/3_resid/10.pt", checkpoint=10))
     writer.add_rows(
         "features",
-        feature_columns(3, totals, [["red"], ["blue"], []], np.zeros((3, 2), np.int32), np.zeros((3, 2), np.float32)),
+        feature_columns(
+            3,
+            totals,
+            [["red"], ["blue"], []],
+            np.zeros((3, 2), np.int32),
+            np.zeros((3, 2), np.float32),
+            vectors.get("prototypes"),
+            [[("red", 0.3, 0.1)], [], []] if vectors else None,
+        ),
     )
     writer.add_rows(
         "examples",
@@ -96,6 +122,24 @@ def write_small_index(writer: IndexWriter, **meta_overrides) -> None:
             [(10, "/images", "a.png", None, "red", 4, 4, b"jpeg"), (20, "/images", "b.png", None, None, 4, 4, b"jpeg")],
         ),
     )
+    embeddings = vectors.get("samples")
+    blobs = [None, None] if embeddings is None else [v.astype("<f2").tobytes() for v in embeddings]
+    writer.add_rows(
+        "samples",
+        samples_columns(
+            [0, 1],
+            [
+                (10, "/images", "a.png", None, "red", 4, 4, blobs[0]),
+                (20, "/images", "b.png", None, None, 4, 4, blobs[1]),
+            ],
+        ),
+    )
+    writer.add_rows("sample_codes", sample_codes_columns(3, [0, 1], [[0, 2], [1, 0]], [[3.0, -0.5], [2.0, 1.0]]))
+    if "terms" in vectors:
+        writer.add_rows(
+            "vocabulary", vocabulary_columns([("red", "captions", 1), ("dog", "user", 0)], vectors["terms"])
+        )
+        meta_overrides = {"embeddings": {"dim": DIM, "dtype": "float16"}, "zero_shot": ZERO_SHOT, **meta_overrides}
     writer.put_meta(**{**META_VALUES, **meta_overrides})
 
 
@@ -170,3 +214,61 @@ def test_a_missing_meta_key_is_not_published(tmp_path):
             writer.con.execute("DELETE FROM meta WHERE key = 'timings'")
             writer.finish()
     assert not Path(out).exists()
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_vectors_are_stored_as_little_endian_float16_and_missing_ones_as_null(tmp_path):
+    rng = np.random.default_rng(0)
+    prototypes = unit(rng.normal(size=(3, DIM)))
+    prototypes[2] = np.nan  # the dead feature shows no image
+    vectors = {
+        "samples": unit(rng.normal(size=(2, DIM))),
+        "prototypes": prototypes,
+        "terms": unit(rng.normal(size=(2, DIM))),
+    }
+    with IndexWriter(tmp_path / "index.duckdb") as writer:
+        write_small_index(writer, vectors)
+        path = writer.finish()
+    con = duckdb.connect(str(path), read_only=True)
+    check_index_file(con, str(path))
+
+    def stored(sql: str) -> list:
+        return [None if b is None else np.frombuffer(b, "<f2") for (b,) in con.execute(sql).fetchall()]
+
+    for got, expected in zip(stored("SELECT embedding FROM samples ORDER BY image_id"), vectors["samples"]):
+        assert got.tobytes() == expected.astype(np.float16).tobytes()
+    protos = stored("SELECT prototype FROM features ORDER BY feature")
+    assert protos[2] is None and all(np.array_equal(p, e.astype(np.float16)) for p, e in zip(protos[:2], prototypes))
+    terms = stored("SELECT embedding FROM vocabulary ORDER BY term")
+    assert np.array_equal(terms[0], vectors["terms"][1].astype(np.float16))  # "dog" sorts first
+    assert con.execute("SELECT zero_shot_terms, zero_shot_scores FROM features WHERE feature = 0").fetchone() == (
+        ["red"],
+        [pytest.approx(0.3)],
+    )
+    assert con.execute("SELECT indices, activations FROM sample_codes ORDER BY image_id").fetchall() == [
+        ([0, 2], [3.0, -0.5]),
+        ([1, 0], [2.0, 1.0]),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"embeddings": None}, "samples.embedding holds 2 vectors but meta.embeddings is null"),
+        ({"embeddings": {"dim": 8, "dtype": "float16"}}, "holds a vector of 8 bytes, not 16"),
+        ({"zero_shot": {**ZERO_SHOT, "vocabulary_size": 3}}, "vocabulary holds 2 terms, but meta.zero_shot says 3"),
+        ({"sample": {**META_VALUES["sample"], "n_images": 3}}, "samples holds 2 images, but meta.sample.n_images is 3"),
+    ],
+)
+def test_vectors_inconsistent_with_meta_are_not_published(tmp_path, change, problem):
+    rng = np.random.default_rng(1)
+    vectors = {"samples": unit(rng.normal(size=(2, DIM))), "prototypes": unit(rng.normal(size=(3, DIM)))}
+    vectors["terms"] = unit(rng.normal(size=(2, DIM)))
+    with pytest.raises(IndexWriteError) as error:
+        with IndexWriter(tmp_path / "index.duckdb") as writer:
+            write_small_index(writer, vectors, **change)
+            writer.finish()
+    assert problem in str(error.value)

@@ -220,7 +220,8 @@ def test_images_are_exactly_the_referenced_ones(db, shard_dir):
     referenced = {r[0] for r in db.execute("SELECT DISTINCT image_id FROM examples").fetchall()}
     stored = db.execute("SELECT image_id, key, url, caption, width, height, thumbnail, source FROM images").fetchall()
     assert {r[0] for r in stored} == referenced
-    assert sorted(r[0] for r in stored) == list(range(len(stored)))
+    samples = dict(db.execute("SELECT image_id, key FROM samples").fetchall())
+    assert all(samples[image_id] == key for image_id, key, *_ in stored)  # the ids of `samples`
     for _image_id, key, url, caption, width, height, thumbnail, source in stored:
         assert url == f"https://example.org/{key}.jpg" and caption.startswith("a ")
         assert (width, height) == (256, 224)
@@ -231,3 +232,28 @@ def test_images_are_exactly_the_referenced_ones(db, shard_dir):
 def test_rows_sorted_by_layer_and_feature(db):
     pairs = [r for r in db.execute("SELECT layer, feature FROM examples").fetchall()]
     assert pairs == sorted(pairs)
+
+
+def test_samples_are_every_encoded_image_in_sample_order(db, brute):
+    rows = db.execute(
+        "SELECT image_id, source, key, url, caption, width, height FROM samples ORDER BY image_id"
+    ).fetchall()
+    assert [(image_id, key, caption) for image_id, _, key, _, caption, *_ in rows] == [
+        (i, key, caption) for i, (_, key, caption, _) in enumerate(brute["samples"])
+    ]
+    for _, source, key, url, _, width, height in rows:
+        assert source.endswith(f"{key[:5]}.tar") and url == f"https://example.org/{key}.jpg"
+        assert (width, height) == (256, 224)
+
+
+@pytest.mark.parametrize("layer", TINY_LAYERS)
+def test_sample_codes_are_the_cls_tokens_kept_latents(db, brute, tiny_sae_repo, layer):
+    sae = load_sae(str(tiny_sae_repo), layer)
+    top = torch.topk((brute[layer]["x"][:, 0] - sae.pre_b) @ sae.enc, sae.k, dim=-1)
+    rows = db.execute(
+        "SELECT image_id, indices, activations FROM sample_codes WHERE layer = ? ORDER BY image_id", [layer]
+    ).fetchall()
+    assert [r[0] for r in rows] == list(range(len(brute["samples"])))
+    for (_, indices, values), expected_indices, expected_values in zip(rows, top.indices, top.values):
+        assert indices == expected_indices.tolist()
+        np.testing.assert_allclose(values, expected_values.numpy(), rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ import json
 import re
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,58 @@ def test_normalise_sample_reports_raw_and_standardised(
         top = torch.topk(pre, sae.k, dim=-1)
         recon = torch.zeros_like(pre).scatter(-1, top.indices, top.values) @ sae.dec + sae.pre_b
         assert mse == pytest.approx((z - recon).pow(2).sum(-1).mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "a folder"])
+def test_a_bad_vocabulary_file_is_named_before_compute(tmp_path, shard_dir, tiny_sae_repo, capsys, kind):
+    vocabulary = tmp_path / "terms.txt"
+    if kind == "empty":
+        vocabulary.write_text("\n  \n")
+    elif kind == "a folder":
+        vocabulary.mkdir()
+    out = tmp_path / "bad.duckdb"
+    args = cli(shard_dir, f"local-dir:{tmp_path / 'no-model'}", tiny_sae_repo, out, "--vocabulary", str(vocabulary))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("clipscope-explorer precompute: error: argument --vocabulary:") and str(vocabulary) in err
+    assert not out.exists() and not (tmp_path / "bad.duckdb.work").exists()
+
+
+def test_the_vocabulary_holds_caption_and_user_terms_with_their_text_embeddings(
+    tmp_path, shard_dir, tiny_model_spec, tiny_sae_repo
+):
+    from clipscope_explorer.precompute.model.text import load_text_tower
+    from tests.test_precompute import read_shards
+
+    vocabulary = tmp_path / "terms.txt"
+    vocabulary.write_text("zebra crossing\nred\n")
+    out = tmp_path / "vocabulary.duckdb"
+    extra = ("--vocabulary", str(vocabulary), "--zero-shot-min-count", "3", "--max-images", "20")
+    assert main(cli(shard_dir, tiny_model_spec, tiny_sae_repo, out, *extra)) == 0
+    con = duckdb.connect(str(out), read_only=True)
+    zero_shot = json.loads(con.execute("SELECT value FROM meta WHERE key = 'zero_shot'").fetchone()[0])
+    assert zero_shot["template"] == "a photo of {}" and zero_shot["min_count"] == 3
+    assert zero_shot["user_vocabulary"] == str(vocabulary)
+    rows = con.execute("SELECT term, origin, n_captions, embedding FROM vocabulary ORDER BY term").fetchall()
+    assert zero_shot["vocabulary_size"] == len(rows)
+    terms = {term: (origin, count) for term, origin, count, _ in rows}
+    captions = [caption for *_, caption, _ in read_shards(shard_dir)][:19]  # 20 samples, one corrupt
+    assert terms["zebra crossing"] == ("user", 0)
+    assert terms["red"] == ("user", sum("red" in caption.split() for caption in captions))
+    assert {origin for origin, _ in terms.values()} == {"captions", "user"}
+    for term, (origin, count) in terms.items():
+        if origin == "captions":
+            assert count >= 3 and count == sum(f" {term} " in f" {caption} " for caption in captions), term
+    expected = load_text_tower(tiny_model_spec, device="cpu").encode([f"a photo of {t}" for t, *_ in rows]).vectors
+    for (term, *_, blob), vector in zip(rows, expected):
+        np.testing.assert_allclose(np.frombuffer(blob, "<f2"), vector, atol=1e-3, err_msg=term)
+    labelled = con.execute(
+        "SELECT f.zero_shot_terms, f.zero_shot_scores, f.prototype FROM features f WHERE len(zero_shot_terms) > 0"
+    ).fetchall()
+    vectors = {term: np.frombuffer(blob, "<f2").astype(np.float64) for term, *_, blob in rows}
+    for labels, scores, prototype in labelled:
+        for label, score in zip(labels, scores):
+            cosine = vectors[label] @ np.frombuffer(prototype, "<f2").astype(np.float64)
+            assert score == pytest.approx(cosine, abs=3e-3), label

@@ -71,8 +71,8 @@ def cli_args(config) -> list[str]:
 
 def assert_same_index(a: dict, b: dict, float_tolerance: float = 0.0) -> None:
     assert a["meta"] == b["meta"]
-    assert a["images"] == b["images"]
-    assert a["examples"] == b["examples"]
+    for table in ("images", "examples", "samples", "sample_codes", "vocabulary"):
+        assert a[table] == b[table], table
     for table in ("layers", "features"):
         assert len(a[table]) == len(b[table])
         for row_a, row_b in zip(a[table], b[table]):

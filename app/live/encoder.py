@@ -6,14 +6,17 @@ matrix weights of the tower and the encoders stored in the forward precision
 (in bf16 the operands autocast would make on every call, so the codes are the
 same; half the memory, no casting per upload). `LiveEncoder` runs
 `clipscope_explorer.precompute.model.encode.encode_pixels` in one worker thread
-(`app/live/batcher.py`) that micro-batches concurrent uploads. Only
-`app/live/service.py` imports this module, when live encoding is asked for.
+(`app/live/batcher.py`) that micro-batches concurrent uploads; when the spec asks
+(`LiveSpec.embed`: the index's own model, and an index with CLIP embeddings), the
+tower runs to its end and each upload also gets its final CLIP image embedding.
+Only `app/live/service.py` imports this module, when live encoding is asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,15 @@ from clipscope_explorer.precompute.model.vision import (
 )
 
 Codes = dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (values [T, k] float32, indices [T, k] int32)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One upload's codes on the layers it asked for, and its CLIP image embedding ([d] float32, unit;
+    None when the encoder does not embed)."""
+
+    codes: Codes
+    embedding: np.ndarray | None
 
 
 def _load_layer_encoder(spec: LiveSpec, layer: int, device: torch.device, precision: str) -> SAEEncoder:
@@ -82,6 +94,7 @@ class LiveEncoder:
             if layer in saes
         }
         self.identity = spec.identity(self.precision)
+        self.embed = spec.embed
         self.grid = tower.grid
         self.image_size = int(tower.visual.image_size[0])
         self.batcher: MicroBatcher = MicroBatcher(self._run_batch, batch_size, queue_size)
@@ -90,30 +103,35 @@ class LiveEncoder:
         """The model's own preprocessing (open_clip's transform), as in the precompute job."""
         return self.tower.preprocess(image)
 
-    def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Codes]:
+    def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Encoded]:
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])
-        encoded = encode_pixels(
-            self.tower, {n: self.saes[n] for n in wanted}, pixels, self.precision, self.normalisation
-        )
+        saes = {n: self.saes[n] for n in wanted}
+        result = encode_pixels(self.tower, saes, pixels, self.precision, self.normalisation, embed=self.embed)
+        encoded, embeddings = result if self.embed else (result, None)
+        embeddings = None if embeddings is None else embeddings.float().cpu().numpy()
         out = []
         for row, (_, layers) in enumerate(jobs):
-            out.append(
-                {
-                    n: (
-                        encoded[n].code.values[row].float().cpu().numpy(),
-                        encoded[n].code.indices[row].to(torch.int32).cpu().numpy(),
-                    )
-                    for n in layers
-                }
-            )
+            codes = {
+                n: (
+                    encoded[n].code.values[row].float().cpu().numpy(),
+                    encoded[n].code.indices[row].to(torch.int32).cpu().numpy(),
+                )
+                for n in layers
+            }
+            out.append(Encoded(codes, None if embeddings is None else embeddings[row]))
         return out
 
-    async def encode(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Codes:
-        """Codes of one preprocessed image [3, H, W] on `layers`, computed in the worker thread.
-        `slot`: the request's admission (`batcher.admit()`), which lets the worker batch it with others."""
+    async def encode_image(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Encoded:
+        """Codes of one preprocessed image [3, H, W] on `layers` (and its embedding when this encoder embeds),
+        computed in the worker thread. `slot`: the request's admission (`batcher.admit()`), which lets the
+        worker batch it with others."""
         submit = slot.submit if slot is not None else self.batcher.submit
         return await asyncio.wrap_future(submit((pixels, tuple(layers))))
+
+    async def encode(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Codes:
+        """Codes of one preprocessed image [3, H, W] on `layers` (`encode_image` without the embedding)."""
+        return (await self.encode_image(pixels, layers, slot)).codes
 
     def close(self) -> None:
         self.batcher.close()

@@ -4,7 +4,8 @@ Built from the upload's sparse codes with `clipscope_explorer.precompute.index.i
 the definitions of docs/schema.md, so an image that is also in the index gets
 the activations and heatmaps the index holds for it. Features of layers whose
 SAE is the index's carry their label terms, four top images and a link to
-their feature page.
+their feature page. The upload's CLIP embedding, when it has one, finds its
+nearest sample images and zero-shot labels (`neighbours.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel
 
-from clipscope_explorer.app.models import round_sig, rounded_list
+from clipscope_explorer.app.live.neighbours import ZeroShotScore, nearest_images, zero_shot_labels
+from clipscope_explorer.app.meaning.service import MeaningService
+from clipscope_explorer.app.models import ImageHit, round_sig, rounded_list
 from clipscope_explorer.app.queries import Index
 from clipscope_explorer.app.urls import Urls
 from clipscope_explorer.precompute.index.image_features import image_features
@@ -68,6 +71,8 @@ class UploadResult(BaseModel):
     sort: str
     top: int
     layers: dict[str, UploadLayer]
+    nearest_images: list[ImageHit] = []
+    zero_shot_labels: list[ZeroShotScore] = []
 
 
 def upload_urls(urls: Urls, upload_id: str) -> dict[str, str]:
@@ -185,6 +190,8 @@ def upload_result(
     sort: str,
     top: int,
     patches: bool,
+    embedding: np.ndarray | None = None,
+    meaning: MeaningService | None = None,
 ) -> UploadResult:
     layers = {
         str(layer): upload_layer(index, urls, layer, values, indices, layer in index_layers, sort, top, patches)
@@ -200,5 +207,7 @@ def upload_result(
         sort=sort,
         top=top,
         layers=layers,
+        nearest_images=nearest_images(index, urls, meaning, embedding),
+        zero_shot_labels=zero_shot_labels(index, embedding),
         **links,
     )

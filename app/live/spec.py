@@ -28,6 +28,7 @@ class LiveSpec:
     device: str = "auto"
     precision: str = "auto"
     index_precision: str | None = None  # meta.precision: what `auto` follows
+    embed: bool = False  # also compute each upload's CLIP embedding (to compare with the index's)
 
     @classmethod
     def from_index(cls, meta: dict, layer_rows: dict[int, dict], settings) -> LiveSpec:
@@ -52,6 +53,7 @@ class LiveSpec:
             device=settings.live_device,
             precision=settings.live_precision,
             index_precision=meta.get("precision"),
+            embed=same_model and bool(meta.get("embeddings") or meta.get("zero_shot")),
         )
 
     def identity(self, precision: str) -> str:

@@ -7,8 +7,11 @@ entry is a folder ``<id[:2]>/<id>/`` holding:
   crop) at `VIEW_SIZE` pixels, re-encoded from decoded pixels, so no EXIF or
   other metadata and none of the uploaded bytes are ever kept or served;
 - ``L<layer>.npz``: that layer's sparse code (values float32 [T, k], indices int32 [T, k]);
+- ``embedding.npy``: the image's CLIP embedding (float32 [d]), when the encoder made one (its
+  nearest sample images and zero-shot labels are found again from it);
 - ``meta.json``: original width and height, the layers stored and those whose
-  SAE was the index's (labels apply); written last, so only complete entries are seen.
+  SAE was the index's (labels apply), whether the embedding is stored; written last, so only
+  complete entries are seen.
 Every file is written to a temporary name and renamed. The store is shared by
 server processes. Least recently used entries (by ``meta.json``'s mtime,
 touched on every read) are evicted once the store exceeds its size cap. Client
@@ -46,6 +49,11 @@ class StoredUpload:
     layers: list[int]
     folder: Path
     index_layers: list[int]  # layers whose SAE was the index's when it was encoded
+    has_embedding: bool = False
+
+    def embedding(self) -> np.ndarray | None:
+        """The stored CLIP embedding ([d] float32), or None when none was stored."""
+        return np.load(self.folder / "embedding.npy") if self.has_embedding else None
 
     def codes(self, layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         out = {}
@@ -73,6 +81,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _npz(values: np.ndarray, indices: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, values=values.astype(np.float32), indices=indices.astype(np.int32))
+    return buffer.getvalue()
+
+
+def _npy(vector: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vector, dtype=np.float32))
     return buffer.getvalue()
 
 
@@ -118,12 +132,20 @@ class UploadStore:
             sorted(meta["layers"]),
             folder,
             sorted(meta.get("index_layers", [])),
+            bool(meta.get("embedding")),
         )
 
     def save(
-        self, upload_id: str, width: int, height: int, view_jpeg: bytes, codes: dict, index_layers: list[int]
+        self,
+        upload_id: str,
+        width: int,
+        height: int,
+        view_jpeg: bytes,
+        codes: dict,
+        index_layers: list[int],
+        embedding: np.ndarray | None = None,
     ) -> StoredUpload:
-        """Add an upload (or more layers of one); evict old entries when over the cap."""
+        """Add an upload (or more layers of one, or its embedding); evict old entries when over the cap."""
         folder = self._folder(upload_id)
         folder.mkdir(parents=True, exist_ok=True)
         previous = self.get(upload_id, touch=False)
@@ -131,12 +153,22 @@ class UploadStore:
             _write_atomic(folder / "view.jpg", view_jpeg)
         for layer, (values, indices) in codes.items():
             _write_atomic(folder / f"L{layer}.npz", _npz(values, indices))
+        if embedding is not None:
+            _write_atomic(folder / "embedding.npy", _npy(embedding))
+        has_embedding = embedding is not None or (previous is not None and previous.has_embedding)
         layers = sorted(set(codes) | set(previous.layers if previous else []))
         index_layers = sorted(set(index_layers) & set(layers))
         _write_atomic(
             folder / "meta.json",
             json.dumps(
-                {"width": width, "height": height, "layers": layers, "index_layers": index_layers, "saved": time.time()}
+                {
+                    "width": width,
+                    "height": height,
+                    "layers": layers,
+                    "index_layers": index_layers,
+                    "embedding": has_embedding,
+                    "saved": time.time(),
+                }
             ).encode(),
         )
         with self._lock:
@@ -145,7 +177,7 @@ class UploadStore:
             rescan = self._saves % RESCAN_EVERY == 0
         if rescan or self._estimate > self.max_bytes:
             self.evict()
-        return StoredUpload(upload_id, width, height, layers, folder, index_layers)
+        return StoredUpload(upload_id, width, height, layers, folder, index_layers, has_embedding)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         entries = []

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from clipscope_explorer.app.pages import docs, features, images, layers, overview, search, uploads
+from clipscope_explorer.app.pages import (
+    docs,
+    features,
+    image_search,
+    images,
+    layers,
+    overview,
+    samples,
+    search,
+    uploads,
+)
 
 
 def register(app: FastAPI) -> None:
-    for module in (overview, layers, features, search, uploads, images, docs):
+    for module in (overview, layers, features, samples, search, image_search, uploads, images, docs):
         app.include_router(module.router)

@@ -77,6 +77,15 @@ class FeatureLinks(BaseModel):
     positions: str
 
 
+class ZeroShotLabel(BaseModel):
+    """A label from CLIP's text space: the term's cosine with the feature's prototype (`score`) and its lead
+    over the next candidate and the shuffled-prototype baseline (`margin`); docs/schema.md says how."""
+
+    text: str
+    score: float
+    margin: float
+
+
 class FeaturePage(BaseModel):
     layer: int
     feature: int
@@ -84,6 +93,7 @@ class FeaturePage(BaseModel):
     dead: bool
     label: str
     label_terms: list[str]
+    zero_shot_labels: list[ZeroShotLabel]
     n_fired_tokens: int
     n_fired_images: int
     n_fired_cls: int
@@ -116,6 +126,15 @@ def _example(urls: Urls, layer: int, feature: int, row: dict, image: dict | None
         overlay_url=urls.overlay(layer, feature, row["image_id"]),
         page_url=urls.example(layer, feature, row["image_id"]),
     )
+
+
+def zero_shot_labels(row: dict) -> list[ZeroShotLabel]:
+    """A feature row's zero-shot labels, best first (none from an index of schema 1.1)."""
+    columns = (row.get(name) or [] for name in ("zero_shot_terms", "zero_shot_scores", "zero_shot_margins"))
+    return [
+        ZeroShotLabel(text=text, score=round_sig(score), margin=round_sig(margin))
+        for text, score, margin in zip(*columns)
+    ]
 
 
 def _bands(index: Index, examples: list[Example], rows: list[dict], max_activation: float | None) -> list[Band]:
@@ -188,6 +207,7 @@ def feature_page(
         dead=not row["n_fired_tokens"],
         label=row["label"] or "",
         label_terms=list(row["label_terms"] or []),
+        zero_shot_labels=zero_shot_labels(row),
         n_fired_tokens=row["n_fired_tokens"],
         n_fired_images=row["n_fired_images"],
         n_fired_cls=row["n_fired_cls"],
@@ -229,6 +249,7 @@ class ExamplePage(BaseModel):
     thumbnail_url: str
     overlay_url: str
     feature_url: str
+    sample_url: str | None  # the image's own page (null for an index without sample images)
 
 
 @page(
@@ -270,4 +291,5 @@ def example_page(
         thumbnail_url=urls.thumbnail(image_id),
         overlay_url=urls.overlay(layer, feature, image_id),
         feature_url=urls.feature(layer, feature),
+        sample_url=urls.sample(image_id) if index.has("samples") else None,
     )

@@ -146,27 +146,30 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
             patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
         upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # hashing 20 MB is not free
         stored = await run_in_threadpool(store.get, upload_id) if store else None
-        codes = None
-        if stored is not None and set(options.layers) <= set(stored.layers):
+        codes = embedding = None
+        complete = stored is not None and (stored.has_embedding or not encoder.embed)
+        if complete and set(options.layers) <= set(stored.layers):
             try:
                 codes = await run_in_threadpool(stored.codes, options.layers)
+                embedding = await run_in_threadpool(stored.embedding)
                 width, height = stored.width, stored.height
             except OSError:  # evicted meanwhile: encode it again
-                stored = None
+                stored, codes = None, None
         times.lap("read")
         if codes is None:
             decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, limiter=state.decode_limiter)
             times.lap("decode")
             view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
             try:  # the stored view is made while the model runs
-                codes = await encoder.encode(decoded.pixels, options.layers, slot)
+                encoded = await encoder.encode_image(decoded.pixels, options.layers, slot)
             finally:
                 view_bytes = await view
             times.lap("encode")
+            codes, embedding = encoded.codes, encoded.embedding
             width, height = decoded.size
             if store is not None:
                 stored = await run_in_threadpool(
-                    _save, store, upload_id, width, height, view_bytes, codes, encoder.spec.index_layers
+                    _save, store, upload_id, width, height, view_bytes, codes, encoder.spec.index_layers, embedding
                 )
                 times.lap("store")
     result = await run_in_threadpool(
@@ -183,6 +186,8 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
         options.sort,
         options.top,
         patches,
+        embedding,
+        state.meaning,
     )
     times.lap("describe")
     return result, (None if stored is not None else view_bytes)
@@ -193,9 +198,11 @@ def _upload_id(identity: str, data: bytes) -> str:
     return hashlib.sha256(identity.encode() + b"\0" + data).hexdigest()[:32]
 
 
-def _save(store, upload_id: str, width: int, height: int, view: bytes, codes, index_layers) -> StoredUpload | None:
+def _save(
+    store, upload_id: str, width: int, height: int, view: bytes, codes, index_layers, embedding
+) -> StoredUpload | None:
     try:
-        return store.save(upload_id, width, height, view, codes, list(index_layers))
+        return store.save(upload_id, width, height, view, codes, list(index_layers), embedding)
     except OSError as error:  # a full or read-only disk loses the share link, not the result
         log.warning("upload store: could not save %s: %s", upload_id, error)
         return None
@@ -319,7 +326,7 @@ def stored_result(
     except UploadRejected as error:
         raise HTTPException(error.status, error.message) from None
     try:
-        codes = stored.codes(chosen)
+        codes, embedding = stored.codes(chosen), stored.embedding()
     except OSError:  # evicted while we looked
         raise NotFound("This upload was just evicted from the store.", [(PAGES.upload(), "Upload")]) from None
     index = request.app.state.index
@@ -336,6 +343,8 @@ def stored_result(
         sort,
         min(top, MAX_TOP),
         patches,
+        embedding,
+        request.app.state.meaning,
     )
 
 

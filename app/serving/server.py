@@ -39,6 +39,7 @@ class ServeOptions:
     workers: int = 1
     verbose: bool = False
     live: bool = True
+    text: bool = True
     live_model: str | None = None
     live_pretrained: str | None = None
     live_sae: str | None = None
@@ -57,10 +58,12 @@ def _fail(message: str) -> int:
 
 
 def live_environment(options: ServeOptions) -> dict[str, str]:
-    """The `CLIPSCOPE_*` variables for the live-encoding options given."""
+    """The `CLIPSCOPE_*` variables for the live-encoding (and text tower) options given."""
     env = {}
     if not options.live:
         env["CLIPSCOPE_LIVE"] = "false"
+    if not options.text:
+        env["CLIPSCOPE_TEXT"] = "false"
     for name, value in (
         ("model", options.live_model),
         ("pretrained", options.live_pretrained),

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from clipscope_explorer.precompute.index.store import blob_column
+from clipscope_explorer.precompute.index.store import blob_column, list_column, vector_column
 
 ACTIVE_THRESHOLD = 0.01  # image frequency at or above which a feature counts as active (meta.active_threshold)
 
@@ -82,8 +83,12 @@ def feature_columns(
     label_terms: list[list[str]],
     similar_features: np.ndarray,
     similar_cosines: np.ndarray,
+    prototypes: np.ndarray | None = None,
+    zero_shot: Sequence[Sequence[tuple[str, float, float]]] | None = None,
 ) -> dict:
-    """The `features` rows of one layer, as columns (every feature, in order)."""
+    """The `features` rows of one layer, as columns (every feature, in order). prototypes: [F, d] unit
+    vectors, a row of NaN where a feature has none (None: no feature has one); zero_shot: per feature its
+    labels (text, score, margin), best first (None: none has any)."""
     t, n = totals, totals.n_features
     n_images, n_tokens = max(t.n_images, 1), max(t.n_tokens, 1)
     fired = np.asarray(t.fire_tokens, dtype=np.int64)
@@ -107,6 +112,10 @@ def feature_columns(
         "label": [" ".join(terms) for terms in label_terms],
         "similar_features": np.asarray(similar_features).astype(np.int32),
         "similar_cosines": np.asarray(similar_cosines).astype(np.float32),
+        "prototype": [None] * n if prototypes is None else vector_column(prototypes),
+        "zero_shot_terms": [[text for text, _, _ in labels] for labels in zero_shot or [[]] * n],
+        "zero_shot_scores": [[float(score) for _, score, _ in labels] for labels in zero_shot or [[]] * n],
+        "zero_shot_margins": [[float(margin) for *_, margin in labels] for labels in zero_shot or [[]] * n],
     }
 
 
@@ -129,17 +138,53 @@ def examples_columns(layer: int, examples: dict) -> dict:
     }
 
 
-def images_columns(first_id: int, rows: Sequence[tuple]) -> dict:
-    """`images` rows for `rows` of (ordinal, source, key, url, caption, width, height, thumbnail), given
-    ids from `first_id` on in order (image ids are dense from 0 in sample order)."""
+def _image_metadata(image_ids: Sequence[int], rows: Sequence[tuple]) -> tuple[dict, list]:
+    """The columns `images` and `samples` share, from rows of (ordinal, source, key, url, caption, width,
+    height, last); and the rows' last column."""
     columns = list(zip(*rows)) if rows else [[] for _ in range(8)]
-    return {
-        "image_id": np.arange(first_id, first_id + len(rows), dtype=np.int32),
+    metadata = {
+        "image_id": np.asarray(image_ids, dtype=np.int32),
         "source": list(columns[1]),
         "key": list(columns[2]),
         "url": list(columns[3]),
         "caption": list(columns[4]),
         "width": np.array(columns[5], dtype=np.int32),
         "height": np.array(columns[6], dtype=np.int32),
-        "thumbnail": list(columns[7]),
+    }
+    return metadata, list(columns[7])
+
+
+def images_columns(first_id: int, rows: Sequence[tuple], image_ids: Sequence[int] | None = None) -> dict:
+    """`images` rows for `rows` of (ordinal, source, key, url, caption, width, height, thumbnail), with the
+    given `image_ids` (default: ids from `first_id` on in order)."""
+    ids = np.arange(first_id, first_id + len(rows)) if image_ids is None else image_ids
+    metadata, thumbnails = _image_metadata(ids, rows)
+    return {**metadata, "thumbnail": thumbnails}
+
+
+def samples_columns(image_ids: Sequence[int], rows: Sequence[tuple]) -> dict:
+    """`samples` rows for `rows` of (ordinal, source, key, url, caption, width, height, embedding), the
+    embedding as little-endian float16 bytes or None."""
+    metadata, embeddings = _image_metadata(image_ids, rows)
+    return {**metadata, "embedding": pa.array(embeddings, pa.binary())}
+
+
+def sample_codes_columns(layer: int, image_ids: Sequence[int], indices: np.ndarray, values: np.ndarray) -> dict:
+    """`sample_codes` rows of one layer: per image its CLS token's k kept latents (indices [n, k],
+    values [n, k]) in the order the SAE kept them."""
+    return {
+        "layer": np.full(len(image_ids), layer, dtype=np.int32),
+        "image_id": np.asarray(image_ids, dtype=np.int32),
+        "indices": list_column(np.asarray(indices, dtype=np.int32)),
+        "activations": list_column(np.asarray(values, dtype=np.float32)),
+    }
+
+
+def vocabulary_columns(terms: Sequence[tuple[str, str, int]], vectors: np.ndarray) -> dict:
+    """`vocabulary` rows: (term, origin, n_captions) and its text embedding ([V, d] unit vectors)."""
+    return {
+        "term": [term for term, _, _ in terms],
+        "origin": [origin for _, origin, _ in terms],
+        "n_captions": np.array([count for *_, count in terms], dtype=np.int32),
+        "embedding": vector_column(vectors),
     }

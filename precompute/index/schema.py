@@ -29,7 +29,7 @@ from clipscope_explorer.precompute.index.jsontype import (
 )
 
 SCHEMA_VERSION = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,10 @@ class MetaKey:
     needed: bool = True
 
 
-def _columns(type_: str, *names: str, nullable: bool = False, since: int = 0) -> tuple[Column, ...]:
-    return tuple(Column(name, type_, nullable, since) for name in names)
+def _columns(
+    type_: str, *names: str, nullable: bool = False, since: int = 0, needed: bool = True
+) -> tuple[Column, ...]:
+    return tuple(Column(name, type_, nullable, since, needed) for name in names)
 
 
 TABLES: dict[str, Table] = {
@@ -106,6 +108,9 @@ TABLES: dict[str, Table] = {
                 *_columns("VARCHAR", "label"),
                 *_columns("INTEGER[]", "similar_features"),
                 *_columns("FLOAT[]", "similar_cosines"),
+                *_columns("BLOB", "prototype", nullable=True, since=2, needed=False),
+                *_columns("VARCHAR[]", "zero_shot_terms", since=2, needed=False),
+                *_columns("FLOAT[]", "zero_shot_scores", "zero_shot_margins", since=2, needed=False),
             ),
         ),
         Table(
@@ -129,6 +134,41 @@ TABLES: dict[str, Table] = {
                 *_columns("BLOB", "thumbnail"),
             ),
             primary_key="image_id",
+        ),
+        Table(
+            "samples",
+            (
+                *_columns("INTEGER", "image_id"),
+                *_columns("VARCHAR", "source", "key"),
+                *_columns("VARCHAR", "url", "caption", nullable=True),
+                *_columns("INTEGER", "width", "height"),
+                *_columns("BLOB", "embedding", nullable=True),
+            ),
+            primary_key="image_id",
+            since=2,
+            needed=False,
+        ),
+        Table(
+            "sample_codes",
+            (
+                *_columns("INTEGER", "layer", "image_id"),
+                *_columns("INTEGER[]", "indices"),
+                *_columns("FLOAT[]", "activations"),
+            ),
+            since=2,
+            needed=False,
+        ),
+        Table(
+            "vocabulary",
+            (
+                *_columns("VARCHAR", "term"),
+                *_columns("VARCHAR", "origin"),
+                *_columns("INTEGER", "n_captions"),
+                *_columns("BLOB", "embedding"),
+            ),
+            primary_key="term",
+            since=2,
+            needed=False,
         ),
     )
 }
@@ -187,6 +227,31 @@ META: dict[str, MetaKey] = {
             Record({name: Nullable(String()) for name in VERSIONED_PACKAGES}, optional=frozenset(VERSIONED_PACKAGES)),
         ),
         MetaKey("demo", Boolean()),
+        MetaKey(
+            "embeddings",
+            Nullable(Record({"dim": _SIZE, "dtype": String(("float16",))})),
+            since=2,
+            needed=False,
+        ),
+        MetaKey(
+            "zero_shot",
+            Nullable(
+                Record(
+                    {
+                        "template": String(),
+                        "vocabulary_size": _COUNT,
+                        "min_count": _SIZE,
+                        "user_vocabulary": Nullable(String()),
+                        "max_labels": _SIZE,
+                        "baseline_quantile": Number(),
+                        "min_margin": Number(),
+                        "n_null": _COUNT,
+                    }
+                )
+            ),
+            since=2,
+            needed=False,
+        ),
     )
 }
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
 from clipscope_explorer.precompute.index.schema import (
@@ -55,6 +56,15 @@ def blob_column(rows_by_width: np.ndarray) -> pa.Array:
     n, width = rows_by_width.shape
     data = pa.py_buffer(np.ascontiguousarray(rows_by_width, dtype=np.uint8).tobytes())
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, data]).cast(pa.binary())
+
+
+def vector_column(vectors: np.ndarray) -> pa.Array:
+    """Vectors [n, d] as an Arrow binary column of little-endian float16 blobs (2 d bytes each); a row
+    holding a NaN (no vector) becomes NULL."""
+    vectors = np.asarray(vectors)
+    missing = np.isnan(vectors).any(axis=1) if len(vectors) else np.zeros(0, bool)
+    blobs = blob_column(np.ascontiguousarray(np.nan_to_num(vectors).astype("<f2")).view(np.uint8))
+    return pa.compute.if_else(pa.array(missing), pa.scalar(None, pa.binary()), blobs)
 
 
 def _as_arrow(value) -> pa.Array:
@@ -137,7 +147,7 @@ class IndexWriter:
         """Stamp completion, check the index as a reader would, flush, and rename it over `out` atomically."""
         self.put_meta(created_at=datetime.now(UTC).isoformat(timespec="seconds"))
         try:
-            check_index_file(self.con, str(self.out))
+            check_index_file(self.con, str(self.out), thorough=True)
         except IndexCheckError as error:
             self.abandon()
             raise IndexWriteError(f"not writing an index that the explorer would refuse: {error}") from error

@@ -7,7 +7,8 @@ Weights that fail to load are an error here, never a silent random model.
 
 `VisionTower.capture` returns the residual stream at the output of block N
 (0-based), which is HF ``hidden_states[N + 1]``; blocks after the deepest
-requested one never run.
+requested one never run, unless the final image embedding is asked for too
+(`embed=True`), which runs the tower to its end as open_clip does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -76,7 +78,7 @@ class VisionTower:
         visual.eval().requires_grad_(False)
         _sequence_first(visual.transformer)
         if weights_precision == "bf16":
-            _matrix_weights_in_bf16(visual)
+            matrix_weights_in_bf16(visual)
         self.visual = visual.to(device)
         self.weights_precision = weights_precision
         self.preprocess = preprocess
@@ -112,34 +114,67 @@ class VisionTower:
             raise ValueError(f"layers {bad} do not exist in {self.spec.describe()}: blocks are 0..{self.n_blocks - 1}")
         return layers
 
-    @torch.inference_mode()
+    @overload
     def capture(
-        self, pixels_bchw: torch.Tensor, layers: Iterable[int], precision: str | None = None
-    ) -> dict[int, torch.Tensor]:
+        self,
+        pixels_bchw: torch.Tensor,
+        layers: Iterable[int],
+        precision: str | None = None,
+        embed: Literal[False] = False,
+    ) -> dict[int, torch.Tensor]: ...
+
+    @overload
+    def capture(
+        self, pixels_bchw: torch.Tensor, layers: Iterable[int], precision: str | None = None, *, embed: Literal[True]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
+
+    @torch.inference_mode()
+    def capture(self, pixels_bchw, layers, precision=None, embed=False):
         """Residual stream after each requested block, one forward pass.
 
         pixels_bchw: preprocessed images [B, 3, H, W]; precision: `fp32` or
         `bf16` (default: bf16 on CUDA, fp32 on CPU; see precompute/model/precision.py).
         Returns {layer: [B, n_tokens, width]} in float32, CLS at token 0 and
-        patches row-major after it. Blocks after max(layers) are not run.
+        patches row-major after it. Blocks after max(layers) are not run, unless
+        `embed`: then every block runs and the result is ({layer: ...}, embedding),
+        the embedding [B, output_dim] float32 and L2-normalised, as open_clip's
+        `encode_image(pixels, normalize=True)` computes it.
         """
         layers = self.check_layers(layers)
         wanted = set(layers)
         pixels = pixels_bchw.to(self.device, non_blocking=True)
         if self.weights_precision == "bf16" and effective(precision, pixels.device) != "bf16":
             raise ValueError("this tower's weights are stored in bf16: capture in bf16")
+        last = self.n_blocks - 1 if embed else layers[-1]
         out: dict[int, torch.Tensor] = {}
         with autocast(pixels.device, precision):
             x = self.visual._embeds(pixels)
             batch_first = getattr(self.visual.transformer, "batch_first", True)
             if not batch_first:
                 x = x.transpose(0, 1).contiguous()
-            for index, block in enumerate(self.visual.transformer.resblocks[: layers[-1] + 1]):
+            for index, block in enumerate(self.visual.transformer.resblocks[: last + 1]):
                 x = block(x)
                 if index in wanted:
                     tokens = x if batch_first else x.transpose(0, 1)
                     out[index] = tokens.float().contiguous()
-        return out
+            if not embed:
+                return out
+            embedding = self._embedding(x if batch_first else x.transpose(0, 1))
+        return out, embedding
+
+    def _embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rest of open_clip's VisionTransformer.forward after the blocks (its own `_pool`: ln_post and
+        pooling in the order its config says, attentional pooling included; then the projection),
+        L2-normalised as CLIP.encode_image(normalize=True) does. tokens: [B, T, width], batch first."""
+        pooled, _ = self.visual._pool(tokens)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the final image embedding (open_clip's `output_dim`)."""
+        return int(self.visual.output_dim)
 
 
 def _sequence_first(transformer: nn.Module) -> None:
@@ -154,9 +189,9 @@ def _sequence_first(transformer: nn.Module) -> None:
             attention.batch_first = False
 
 
-def _matrix_weights_in_bf16(visual: nn.Module) -> None:
+def matrix_weights_in_bf16(tower: nn.Module) -> None:
     """Store the weights and biases of the matrix products in bf16 (while the tower is being made)."""
-    for module in visual.modules():
+    for module in tower.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
             module.to(torch.bfloat16)
 

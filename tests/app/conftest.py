@@ -4,7 +4,11 @@
 precompute job is used instead; everything else only needs the file it returns
 to follow docs/schema.md. It writes 2 layers (11 and 20, so the model-card
 comparison shows) x 64 features with 16 x 16 patch heatmaps, 40 JPEG
-thumbnails, captions, dead features, short band lists and null captions/URLs.
+thumbnails, captions, dead features, short band lists and null captions/URLs;
+and of schema 1.2, all 120 sample images with CLIP embeddings (EMBED_DIM, the tiny
+CLIP's; a few exact duplicates, so rankings meet ties), the CLS codes, feature
+prototypes (one shared across layers and one within a layer), zero-shot labels and
+a vocabulary with its text embeddings.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from clipscope_explorer.precompute.index.rows import (
     feature_columns,
     images_columns,
     layer_row,
+    sample_codes_columns,
+    samples_columns,
+    vocabulary_columns,
 )
 from clipscope_explorer.precompute.index.store import IndexWriter
 
@@ -48,6 +55,11 @@ THEMES = [
     ("boat", (40, 90, 160), "small boat on a calm lake"),
 ]
 STOPWORDS = {"a", "an", "on", "of", "in", "at", "with", "the", "and"}
+EMBED_DIM = 32  # the joint embedding space of tiny_clip_config (tests/conftest.py's tiny model)
+K = 32
+DUPLICATE_IMAGES = {70: 7, 71: 7, 90: 33}  # sample image -> the image whose embedding it repeats
+SHARED_PROTOTYPES = {(20, 9): (11, 9), (20, 12): (20, 10)}  # feature -> the feature whose prototype it repeats
+MODEL = {"name": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"}
 
 
 def _object(image_id: int) -> tuple[int, int, int]:
@@ -177,9 +189,69 @@ def _layer(
     return totals, labels, similar[0], similar[1], examples
 
 
-def build_index(path: Path) -> Path:
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def _meaning(layers: dict, captions: dict[int, str | None]) -> dict:
+    """Embeddings of every sample image (near its theme's direction; DUPLICATE_IMAGES repeat one exactly),
+    feature prototypes (the activation-weighted mean of the top images' embeddings, normalised; none for
+    dead features; SHARED_PROTOTYPES repeat one), zero-shot labels, CLS codes and the vocabulary."""
+    rng = np.random.default_rng(77)  # its own generator: the older tables stay as they were
+    themes = _unit(rng.normal(size=(len(THEMES), EMBED_DIM)))
+    theme = np.arange(N_SAMPLE) % len(THEMES)
+    embeddings = _unit(themes[theme] + 0.6 * rng.normal(size=(N_SAMPLE, EMBED_DIM)))
+    for image, same in DUPLICATE_IMAGES.items():
+        embeddings[image] = embeddings[same]
+    stored = embeddings.astype("<f2").astype(np.float64)  # what the index will hold
+    prototypes, zero_shot = {}, {}
+    for layer, (*_, examples) in layers.items():
+        table = np.full((N_FEATURES, EMBED_DIM), np.nan)
+        labels: list[list[tuple[str, float, float]]] = [[] for _ in range(N_FEATURES)]
+        top = [i for i, kind in enumerate(examples["kind"]) if kind == "top"]
+        for feature in range(N_FEATURES):
+            rows = [i for i in top if examples["feature"][i] == feature]
+            if not rows:
+                continue
+            weights = np.array([examples["activation"][i] for i in rows])
+            mean = weights @ stored[[examples["ordinal"][i] for i in rows]]
+            table[feature] = mean / np.linalg.norm(mean)
+            best = int(np.argmax(themes @ table[feature]))
+            labels[feature] = [(THEMES[best][0], float(themes[best] @ table[feature]), 0.05)]
+        prototypes[layer], zero_shot[layer] = table, labels
+    for (layer, feature), (other_layer, other) in SHARED_PROTOTYPES.items():
+        prototypes[layer][feature] = prototypes[other_layer][other]
+    codes = {}
+    for layer in layers:
+        indices = np.stack([rng.choice(N_FEATURES, K, replace=False) for _ in range(N_SAMPLE)])
+        codes[layer] = (indices, np.sort(rng.uniform(0.1, 9.0, (N_SAMPLE, K)), axis=1)[:, ::-1])
+    terms = [(name, "captions", sum(1 for c in captions.values() if c and name in c)) for name, _, _ in THEMES]
+    return {
+        "embeddings": embeddings,
+        "prototypes": prototypes,
+        "zero_shot": zero_shot,
+        "codes": codes,
+        "vocabulary": ([*terms, ("zebra", "user", 0)], _unit(np.vstack([themes, rng.normal(size=EMBED_DIM)]))),
+    }
+
+
+def _sample_row(i: int, caption: str | None) -> tuple:
+    return (
+        i,
+        f"shards/0000{i % 2}.tar",
+        f"{i:09d}",
+        None if i % 7 == 0 else f"https://example.org/img/{i}.jpg",
+        caption,
+        640,
+        480,
+    )
+
+
+def build_index(path: Path, model: dict | None = None, embeddings: bool = True) -> Path:
     """Write the test index at `path` with the project's writer (precompute/index: `rows` derives the rows
-    from small arrays of totals, `IndexWriter` checks and writes them) and return the path."""
+    from small arrays of totals, `IndexWriter` checks and writes them) and return the path. `model` is
+    what meta.model records (default: the released ViT-L/14); `embeddings=False` is an index built with
+    --no-embeddings."""
     rng = np.random.default_rng(1234)
     stored = np.sort(rng.choice(N_SAMPLE, STORED, replace=False)).tolist()
     theme_of = {i: k % len(THEMES) for k, i in enumerate(stored)}
@@ -187,38 +259,50 @@ def build_index(path: Path) -> Path:
     edges = np.logspace(-2, 2, 25)
     layers = {layer: _layer(rng, layer, stored, theme_of, captions, edges) for layer in LAYERS}
     shown = sorted({int(o) for *_, examples in layers.values() for o in examples["ordinal"]})
-    image_id = {ordinal: i for i, ordinal in enumerate(shown)}  # dense from 0 in sample order, as the job's
+    all_captions = {i: captions.get(i, f"{THEMES[i % len(THEMES)][2]} (sample {i})") for i in range(N_SAMPLE)}
+    meaning = _meaning(layers, all_captions)
+    vectors = meaning["embeddings"] if embeddings else None
     with IndexWriter(path) as writer:
         for layer, (totals, labels, similar, cosines, examples) in layers.items():
             writer.add_layer(
-                layer_row(
-                    layer, totals, d_in=1024, k=32, sae_file=f"{layer}_resid/1200013184.pt", checkpoint=1200013184
-                )
+                layer_row(layer, totals, d_in=1024, k=K, sae_file=f"{layer}_resid/1200013184.pt", checkpoint=1200013184)
             )
-            writer.add_rows("features", feature_columns(layer, totals, labels, similar, cosines))
-            examples["image_id"] = [image_id[o] for o in examples["ordinal"]]
+            writer.add_rows(
+                "features",
+                feature_columns(
+                    layer,
+                    totals,
+                    labels,
+                    similar,
+                    cosines,
+                    prototypes=meaning["prototypes"][layer] if embeddings else None,
+                    zero_shot=meaning["zero_shot"][layer] if embeddings else None,
+                ),
+            )
+            examples["image_id"] = examples["ordinal"]  # every sample is encoded: its id is its ordinal
             writer.add_rows("examples", examples_columns(layer, examples))
+            writer.add_rows("sample_codes", sample_codes_columns(layer, range(N_SAMPLE), *meaning["codes"][layer]))
         writer.add_rows(
             "images",
             images_columns(
-                0,
+                0, [(*_sample_row(i, captions[i]), _thumbnail(theme_of[i], i)) for i in shown], image_ids=shown
+            ),
+        )
+        writer.add_rows(
+            "samples",
+            samples_columns(
+                range(N_SAMPLE),
                 [
-                    (
-                        i,
-                        f"shards/0000{i % 2}.tar",
-                        f"{i:09d}",
-                        None if i % 7 == 0 else f"https://example.org/img/{i}.jpg",
-                        captions[i],
-                        640,
-                        480,
-                        _thumbnail(theme_of[i], i),
-                    )
-                    for i in shown
+                    (*_sample_row(i, all_captions[i]), None if vectors is None else vectors[i].astype("<f2").tobytes())
+                    for i in range(N_SAMPLE)
                 ],
             ),
         )
+        if embeddings:
+            terms, term_vectors = meaning["vocabulary"]
+            writer.add_rows("vocabulary", vocabulary_columns(terms, term_vectors))
         writer.put_meta(
-            model={"name": "ViT-L-14", "pretrained": "laion2b_s32b_b82k"},
+            model=model or MODEL,
             sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
             released_suite=True,
             layers=list(LAYERS),
@@ -243,6 +327,19 @@ def build_index(path: Path) -> Path:
             active_threshold=ACTIVE_THRESHOLD,
             timings={"encode": 12.5, "neighbours": 0.4, "labels": 0.2, "write": 0.3, "total": 13.4},
             demo=False,
+            embeddings={"dim": EMBED_DIM, "dtype": "float16"} if embeddings else None,
+            zero_shot={
+                "template": "a photo of {}",
+                "vocabulary_size": len(meaning["vocabulary"][0]),
+                "min_count": 2,
+                "user_vocabulary": "vocabulary.txt",
+                "max_labels": 3,
+                "baseline_quantile": 0.95,
+                "min_margin": 0.02,
+                "n_null": 64,
+            }
+            if embeddings
+            else None,
         )
         return writer.finish()
 
@@ -254,10 +351,17 @@ def index_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(index_path, tmp_path_factory):
-    """The synthetic index names the real ViT-L/14 release, which cannot load offline: live encoding off."""
+    """The synthetic index names the real ViT-L/14 release, which cannot load offline: live encoding and the
+    text tower off (search by meaning's tests load a tiny one: tests/app/test_meaning*.py)."""
     from clipscope_explorer.app.settings import Settings
 
-    return Settings(index=index_path, live=False, upload_store=tmp_path_factory.mktemp("uploads"))
+    return Settings(
+        index=index_path,
+        live=False,
+        text=False,
+        upload_store=tmp_path_factory.mktemp("uploads"),
+        search_cache=tmp_path_factory.mktemp("search_cache"),
+    )
 
 
 @pytest.fixture(scope="session")

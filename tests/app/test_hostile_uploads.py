@@ -120,7 +120,8 @@ def test_client_names_never_reach_the_file_system(live_client, filename, tmp_pat
         relative = path.relative_to(store).parts
         assert relative[0] in (".write-test",) or len(relative[0]) == 2, path
         assert all(
-            part == "meta.json" or part.startswith((".tmp-", "L", "view")) or len(part) in (2, 32) for part in relative
+            part in ("meta.json", "embedding.npy") or part.startswith((".tmp-", "L", "view")) or len(part) in (2, 32)
+            for part in relative
         ), path
 
 

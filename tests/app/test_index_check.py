@@ -118,15 +118,49 @@ CORRUPTIONS = {  # name: (SQL run on a copy of the good index, part of the expec
     ),
     "an example of an image not stored": (
         ["UPDATE examples SET image_id = 9999 WHERE layer = 11 AND feature = 8 AND kind = 'top' AND rank = 1"],
-        "name images 0 to 9999",
+        "to 9999, but there are",
     ),
     "an image row missing": (
         ["DELETE FROM images WHERE image_id = (SELECT max(image_id) FROM images)"],
-        "but the images table holds",
+        "examples name 1 images that the images table does not hold",
     ),
-    "image ids not dense": (
-        ["UPDATE images SET image_id = 1000 WHERE image_id = 0"],
-        "images.image_id is not dense from 0",
+    "image ids not of samples": (
+        ["UPDATE images SET image_id = 100000 WHERE image_id = (SELECT min(image_id) FROM images)"],
+        "images.image_id are not distinct ids of samples",
+    ),
+    "sample ids not dense": (
+        ["UPDATE samples SET image_id = 100000 WHERE image_id = 0"],
+        "samples.image_id is not dense from 0",
+    ),
+    "a sample row missing": (
+        ["DELETE FROM samples WHERE image_id = (SELECT max(image_id) FROM samples)"],
+        "but meta.sample.n_images is",
+    ),
+    "sample codes of an unknown image": (
+        ["UPDATE sample_codes SET image_id = 100000 WHERE layer = 20 AND image_id = 0"],
+        "sample_codes of layer 20 name images 1 to 100000",
+    ),
+    "sample codes of an unknown layer": (["UPDATE sample_codes SET layer = 7 WHERE layer = 20"], "layer 7"),
+    "sample codes not of k latents": (
+        ["UPDATE sample_codes SET indices = indices[1:2] WHERE layer = 11"],
+        "a sample code of layer 11 has 2 indices",
+    ),
+    "embeddings said absent": ([meta("embeddings", "null")], "but meta.embeddings is null"),
+    "an embedding missing": (
+        ["UPDATE samples SET embedding = NULL WHERE image_id = 3"],
+        "samples.embedding is NULL in 1 rows, but meta.embeddings is set",
+    ),
+    "prototypes of the wrong size": (  # the start checks one vector; the search cache's export checks each
+        ["UPDATE features SET prototype = '\\x00\\x01'::BLOB WHERE layer = 20 AND prototype IS NOT NULL"],
+        "features.prototype (layer 20) holds a vector of 2 bytes, not",
+    ),
+    "zero-shot lists of different lengths": (
+        ["UPDATE features SET zero_shot_scores = [0.5, 0.4, 0.3, 0.2, 0.1, 0.0] WHERE layer = 11 AND feature = 9"],
+        "layer 11 has 1 features whose zero-shot terms, scores and margins differ in length",
+    ),
+    "a vocabulary term missing": (
+        ["DELETE FROM vocabulary WHERE term = (SELECT min(term) FROM vocabulary)"],
+        "terms, but meta.zero_shot says",
     ),
     "an example of an unknown kind": (
         ["UPDATE examples SET kind = 'odd' WHERE feature = 8 AND rank = 1"],
@@ -159,7 +193,7 @@ CORRUPTIONS = {  # name: (SQL run on a copy of the good index, part of the expec
     ),
     "a column missing": (
         ["ALTER TABLE images DROP COLUMN caption"],
-        "does not match schema version 1.1: missing images.caption",
+        "does not match schema version 1.2: missing images.caption",
     ),
     "a table missing": (["DROP TABLE examples"], "missing table examples"),
 }
@@ -228,16 +262,16 @@ def test_an_index_lacking_what_newer_code_needs_names_the_command_that_rebuilds_
     with the precompute command for the same sources, model, SAEs and layers."""
     from clipscope_explorer.cli import build_parser
 
-    lineage = schema.Table("lineage", (schema.Column("layer", "INTEGER", since=2),), since=2)
+    lineage = schema.Table("lineage", (schema.Column("layer", "INTEGER", since=3),), since=3)
     monkeypatch.setitem(schema.TABLES, "lineage", lineage)
-    monkeypatch.setattr(schema, "SCHEMA_MINOR", 2)
+    monkeypatch.setattr(schema, "SCHEMA_MINOR", 3)
     path = Path(shutil.copy(index_path, tmp_path / "old index.duckdb"))
     with pytest.raises(IndexOpenError) as error:
         check_index(path)
     message = str(error.value)
     assert message.startswith(
-        f"{path} is an index of schema version 1.1, without table lineage (schema version "
-        "1.2) that this explorer needs; rebuild it: clipscope-explorer precompute "
+        f"{path} is an index of schema version 1.2, without table lineage (schema version "
+        "1.3) that this explorer needs; rebuild it: clipscope-explorer precompute "
     )
     command = shlex.split(message.split("rebuild it: ", 1)[1])
     assert command[:2] == ["clipscope-explorer", "precompute"]

@@ -168,9 +168,11 @@ def test_another_model_encodes_uploads_without_index_links(live_index, tmp_path)
         wait_live(client)
         live = client.get("/api/upload").json()["live"]
         assert live["model"] == "local-dir:other_clip" and live["index_layers"] == []  # its folder's name
-        layer = upload(client, image(14), layers="2").json()["layers"]["2"]
+        data = upload(client, image(14), layers="2").json()
+        layer = data["layers"]["2"]
         assert not layer["in_index"] and layer["features"]
         assert all(f["url"] is None and not f["top_images"] for f in layer["features"])
+        assert data["nearest_images"] == [] and data["zero_shot_labels"] == []  # another embedding space
 
 
 def test_no_store_keeps_nothing(live_index, tmp_path):

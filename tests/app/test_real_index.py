@@ -17,12 +17,13 @@ def real_client(tiny_index, tmp_path_factory):
 
     settings = Settings(index=tiny_index, live=False, upload_store=tmp_path_factory.mktemp("uploads_real"))
     with TestClient(create_app(settings), follow_redirects=False) as client:
+        assert client.app.state.meaning.wait(60)  # loaded in the background: a page and its twin see one state
         yield client
 
 
 def real_pages(client) -> list[str]:
     """Pages chosen from what the index holds: every layer, busy, quiet and dead features, examples, search."""
-    pages = ["/", "/layers", "/search", "/search?q=zzzz"]
+    pages = ["/", "/layers", "/search", "/search?q=zzzz", "/search/images"]
     for layer in [entry["layer"] for entry in client.get("/api/layers").json()["layers"]]:
         busiest = client.get(f"/api/layers/{layer}?sort=frequency&order=desc&page_size=5").json()
         quietest = client.get(f"/api/layers/{layer}?sort=frequency&order=asc&min_freq=0&page_size=1").json()
@@ -31,6 +32,7 @@ def real_pages(client) -> list[str]:
             pages.append(row["url"])
         feature = client.get("/api" + busiest["features"][0]["url"]).json()
         pages.append(feature["top_images"][0]["page_url"])
+        pages.append(client.get("/api" + feature["top_images"][0]["page_url"]).json()["sample_url"])
         if busiest["density"]["dead"]:
             dead = client.get(f"/api/layers/{layer}?sort=frequency&order=asc&page_size=1").json()["features"][0]
             pages.append(dead["url"])
