@@ -4,6 +4,7 @@ stored in the index; feature prototypes equal their definition recomputed from t
 from __future__ import annotations
 
 import json
+import logging
 
 import duckdb
 import numpy as np
@@ -179,6 +180,8 @@ def test_without_a_text_tower_prototypes_stay_and_labels_are_skipped(
         raise ModelLoadError(f"{spec.describe()} has no text tower")
 
     monkeypatch.setattr(text, "load_text_tower", no_text_tower)
+    # a server started in-process earlier routes the package's logs to its own handler only
+    monkeypatch.setattr(logging.getLogger("clipscope_explorer"), "propagate", True)
     config = precompute_config(shard_dir, tiny_model_spec, tiny_sae_repo, tmp_path / "x.duckdb", max_images=12)
     job.run(config)
     assert "no zero-shot labels:" in caplog.text and "has no text tower" in caplog.text
