@@ -78,8 +78,8 @@ print(json.dumps(seen))
 def prepare() -> None:
     import torch
 
-    from clipscope_explorer.precompute.demo.build import DEMO_MODEL, DEMO_POSITION_SCALE
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
+    from clipscope_explorer.precompute.demo.train_clip import DEMO_MODEL, DEMO_POSITION_SCALE
     from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
     write_scenes(CACHE / "images", max(SIZES))

@@ -30,8 +30,8 @@ N_IMAGES, TRIALS = 600, 3
 def prepare() -> None:
     import torch
 
-    from clipscope_explorer.precompute.demo.build import DEMO_MODEL, DEMO_POSITION_SCALE
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
+    from clipscope_explorer.precompute.demo.train_clip import DEMO_MODEL, DEMO_POSITION_SCALE
     from clipscope_explorer.precompute.model.checkpoints import save_checkpoint
 
     write_scenes(CACHE / "images", N_IMAGES)

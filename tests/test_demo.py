@@ -1,4 +1,4 @@
-"""The offline demo: its features must be recognisable, measured against the generator's ground truth."""
+"""The offline demo: its features, text search and zero-shot labels, measured against the generator's ground truth."""
 
 import json
 import os
@@ -10,7 +10,18 @@ import pytest
 from clipscope_explorer.precompute.demo.scenes import OBJECT_COLOURS, PLURALS, SHAPES
 
 OBJECT_WORDS = set(OBJECT_COLOURS) | set(SHAPES) | set(PLURALS.values())
+SINGULAR = {**{shape: shape for shape in SHAPES}, **{plural: shape for shape, plural in PLURALS.items()}}
 LOCALISATION_TARGET = 0.80
+PRECISION_TARGET = 0.80
+ZERO_SHOT_TARGET = 0.70
+MIN_ZERO_SHOT_LABELLED = 10  # fewer, and the share says little (README: the label rule labels few demo features)
+
+
+OBJECT_SELECTIVE = "len(f.label_terms) > 0 AND list_extract(f.label_terms, 1) IN (SELECT unnest(?))"
+
+
+def _truth(images: Path, key: str) -> dict:
+    return json.loads((images / key).with_suffix(".json").read_text())
 
 
 def localisation(index: Path, images: Path) -> dict[int, dict]:
@@ -22,15 +33,14 @@ def localisation(index: Path, images: Path) -> dict[int, dict]:
     con = duckdb.connect(str(index), read_only=True)
     rows = con.execute(
         "SELECT e.layer, e.feature, i.key, e.heatmap FROM examples e JOIN images i USING (image_id) "
-        "JOIN features f USING (layer, feature) WHERE e.kind = 'top' AND len(f.label_terms) > 0 "
-        "AND list_extract(f.label_terms, 1) IN (SELECT unnest(?)) ORDER BY ALL",
+        f"JOIN features f USING (layer, feature) WHERE e.kind = 'top' AND {OBJECT_SELECTIVE} ORDER BY ALL",
         [sorted(OBJECT_WORDS)],
     ).fetchall()
     con.close()
     result: dict[int, dict] = {}
     for layer, feature, key, heat in rows:
         heatmap = np.frombuffer(heat, np.uint8)
-        truth = json.loads((images / key).with_suffix(".json").read_text())
+        truth = _truth(images, key)
         covered = {p for obj in truth["objects"] for p in obj["patches"]}
         entry = result.setdefault(layer, {"features": set(), "examples": 0, "inside": 0})
         entry["features"].add(feature)
@@ -40,6 +50,69 @@ def localisation(index: Path, images: Path) -> dict[int, dict]:
         layer: {"features": len(e["features"]), "examples": e["examples"], "fraction": e["inside"] / e["examples"]}
         for layer, e in result.items()
     }
+
+
+def search_precision(index: Path, images: Path, k: int = 10) -> dict[str, float]:
+    """Per colour + shape pair the generator makes: of the k sample images with the highest cosine between
+    the model's text embedding of "a photo of a {colour} {shape}" (the model loaded back through local-dir:,
+    its own tokenizer) and the image embedding the index stores (ties by image_id), the share that show an
+    object of that colour and shape."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    con = duckdb.connect(str(index), read_only=True)
+    rows = con.execute("SELECT image_id, key, embedding FROM samples ORDER BY image_id").fetchall()
+    con.close()
+    ids = np.array([image_id for image_id, _, _ in rows])
+    vectors = np.stack([np.frombuffer(blob, "<f2").astype(np.float32) for _, _, blob in rows])
+    shown = [{(o["colour"], o["shape"]) for o in _truth(images, key)["objects"]} for _, key, _ in rows]
+    spec = f"local-dir:{images.parent / 'model'}"
+    model = open_clip.create_model(spec).eval()
+    pairs = [(colour, shape) for colour in OBJECT_COLOURS for shape in SHAPES]
+    with torch.no_grad():
+        texts = open_clip.get_tokenizer(spec)([f"a photo of a {colour} {shape}" for colour, shape in pairs])
+        queries = model.encode_text(texts, normalize=True).numpy()
+    precision = {}
+    for pair, scores in zip(pairs, queries @ vectors.T):
+        top = np.lexsort((ids, -scores))[:k]
+        precision[" ".join(pair)] = sum(pair in shown[i] for i in top) / k
+    return precision
+
+
+def zero_shot_accuracy(index: Path, images: Path) -> dict[int, dict]:
+    """Per layer, over object-selective features (as in `localisation`): how many carry zero-shot labels, and
+    how many of those have a first label that names a colour or a shape which at least half of the feature's
+    top images show (the generator's ground truth)."""
+    con = duckdb.connect(str(index), read_only=True)
+    rows = con.execute(
+        "SELECT f.layer, f.feature, f.zero_shot_terms, i.key FROM features f JOIN examples e USING (layer, feature) "
+        f"JOIN images i USING (image_id) WHERE e.kind = 'top' AND {OBJECT_SELECTIVE} ORDER BY ALL",
+        [sorted(OBJECT_WORDS)],
+    ).fetchall()
+    con.close()
+    features: dict[tuple[int, int], dict] = {}
+    for layer, feature, labels, key in rows:
+        entry = features.setdefault((layer, feature), {"labels": labels, "truths": []})
+        entry["truths"].append(_truth(images, key))
+    result = {layer: {"features": 0, "labelled": 0, "right": 0, "examples": []} for layer, _ in features}
+    for (layer, feature), entry in features.items():
+        figures = result[layer]
+        figures["features"] += 1
+        if not entry["labels"]:
+            continue
+        words = entry["labels"][0].split()
+        named = [("colour", w) for w in words if w in OBJECT_COLOURS] + [
+            ("shape", SINGULAR[w]) for w in words if w in SINGULAR
+        ]
+        truths = entry["truths"]
+        right = any(
+            2 * sum(any(o[kind] == value for o in t["objects"]) for t in truths) >= len(truths) for kind, value in named
+        )
+        figures["labelled"] += 1
+        figures["right"] += right
+        figures["examples"].append({"feature": feature, "label": entry["labels"][0], "right": right})
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +134,45 @@ def test_demo_features_localise_objects(demo_index):
         for layer, f in sorted(figures.items())
     )
     print(f"\nDEMO LOCALISATION {report}")
-    artifacts = Path(os.environ.get("CLIPSCOPE_ARTIFACTS", "test-artifacts"))
-    artifacts.mkdir(exist_ok=True)
-    (artifacts / "demo_localisation.json").write_text(json.dumps(figures, indent=2))
+    _artifact("demo_localisation.json", figures)
     assert set(figures) == {1, 3}
     for layer, f in figures.items():
         assert f["features"] >= 50, f"layer {layer}: too few object-selective features"
         assert f["fraction"] >= LOCALISATION_TARGET, report
+
+
+@pytest.mark.slow
+def test_demo_text_search_finds_colour_and_shape(demo_index):
+    precision = search_precision(*demo_index)
+    mean = sum(precision.values()) / len(precision)
+    worst = sorted(precision.items(), key=lambda item: item[1])[:3]
+    print(f"\nDEMO SEARCH precision@10 {mean:.3f} over {len(precision)} colour + shape queries; lowest {worst}")
+    _artifact("demo_search_precision.json", {"mean": mean, "queries": precision})
+    assert len(precision) == len(OBJECT_COLOURS) * len(SHAPES)
+    assert mean >= PRECISION_TARGET, worst
+
+
+@pytest.mark.slow
+def test_demo_zero_shot_labels_name_objects(demo_index):
+    figures = zero_shot_accuracy(*demo_index)
+    labelled = sum(f["labelled"] for f in figures.values())
+    right = sum(f["right"] for f in figures.values())
+    report = "; ".join(
+        f"layer {layer}: {f['right']} of {f['labelled']} labelled ({f['features']} object-selective features)"
+        for layer, f in sorted(figures.items())
+    )
+    print(f"\nDEMO ZERO-SHOT {report}")
+    _artifact("demo_zero_shot.json", figures)
+    assert set(figures) == {1, 3}
+    if labelled < MIN_ZERO_SHOT_LABELLED:
+        pytest.xfail(f"too few object-selective features carry zero-shot labels to measure them: {report}")
+    assert right / labelled >= ZERO_SHOT_TARGET, report
+
+
+def _artifact(name: str, figures) -> None:
+    artifacts = Path(os.environ.get("CLIPSCOPE_ARTIFACTS", "test-artifacts"))
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / name).write_text(json.dumps(figures, indent=2))
 
 
 def test_demo_index_says_it_is_a_demo(demo_index):
@@ -75,3 +180,122 @@ def test_demo_index_says_it_is_a_demo(demo_index):
     assert json.loads(con.execute("SELECT value FROM meta WHERE key = 'demo'").fetchone()[0]) is True
     n_images = con.execute("SELECT n_images FROM layers WHERE layer = 1").fetchone()[0]
     assert n_images == 2000
+
+
+# ---- the demo CLIP's training, on a few scenes
+
+
+def test_training_forward_is_open_clips_encode_image():
+    """Training runs the frozen blocks once per image and the rest per step: together, in eval mode, exactly
+    open_clip's own encode_image."""
+    import open_clip
+    import torch
+
+    from clipscope_explorer.precompute.demo.train_clip import (
+        DEMO_FROZEN_BLOCKS,
+        demo_clip_config,
+        encode_frozen,
+        frozen_tokens,
+        normalise,
+    )
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**demo_clip_config()).eval()
+    pixels = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model.encode_image(normalise(pixels), normalize=True)
+        tokens = frozen_tokens(model.visual, pixels, DEMO_FROZEN_BLOCKS)
+        assert torch.equal(encode_frozen(model.visual, tokens, DEMO_FROZEN_BLOCKS), expected)
+
+
+def test_training_sees_the_images_as_open_clip_preprocesses_them(tmp_path):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, write_scenes
+    from clipscope_explorer.precompute.demo.train_clip import demo_clip_config, load_scenes, normalise
+
+    write_scenes(tmp_path / "images", 3)
+    model_dir = save_tiny_clip(tmp_path / "model", demo_clip_config())
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    pixels, captions, truths = load_scenes(tmp_path / "images", 3)
+    expected = torch.stack([preprocess(Image.open(tmp_path / "images" / f"{i:05d}.jpg")) for i in range(3)])
+    torch.testing.assert_close(normalise(pixels), expected, rtol=0, atol=1e-6)
+    assert captions[0] == (tmp_path / "images" / "00000.txt").read_text() and "objects" in truths[0]
+
+
+def test_balanced_batches_hold_each_pair_once_from_images_showing_only_it():
+    import random
+
+    from clipscope_explorer.precompute.demo.train_clip import balanced_batches
+
+    def scene(*pairs):
+        return {"objects": [{"colour": colour, "shape": shape} for colour, shape in pairs]}
+
+    truths = [
+        scene(("red", "circle")),
+        scene(("red", "circle"), ("blue", "square")),  # never drawn: both its pairs have images of their own
+        scene(("blue", "square"), ("blue", "square")),
+        scene(("green", "ring"), ("blue", "square")),  # the only green ring
+        scene(("red", "circle")),
+    ]
+    batches = balanced_batches(truths, random.Random(0))
+    seen = set()
+    for _ in range(6):
+        batch = next(batches)
+        assert [pair for _, pair in batch] == [("blue", "square"), ("green", "ring"), ("red", "circle")]
+        for image, (colour, shape) in batch:
+            assert any(o["colour"] == colour and o["shape"] == shape for o in truths[image]["objects"])
+            seen.add(image)
+    assert seen == {0, 2, 3, 4}
+
+
+def test_batch_texts_name_caption_pair_colour_and_shape():
+    import random
+
+    from clipscope_explorer.precompute.demo.train_clip import PROMPTS, batch_texts
+
+    batch = [(0, ("red", "circle")), (1, ("blue", "cross"))]
+    texts = batch_texts(
+        batch, ["a red circle on a plain backdrop", "two blue crosses on a noisy backdrop"], random.Random(1)
+    )
+    assert len(texts) == 4 * len(batch)
+
+    def names(text: str, *fillings: str) -> bool:
+        return any(text == prompt.format(filling) for prompt in PROMPTS for filling in fillings)
+
+    assert names(texts[0], "a red circle on a plain backdrop") and names(
+        texts[1], "two blue crosses on a noisy backdrop"
+    )
+    assert names(texts[2], "a red circle") and names(texts[3], "a blue cross")
+    assert names(texts[4], "red") and names(texts[5], "blue")
+    assert names(texts[6], "circle", "circles") and names(texts[7], "cross", "crosses")
+
+
+def test_training_is_repeatable_and_keeps_the_early_blocks(tmp_path):
+    import open_clip
+    import torch
+
+    from clipscope_explorer.precompute.demo.scenes import write_scenes
+    from clipscope_explorer.precompute.demo.train_clip import (
+        DEMO_FROZEN_BLOCKS,
+        TrainSettings,
+        demo_clip_config,
+        load_scenes,
+        train_clip,
+    )
+
+    write_scenes(tmp_path, 40)
+    scenes = load_scenes(tmp_path, 40)
+    settings = TrainSettings(steps=3, warmup_steps=1)
+    first = train_clip(demo_clip_config(), *scenes, settings, progress=False).state_dict()
+    second = train_clip(demo_clip_config(), *scenes, settings, progress=False).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(settings.seed)
+    initial = open_clip.model.CLIP(**demo_clip_config()).state_dict()
+    for name, value in first.items():
+        block = name.split(".")[3] if name.startswith("visual.transformer.resblocks.") else None
+        if block is not None:
+            assert torch.equal(value, initial[name]) == (int(block) < DEMO_FROZEN_BLOCKS), name
+    assert not torch.equal(first["text_projection"], initial["text_projection"])

@@ -32,6 +32,7 @@ JOB = {
     "clipscope_explorer.precompute.demo.build",
     "clipscope_explorer.precompute.demo.fit",
     "clipscope_explorer.precompute.demo.scenes",
+    "clipscope_explorer.precompute.demo.train_clip",
     "clipscope_explorer.precompute.distributed",
     "clipscope_explorer.precompute.finalize",
     "clipscope_explorer.precompute.job",

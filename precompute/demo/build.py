@@ -1,4 +1,4 @@
-"""The offline demo: procedural images, a tiny ViT, fitted SAEs, and the normal precompute.
+"""The offline demo: procedural images, a tiny CLIP trained on them, fitted SAEs, and the normal precompute.
 
 Every step is cached in the data folder, so a second run only serves. Nothing
 here is special-cased downstream: the model loads through open_clip's
@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from clipscope_explorer.precompute.demo.fit import FitSettings, collect_tokens, fit_topk_sae, save_fitted
-from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config, write_scenes
+from clipscope_explorer.precompute.demo.scenes import write_scenes
+from clipscope_explorer.precompute.demo.train_clip import train_demo_clip
 from clipscope_explorer.precompute.job import PrecomputeConfig, run
 from clipscope_explorer.precompute.model.checkpoints import CHECKPOINT_NAME
 from clipscope_explorer.precompute.model.vision import load_tower
@@ -21,10 +22,6 @@ from clipscope_explorer.precompute.sources import resolve_sources
 
 log = logging.getLogger(__name__)
 DEMO_LAYERS = (1, 3)
-DEMO_MODEL = dict(width=96, layers=4, heads=4)
-# Random positional embeddings of full size make most SAE features positional; weaker ones
-# leave the residual stream to the image content (measured: object localisation 8% -> 84-87%).
-DEMO_POSITION_SCALE = 0.1
 DEMO_FIT = FitSettings(n_features=512, k=8, steps=600, batch_tokens=4096, lr=2e-3)
 FIT_IMAGES = 600
 
@@ -43,7 +40,7 @@ def build_demo(data: Path, n_images: int = 2000, fresh: bool = False, progress: 
     images = write_scenes(data / "images", n_images)
     model_dir = data / "model"
     if fresh or not (model_dir / "open_clip_pytorch_model.bin").is_file():
-        save_tiny_clip(model_dir, tiny_clip_config(**DEMO_MODEL), seed=0, position_scale=DEMO_POSITION_SCALE)
+        train_demo_clip(model_dir, images, n_images, progress=progress)
     model = f"local-dir:{model_dir}"
     sae_dir = data / "sae"
     todo = [layer for layer in DEMO_LAYERS if fresh or not _has_checkpoint(sae_dir / f"{layer}_resid")]

@@ -1,4 +1,4 @@
-"""Small open_clip models saved in the hub layout, for the offline demo and tests.
+"""Small open_clip models saved in the hub layout, and the offline demo's procedural images.
 
 `save_tiny_clip` writes ``open_clip_config.json`` and
 ``open_clip_pytorch_model.bin`` exactly as a hub repo holds them, so the model
@@ -17,9 +17,18 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def tiny_clip_config(
-    width: int = 64, layers: int = 4, heads: int = 4, image_size: int = 224, patch_size: int = 14
+    width: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    image_size: int = 224,
+    patch_size: int = 14,
+    pool_type: str = "tok",
+    text_width: int = 32,
+    text_heads: int = 2,
+    context_length: int = 77,
 ) -> dict:
-    """An open_clip model config with a small vision tower (257 tokens at the defaults)."""
+    """An open_clip model config with a small vision tower (257 tokens at the defaults) and a
+    one-block text tower over open_clip's own vocabulary (its default tokenizer)."""
     return {
         "embed_dim": 32,
         "vision_cfg": {
@@ -28,8 +37,15 @@ def tiny_clip_config(
             "width": width,
             "patch_size": patch_size,
             "head_width": width // heads,
+            "pool_type": pool_type,
         },
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": text_width,
+            "heads": text_heads,
+            "layers": 1,
+        },
     }
 
 
@@ -40,7 +56,8 @@ def save_tiny_clip(
     state_dict: dict | None = None,
     position_scale: float = 1.0,
 ) -> Path:
-    """Save a CLIP model in the hub layout; random weights from `seed` unless given.
+    """Save a CLIP model in the hub layout: the given weights (a trained model's state dict), or
+    random ones from `seed`.
 
     position_scale scales the vision tower's random positional embedding (the demo
     weakens it so that content, not position, dominates the residual stream).
