@@ -127,36 +127,25 @@ def build_index(path) -> None:
                 )
             print(f"  layer {layer} written", flush=True)
         pool = thumbnails(500, rng)
+
+        def metadata(start: int, stop: int) -> dict:
+            ids = np.arange(start, stop, dtype=np.int32)
+            return {
+                "image_id": ids,
+                "source": ["laion/00000.tar"] * len(ids),
+                "key": [f"{i:09d}" for i in ids],
+                "url": [f"https://example.org/{i}.jpg" for i in ids],
+                "caption": [f"synthetic image {i}" for i in ids],
+                "width": np.full(len(ids), 640, np.int32),
+                "height": np.full(len(ids), 480, np.int32),
+            }
+
         for start in range(0, N_IMAGES, 10_000):
-            ids = np.arange(start, min(start + 10_000, N_IMAGES), dtype=np.int32)
-            writer.add_rows(
-                "images",
-                {
-                    "image_id": ids,
-                    "source": ["laion/00000.tar"] * len(ids),
-                    "key": [f"{i:09d}" for i in ids],
-                    "url": [f"https://example.org/{i}.jpg" for i in ids],
-                    "caption": [f"synthetic image {i}" for i in ids],
-                    "width": np.full(len(ids), 640, np.int32),
-                    "height": np.full(len(ids), 480, np.int32),
-                    "thumbnail": [pool[i % len(pool)] for i in ids],
-                },
-            )
+            shown = metadata(start, min(start + 10_000, N_IMAGES))
+            writer.add_rows("images", {**shown, "thumbnail": [pool[i % len(pool)] for i in shown["image_id"]]})
         for start in range(0, N_SAMPLES, 100_000):  # every encoded image, most not shown by any feature
-            ids = np.arange(start, min(start + 100_000, N_SAMPLES), dtype=np.int32)
-            writer.add_rows(
-                "samples",
-                {
-                    "image_id": ids,
-                    "source": ["laion/00000.tar"] * len(ids),
-                    "key": [f"{i:09d}" for i in ids],
-                    "url": [f"https://example.org/{i}.jpg" for i in ids],
-                    "caption": [f"synthetic image {i}" for i in ids],
-                    "width": np.full(len(ids), 640, np.int32),
-                    "height": np.full(len(ids), 480, np.int32),
-                    "embedding": [None] * len(ids),  # built without embeddings
-                },
-            )
+            encoded = metadata(start, min(start + 100_000, N_SAMPLES))
+            writer.add_rows("samples", {**encoded, "embedding": [None] * len(encoded["image_id"])})  # no embeddings
         writer.put_meta(
             model={"name": "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", "pretrained": None},
             sae={"source": "lewington/CLIP-ViT-L-scope", "checkpoint": 1200013184},
