@@ -38,11 +38,11 @@ def validate(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[dict, dict[int
         raise IndexOpenError(str(error)) from error
 
 
-def check_index(path: str | Path) -> None:
-    """Raise `IndexOpenError` (one line) unless `path` is a servable index."""
+def check_index(path: str | Path) -> dict:
+    """The index's meta; raise `IndexOpenError` (one line) unless `path` is a servable index."""
     path = Path(path)
     con = connect(path)
     try:
-        validate(con, path)
+        return validate(con, path)[0]
     finally:
         con.close()

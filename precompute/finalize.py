@@ -112,7 +112,7 @@ def _meaning(components, config, workdir, chosen: dict, sample_ordinals: np.ndar
     if text.dim != dim:
         log.warning("no zero-shot labels: text embeddings have %d dimensions, image embeddings %d", text.dim, dim)
         return meaning
-    from clipscope_explorer.precompute.zero_shot import MIN_MARGIN, TEMPLATE, default_baseline_quantile
+    from clipscope_explorer.precompute.zero_shot import FALSE_LABEL_RATE, TEMPLATE
 
     meaning.term_vectors = text.encode([TEMPLATE.format(t) for t, _, _ in meaning.terms]).vectors
     meaning.zero_shot_meta = {
@@ -121,8 +121,7 @@ def _meaning(components, config, workdir, chosen: dict, sample_ordinals: np.ndar
         "min_count": config.zero_shot_min_count,
         "user_vocabulary": None if config.vocabulary is None else str(config.vocabulary),
         "max_labels": MAX_ZERO_SHOT_LABELS,
-        "baseline_quantile": default_baseline_quantile(len(meaning.terms)),
-        "min_margin": MIN_MARGIN,
+        "false_label_rate": FALSE_LABEL_RATE,
     }
     return meaning
 

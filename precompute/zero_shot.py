@@ -2,8 +2,9 @@
 
 The vocabulary is the words and two-word phrases of the sample's captions (same tokenisation and stopwords as
 the caption-word labels of precompute/labels.py) plus an optional user list. A term labels a feature when the
-feature's prototype scores it far above what prototypes of random images score it (the shuffled baseline), and
-the labels stand clear of every term not shown (the margin). Torch-free: the text embeddings come in as arrays.
+feature's prototype scores it further above what prototypes of random images score it (the shuffled baseline)
+than all but 5 % of those random prototypes score their own best term. Torch-free: the text embeddings come in
+as arrays.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
@@ -21,8 +21,7 @@ from clipscope_explorer.precompute.labels import STOPWORDS, WORD
 TEMPLATE = "a photo of {}"
 MAX_TRACKED_TERMS = 1_000_000  # distinct terms counted at once: about 150-200 MB of Python dict
 MAX_USER_TERM_CHARS = 100
-FALSE_LABEL_RATE = 0.05  # default baseline: a feature of random images gets any label this rarely (normal model)
-MIN_MARGIN = 1.0  # labels stand this many null standard deviations above every term not shown
+FALSE_LABEL_RATE = 0.05  # at most this share of random-image prototypes gets any label
 SD_FLOOR = 1e-4  # cosine units: a term whose null scores barely vary is not thereby infinitely significant
 CHUNK_BYTES = 128 * 2**20  # one chunk's feature x term float32 scores
 
@@ -169,24 +168,21 @@ def read_user_vocabulary(path: str | Path) -> list[str]:
 
 @dataclass(frozen=True)
 class NullBaseline:
-    """Per term, how prototypes of random images (the null prototypes) score it.
+    """How prototypes of random images (the null prototypes) score the vocabulary.
 
-    `mean` and `sd` (floored at SD_FLOOR) are the term's cosine over the null prototypes; a feature's excess
-    for the term is (cosine - mean) / sd. `threshold` is the excess a candidate must exceed: the larger of the
-    normal quantile `quantile` (z) and the excess of the best null prototype for that term.
+    `mean` and `sd` (floored at SD_FLOOR) are each term's cosine over the null prototypes; a prototype's excess
+    for a term is (cosine - mean) / sd. `threshold` is the excess a label must exceed: the (1 -
+    false_label_rate) quantile, over the null prototypes, of each one's best excess across the whole vocabulary.
+    So at most that share of random-image prototypes would get any label, measured on them rather than assumed
+    from a normal model with a correction for the vocabulary's size: CLIP's scores of related terms move
+    together, which a per-term correction would count as independent tests and over-correct.
     """
 
     mean: np.ndarray  # [V] float32
     sd: np.ndarray  # [V] float32
-    threshold: np.ndarray  # [V] float32, in excess units
-    quantile: float
+    threshold: float
+    false_label_rate: float
     n_null: int
-
-
-def default_baseline_quantile(n_terms: int, false_label_rate: float = FALSE_LABEL_RATE) -> float:
-    """Bonferroni over the vocabulary: a feature of random images passes the baseline for any term with
-    probability at most `false_label_rate` when null scores are normal."""
-    return 1.0 - false_label_rate / max(1, n_terms)
 
 
 def _unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,12 +209,12 @@ def _unit_terms(term_vectors: np.ndarray, terms: list[str]) -> np.ndarray:
 def null_baseline(
     term_vectors: np.ndarray,
     null_prototypes: np.ndarray,
-    baseline_quantile: float | None = None,
+    false_label_rate: float = FALSE_LABEL_RATE,
     *,
     chunk_rows: int | None = None,
 ) -> NullBaseline:
     """The per-term null distribution of cosines over `null_prototypes` (invalid rows dropped; at least two
-    needed). `baseline_quantile` defaults to default_baseline_quantile(V)."""
+    needed), and the label threshold that `false_label_rate` of them would exceed at most."""
     units = _unit_terms(term_vectors, [""] * len(term_vectors))
     nulls, valid = _unit_rows(null_prototypes)
     nulls = nulls[valid]
@@ -226,25 +222,31 @@ def null_baseline(
         raise ValueError("at least two valid null prototypes are needed for the zero-shot baseline")
     if nulls.shape[1] != units.shape[1]:
         raise ValueError(f"null prototypes have {nulls.shape[1]} dims, term vectors {units.shape[1]}")
-    quantile = default_baseline_quantile(len(units)) if baseline_quantile is None else float(baseline_quantile)
-    if not 0.5 < quantile < 1.0:
-        raise ValueError(f"baseline_quantile must lie in (0.5, 1); got {quantile}")
+    if not 0.0 < false_label_rate < 0.5:
+        raise ValueError(f"false_label_rate must lie in (0, 0.5); got {false_label_rate}")
     total = np.zeros(len(units))
     squares = np.zeros(len(units))
-    best = np.full(len(units), -np.inf)
     rows = chunk_rows or max(1, CHUNK_BYTES // (16 * len(units)))  # float32 scores and their float64 copy
     for start in range(0, len(nulls), rows):
         scores = (nulls[start : start + rows] @ units.T).astype(np.float64)
         total += scores.sum(axis=0)
-        best = np.maximum(best, scores.max(axis=0))
         scores *= scores
         squares += scores.sum(axis=0)
     n = len(nulls)
     mean = total / n
     sd = np.maximum(np.sqrt(np.maximum(squares - n * mean**2, 0.0) / (n - 1)), SD_FLOOR)
-    z = NormalDist().inv_cdf(quantile)
-    threshold = np.maximum(z, (best - mean) / sd)
-    return NullBaseline(mean.astype(np.float32), sd.astype(np.float32), threshold.astype(np.float32), quantile, n)
+    mean, sd = mean.astype(np.float32), sd.astype(np.float32)
+    best = np.concatenate([_excess(nulls[s : s + rows], units, mean, sd).max(axis=1) for s in range(0, n, rows)])
+    above = int(np.floor(n * false_label_rate + 1e-9))  # null maxima allowed above the threshold
+    threshold = float(np.partition(best, n - 1 - above)[n - 1 - above])
+    return NullBaseline(mean, sd, threshold, float(false_label_rate), n)
+
+
+def _excess(units: np.ndarray, terms_units: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    excess = units @ terms_units.T
+    excess -= mean
+    excess /= sd
+    return excess
 
 
 def _top_excess(excess: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,23 +262,18 @@ def _top_excess(excess: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _chunk_labels(
-    units: np.ndarray, valid: np.ndarray, terms_units: np.ndarray, baseline: NullBaseline, max_labels: int, min_margin
+    units: np.ndarray, valid: np.ndarray, terms_units: np.ndarray, baseline: NullBaseline, max_labels: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
     """Per row of a chunk: (term indices, cosines, margins, number of labels)."""
-    excess = units @ terms_units.T
-    excess -= baseline.mean
-    excess /= baseline.sd
-    shown = min(max_labels, len(terms_units) - 1)  # one term at least must stay out to measure the margin
-    index, value = _top_excess(excess, shown + 1)
-    passes = np.logical_and.accumulate(value[:, :shown] > baseline.threshold[index[:, :shown]], axis=1)
-    clear = passes & (value[:, :shown] - value[:, 1 : shown + 1] >= min_margin)
-    # the most labels that all pass the baseline and stand clear of the next term by min_margin
-    count = np.where(clear.any(axis=1), shown - np.argmax(clear[:, ::-1], axis=1), 0)
+    excess = _excess(units, terms_units, baseline.mean, baseline.sd)
+    shown = min(max_labels, len(terms_units))
+    index, value = _top_excess(excess, shown)
+    count = (value > baseline.threshold).sum(axis=1)  # values are sorted: the passing ones come first
     count[~valid] = 0
-    cosines = np.einsum("nd,nkd->nk", units, terms_units[index[:, :shown]])
+    cosines = np.einsum("nd,nkd->nk", units, terms_units[index])
     for row in range(len(units)):
         n = int(count[row])
-        yield index[row, :n], cosines[row, :n], value[row, :n] - value[row, n], n
+        yield index[row, :n], cosines[row, :n], value[row, :n] - baseline.threshold, n
 
 
 def zero_shot_labels(
@@ -286,39 +283,36 @@ def zero_shot_labels(
     null_prototypes: np.ndarray | None,
     max_labels: int,
     *,
-    baseline_quantile: float | None = None,
-    min_margin: float = MIN_MARGIN,
+    false_label_rate: float = FALSE_LABEL_RATE,
     baseline: NullBaseline | None = None,
     chunk_rows: int | None = None,
 ) -> list[list[tuple[str, float, float]]]:
     """Per prototype row, its zero-shot labels (text, score, margin), best first, at most `max_labels`.
 
     score: cosine between the prototype and the term's text embedding. Terms rank by excess, (score - mean) /
-    sd of that term's scores over the null prototypes (NullBaseline). Labels are the longest prefix of that
-    ranking, at most `max_labels` long, whose terms all exceed the baseline threshold and whose last term's
-    excess exceeds the next term's by at least `min_margin`. margin: the label's excess minus the excess of the
-    best term not shown, in null standard deviations (so >= min_margin). Near-synonyms can therefore be labels
-    together; a feature whose best terms trail off without a gap gets none. A row that is all zeros or holds a
+    sd of that term's scores over the null prototypes (NullBaseline); the labels are the best `max_labels`
+    terms whose excess is above the baseline's threshold. margin: how far above it, in null standard
+    deviations. Near-synonyms ("red", "red circle") can be labels together. A row that is all zeros or holds a
     NaN (no prototype) gets []. `baseline` (from null_baseline) replaces `null_prototypes` and
-    `baseline_quantile` when given. Features are scored `chunk_rows` at a time (default: CHUNK_BYTES of
-    float32 scores), so memory stays bounded whatever the number of features.
+    `false_label_rate` when given. Features are scored `chunk_rows` at a time (default: CHUNK_BYTES of float32
+    scores), so memory stays bounded whatever the number of features.
     """
     terms_units = _unit_terms(term_vectors, terms)
     if baseline is None:
         if null_prototypes is None:
             raise ValueError("zero_shot_labels needs null_prototypes or a baseline")
-        baseline = null_baseline(terms_units, null_prototypes, baseline_quantile)
+        baseline = null_baseline(terms_units, null_prototypes, false_label_rate)
     elif len(baseline.mean) != len(terms):
         raise ValueError(f"the baseline covers {len(baseline.mean)} terms, not {len(terms)}")
     prototypes = np.asarray(prototypes)
     if prototypes.ndim != 2 or (len(prototypes) and prototypes.shape[1] != terms_units.shape[1]):
         raise ValueError(f"prototypes must be [F, {terms_units.shape[1]}]; got {prototypes.shape}")
-    if max_labels <= 0 or len(terms) < 2:
+    if max_labels <= 0 or not terms:
         return [[] for _ in range(len(prototypes))]
     rows = chunk_rows or max(1, min(4096, CHUNK_BYTES // (4 * len(terms))))
     labels = []
     for start in range(0, len(prototypes), rows):
         units, valid = _unit_rows(prototypes[start : start + rows])
-        for index, cosines, margins, n in _chunk_labels(units, valid, terms_units, baseline, max_labels, min_margin):
+        for index, cosines, margins, n in _chunk_labels(units, valid, terms_units, baseline, max_labels):
             labels.append([(terms[int(index[j])], float(cosines[j]), float(margins[j])) for j in range(n)])
     return labels

@@ -59,8 +59,7 @@ ZERO_SHOT = {
     "min_count": 1,
     "user_vocabulary": None,
     "max_labels": 3,
-    "baseline_quantile": 0.99,
-    "min_margin": 1.0,
+    "false_label_rate": 0.05,
     "n_null": 3,
 }
 

@@ -2,7 +2,6 @@
 per-feature reference, hand-computed excesses, and brute-force caption counts."""
 
 from collections import Counter
-from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -45,16 +44,17 @@ class World:
         return unit(direction + noise * unit(self.rng.standard_normal(direction.shape))).astype(np.float32)
 
 
-def reference_labels(prototypes, vectors, terms, nulls, max_labels, quantile, min_margin):
-    """The rule written out per feature in float64: rank terms by excess over their null, take the longest
-    prefix (<= max_labels) of passing terms that ends on a gap >= min_margin."""
+def reference_labels(prototypes, vectors, terms, nulls, max_labels, rate):
+    """The rule written out per feature in float64: rank terms by excess over their null; the threshold is the
+    smallest null maximum that at most `rate` of the null prototypes' best excesses lie above; the labels are
+    the best `max_labels` terms above it."""
     vectors = unit(vectors.astype(np.float64))
     nulls = unit(nulls.astype(np.float64))
     null_scores = nulls @ vectors.T
     mean = null_scores.mean(axis=0)
     sd = np.maximum(null_scores.std(axis=0, ddof=1), SD_FLOOR)
-    best_null = null_scores.max(axis=0)
-    z = NormalDist().inv_cdf(quantile)
+    null_best = sorted(((null_scores - mean) / sd).max(axis=1))
+    threshold = next(t for t in null_best if sum(b > t for b in null_best) <= rate * len(null_best))
     out = []
     for prototype in prototypes.astype(np.float64):
         if not np.isfinite(prototype).all() or not prototype.any():
@@ -62,14 +62,8 @@ def reference_labels(prototypes, vectors, terms, nulls, max_labels, quantile, mi
             continue
         score = vectors @ (prototype / np.linalg.norm(prototype))
         excess = (score - mean) / sd
-        order = sorted(range(len(terms)), key=lambda v: (-excess[v], v))
-        chosen = []
-        for n in range(1, min(max_labels, len(terms) - 1) + 1):
-            top, after = order[:n], order[n]
-            passing = all(excess[v] > z and score[v] > best_null[v] for v in top)
-            if passing and excess[top[-1]] - excess[after] >= min_margin:
-                chosen = [(terms[v], score[v], excess[v] - excess[after]) for v in top]
-        out.append(chosen)
+        order = sorted(range(len(terms)), key=lambda v: (-excess[v], v))[:max_labels]
+        out.append([(terms[v], score[v], excess[v] - threshold) for v in order if excess[v] > threshold])
     return out
 
 
@@ -91,10 +85,12 @@ def test_planted_terms_are_labelled_and_random_features_are_not():
         [f"t{i}", f"t{i + 1}"] for i in range(30, 60, 2)
     ]
     for row in labels:
-        assert all(margin >= 1.0 for _, _, margin in row)
-    # features drawn like the null prototypes: the default baseline bounds how many get any label
+        assert all(margin > 0 for _, _, margin in row)
+    # features drawn like the null prototypes get any label about as often as the rate says: 400 null
+    # prototypes set the threshold, so the rate of 2,000 fresh ones lies within a few binomial sd of it
     random_features = zero_shot_labels(world.mixtures(2000), world.vectors, world.terms, world.nulls, 5)
-    assert np.mean([bool(row) for row in random_features]) <= FALSE_LABEL_RATE
+    rate = np.mean([bool(row) for row in random_features])
+    assert FALSE_LABEL_RATE - 0.03 <= rate <= FALSE_LABEL_RATE + 0.03, rate
 
 
 def test_missing_prototypes_get_no_labels():
@@ -117,25 +113,18 @@ def test_chunked_vectorised_labels_equal_the_per_feature_reference(chunk_rows):
         ]
     )
     prototypes[5, 3] = np.nan
-    for max_labels, quantile, min_margin in [(5, None, 1.0), (1, 0.999, 0.5), (3, 0.99, 0.0)]:
+    for max_labels, rate in [(5, FALSE_LABEL_RATE), (1, 0.01), (3, 0.2)]:
         got = zero_shot_labels(
             prototypes.astype(np.float16),  # stored prototypes are float16; scoring converts per chunk
             world.vectors,
             world.terms,
             world.nulls,
             max_labels,
-            baseline_quantile=quantile,
-            min_margin=min_margin,
+            false_label_rate=rate,
             chunk_rows=chunk_rows,
         )
         expected = reference_labels(
-            prototypes.astype(np.float16),
-            world.vectors,
-            world.terms,
-            world.nulls,
-            max_labels,
-            quantile or 1 - FALSE_LABEL_RATE / 80,
-            min_margin,
+            prototypes.astype(np.float16), world.vectors, world.terms, world.nulls, max_labels, rate
         )
         assert_same_labels(got, expected)
         assert sum(map(bool, got)) >= 20  # the comparison is not vacuous
@@ -143,55 +132,46 @@ def test_chunked_vectorised_labels_equal_the_per_feature_reference(chunk_rows):
 
 def hand_baseline(threshold):
     """Orthonormal term vectors with null mean 0 and sd 0.05: a feature's excess is 20 x its coordinate."""
-    threshold = np.asarray(threshold, np.float32)
-    return NullBaseline(
-        np.zeros(len(threshold), np.float32), np.full(len(threshold), 0.05, np.float32), threshold, 0.99, 100
-    )
+    return NullBaseline(np.zeros(4, np.float32), np.full(4, 0.05, np.float32), threshold, 0.05, 100)
 
 
 @pytest.mark.parametrize(
-    "coordinates, max_labels, threshold, expected",
+    "coordinates, max_labels, expected",
     [
-        # excesses 10, 2, 1, 0: one clear term, its margin over the runner-up
-        ([0.5, 0.1, 0.05, 0.0], 3, 2.5, [("a", 0.5, 8.0)]),
-        # 10, 9.6, 2, 1: near-synonyms labelled together, each margin over the best term not shown
-        ([0.5, 0.48, 0.1, 0.05], 3, 2.5, [("a", 0.5, 8.0), ("b", 0.48, 7.6)]),
-        # 10, 9.6, 6, 4: three pass and the third stands 2 above the fourth
-        ([0.5, 0.48, 0.3, 0.2], 3, 2.5, [("a", 0.5, 6.0), ("b", 0.48, 5.6), ("c", 0.3, 2.0)]),
-        # ... with two labels allowed, the prefix of two ends on a 3.6 gap
-        ([0.5, 0.48, 0.3, 0.2], 2, 2.5, [("a", 0.5, 4.0), ("b", 0.48, 3.6)]),
-        # 10, 9.4, 8.8, 8.2: the terms trail off without a gap of 1, so no label
-        ([0.5, 0.47, 0.44, 0.41], 3, 2.5, []),
-        # 2.4: a gap, but below the baseline threshold
-        ([0.12, 0.02, 0.0, 0.0], 3, 2.5, []),
-        # 10, 2.4, 0, 0: the second term has a gap below it but fails the baseline: only the first
-        ([0.5, 0.12, 0.0, 0.0], 3, 2.5, [("a", 0.5, 7.6)]),
-        # the best term fails its own threshold (a null prototype beat it): the prefix is broken, no label
-        ([0.5, 0.3, 0.0, 0.0], 3, [11.0, 2.5, 2.5, 2.5], []),
+        # excesses 10, 2, 1, 0 against a threshold of 2.5: one term, 7.5 above it
+        ([0.5, 0.1, 0.05, 0.0], 3, [("a", 0.5, 7.5)]),
+        # 10, 9.6, 2, 1: near-synonyms labelled together
+        ([0.5, 0.48, 0.1, 0.05], 3, [("a", 0.5, 7.5), ("b", 0.48, 7.1)]),
+        # 10, 9.4, 8.8, 8.2: all pass; at most max_labels, best first
+        ([0.5, 0.47, 0.44, 0.41], 3, [("a", 0.5, 7.5), ("b", 0.47, 6.9), ("c", 0.44, 6.3)]),
+        ([0.5, 0.47, 0.44, 0.41], 1, [("a", 0.5, 7.5)]),
+        # 2.4: below the threshold
+        ([0.12, 0.02, 0.0, 0.0], 3, []),
+        # ranked by excess, not by term order
+        ([0.1, 0.3, 0.0, 0.2], 3, [("b", 0.3, 3.5), ("d", 0.2, 1.5)]),
     ],
 )
-def test_labels_are_the_passing_prefix_that_ends_on_a_gap(coordinates, max_labels, threshold, expected):
+def test_labels_are_the_best_terms_above_the_threshold(coordinates, max_labels, expected):
     terms = ["a", "b", "c", "d"]
     prototype = np.array([[*coordinates, np.sqrt(1 - np.sum(np.square(coordinates)))]], np.float32)
     vectors = np.eye(5, dtype=np.float32)[:4]
-    baseline = hand_baseline(np.broadcast_to(threshold, 4))
-    labels = zero_shot_labels(prototype, vectors, terms, None, max_labels, baseline=baseline)[0]
+    labels = zero_shot_labels(prototype, vectors, terms, None, max_labels, baseline=hand_baseline(2.5))[0]
     assert [t for t, _, _ in labels] == [t for t, _, _ in expected]
     for (_, score, margin), (_, want_score, want_margin) in zip(labels, expected):
         assert score == pytest.approx(want_score, abs=1e-5)
         assert margin == pytest.approx(want_margin, abs=1e-4)
 
 
-def test_null_baseline_is_each_terms_mean_sd_and_quantile():
+def test_null_baseline_is_each_terms_mean_sd_and_the_null_maxima_quantile():
     world = World(seed=4, d=16, n_terms=20, n_null=50)
-    baseline = null_baseline(world.vectors, np.concatenate([world.nulls, np.zeros((3, 16), np.float32)]), 0.99)
+    baseline = null_baseline(world.vectors, np.concatenate([world.nulls, np.zeros((3, 16), np.float32)]), 0.1)
     scores = unit(world.nulls.astype(np.float64)) @ unit(world.vectors.astype(np.float64)).T
     assert baseline.n_null == 50
     np.testing.assert_allclose(baseline.mean, scores.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(baseline.sd, scores.std(axis=0, ddof=1), rtol=1e-4)
-    best = (scores.max(axis=0) - scores.mean(axis=0)) / scores.std(axis=0, ddof=1)
-    np.testing.assert_allclose(baseline.threshold, np.maximum(NormalDist().inv_cdf(0.99), best), rtol=1e-4)
-    assert null_baseline(world.vectors, world.nulls).quantile == pytest.approx(1 - FALSE_LABEL_RATE / 20)
+    best = np.sort(((scores - scores.mean(axis=0)) / scores.std(axis=0, ddof=1)).max(axis=1))
+    assert baseline.threshold == pytest.approx(best[-6], rel=1e-4)  # 5 of 50 (10 %) lie above it
+    assert (best > baseline.threshold + 1e-4).sum() == 5
 
 
 def test_bad_label_inputs_are_refused_clearly():
@@ -205,8 +185,8 @@ def test_bad_label_inputs_are_refused_clearly():
     vectors[2] = 0
     with pytest.raises(ValueError, match="'t2' has no usable text embedding"):
         zero_shot_labels(prototypes, vectors, world.terms, world.nulls, 3)
-    with pytest.raises(ValueError, match="baseline_quantile"):
-        zero_shot_labels(prototypes, world.vectors, world.terms, world.nulls, 3, baseline_quantile=1.0)
+    with pytest.raises(ValueError, match="false_label_rate"):
+        zero_shot_labels(prototypes, world.vectors, world.terms, world.nulls, 3, false_label_rate=0.5)
     assert zero_shot_labels(prototypes, world.vectors, world.terms, world.nulls, 0) == [[], []]
     assert zero_shot_labels(np.zeros((0, 8), np.float32), world.vectors, world.terms, world.nulls, 3) == []
 

@@ -56,3 +56,10 @@ def unavailable(index: Index, status: Status) -> HTTPException:
     Retry-After while loading)."""
     headers = {"Retry-After": str(RETRY_SECONDS)} if status.state == "loading" else None
     return HTTPException(503, index.names.text(status.message), headers=headers)
+
+
+def explain(index: Index, status: Status, detail: bool) -> str:
+    """Why search by meaning cannot run, for the HTML page (its message); the JSON twin raises its 503."""
+    if detail:
+        raise unavailable(index, status)
+    return index.names.text(status.message)

@@ -17,7 +17,7 @@ import ctypes
 import logging
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
@@ -158,14 +158,10 @@ class MeaningService:
 
     def _load_tower(self) -> None:
         try:
-            from clipscope_explorer.precompute.model.precision import resolve_precision  # torch loads here
-            from clipscope_explorer.precompute.model.text import load_text_tower
-            from clipscope_explorer.precompute.model.vision import ModelSpec, resolve_device
+            from clipscope_explorer.app.meaning.tower_process import RemoteTextTower
 
-            device = resolve_device(self.spec.device)
-            precision = resolve_precision(self.spec.precision, device, self.spec.index_precision)
-            tower = load_text_tower(ModelSpec(self.spec.model, self.spec.pretrained), device, precision)
-            release_freed_memory()  # the loader built the whole CLIP model, then dropped its vision half
+            remote = RemoteTextTower.from_environment()  # set by `serve`: one tower for all its workers
+            tower = remote.connect() if remote else load_tower_for(asdict(self.spec))
             if self.dim is not None and tower.dim != self.dim:
                 raise ValueError(
                     f"it embeds text in {tower.dim} dimensions, the index's images in {self.dim}: not the index's model"
@@ -175,9 +171,9 @@ class MeaningService:
             self.text_state = "failed"
             log.warning("search by meaning disabled: %s", _first(error))
         else:
-            self.scorer, self._tried_fast = _fast_scorer(tower.dim) or self.scorer, True
+            self.scorer, self._tried_fast = _fast_scorer(tower.dim) or self.scorer, True  # torch loads here
             self.tower, self.text_state = tower, "ready"
-            log.info("text tower ready: %s (%s)", self.spec.model, precision)
+            log.info("text tower ready: %s (%s)%s", self.spec.model, tower.precision, " shared" if remote else "")
         finally:
             self._done["text"].set()
 
@@ -240,7 +236,12 @@ class MeaningService:
 
     def _embed_uncached(self, template: str, q: str) -> tuple[np.ndarray, bool]:
         with self._encode_lock:  # one forward pass at a time: they would only share the same cores
-            embedding = self.tower.encode([prompt(q, template)])
+            try:
+                embedding = self.tower.encode([prompt(q, template)])
+            except (OSError, EOFError, RuntimeError) as error:  # the shared tower process stopped answering
+                log.warning("the text tower did not answer: %s", _first(error))
+                message = f"CLIP's text tower did not answer, so search by meaning is off for now: {_first(error)}"
+                raise MeaningUnavailable(Status("failed", message)) from error
         vector = embedding.vectors[0]
         vector.setflags(write=False)
         return vector, bool(embedding.truncated[0])
@@ -306,6 +307,19 @@ def _fast_scorer(dim: int) -> Scorer | None:
         return TorchScorer()
     log.warning("torch's float16 product exceeds its error bound here: search by meaning scans with numpy")
     return None
+
+
+def load_tower_for(spec: dict) -> TextTower:
+    """The text tower a `TextSpec` (as a dict) names, loaded in this process (torch loads here)."""
+    from clipscope_explorer.precompute.model.precision import resolve_precision
+    from clipscope_explorer.precompute.model.text import load_text_tower
+    from clipscope_explorer.precompute.model.vision import ModelSpec, resolve_device
+
+    device = resolve_device(spec["device"])
+    precision = resolve_precision(spec["precision"], device, spec["index_precision"])
+    tower = load_text_tower(ModelSpec(spec["model"], spec["pretrained"]), device, precision)
+    release_freed_memory()  # the loader built the whole CLIP model, then dropped its vision half
+    return tower
 
 
 def release_freed_memory() -> None:

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from clipscope_explorer.app.deps import IndexDep, JsonTwin, SettingsDep, UrlsDep
-from clipscope_explorer.app.meaning.info import MeaningDep, MeaningInfo, Template, meaning_info, unavailable
+from clipscope_explorer.app.meaning.info import MeaningDep, MeaningInfo, Template, explain, meaning_info
 from clipscope_explorer.app.meaning.prompts import DEFAULT_TEMPLATE, MAX_QUERY_CHARS, clean_text
-from clipscope_explorer.app.meaning.service import MeaningService
+from clipscope_explorer.app.meaning.service import MeaningService, MeaningUnavailable
 from clipscope_explorer.app.models import ImageHit, image_hits
 from clipscope_explorer.app.pages.twins import page
 from clipscope_explorer.app.queries import Index
@@ -46,13 +46,15 @@ def image_search(
     if not text:
         message = "Type what the images should show, e.g. “a dog on a beach”." if q.strip() else None
     elif not status.ready:
-        if detail:
-            raise unavailable(index, status)
-        message = index.names.text(status.message)
+        message = explain(index, status, detail)
     else:
-        ranking = service.images(text, template)
-        hits = image_hits(index, urls, zip(ranking.ids[:limit, 0], ranking.scores[:limit]))
-        truncated = ranking.truncated
+        try:
+            ranking = service.images(text, template)
+        except MeaningUnavailable as error:  # the text tower stopped answering
+            message = explain(index, error.status, detail)
+        else:
+            hits = image_hits(index, urls, zip(ranking.ids[:limit, 0], ranking.scores[:limit]))
+            truncated = ranking.truncated
     return ImageSearchPage(
         q=q,
         template=template,

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, BeforeValidator, Field
 
 from clipscope_explorer.app.deps import IndexDep, JsonTwin, OptionalLayer, SettingsDep, UrlsDep, blank_is_none, words_of
-from clipscope_explorer.app.meaning.info import MeaningDep, MeaningInfo, Template, meaning_info, unavailable
+from clipscope_explorer.app.meaning.info import MeaningDep, MeaningInfo, Template, explain, meaning_info
 from clipscope_explorer.app.meaning.prompts import DEFAULT_TEMPLATE, clean_text
-from clipscope_explorer.app.meaning.service import MeaningService
+from clipscope_explorer.app.meaning.service import MeaningService, MeaningUnavailable
 from clipscope_explorer.app.models import FeatureSummary, feature_summary, round_sig
 from clipscope_explorer.app.pages.twins import Redirect, page
 from clipscope_explorer.app.queries import Index
@@ -137,18 +137,20 @@ def meaning_results(
     elif not text:
         message = message or ("Type what the features should respond to, e.g. “dog ears”." if q.strip() else None)
     elif not status.ready:
-        if detail:
-            raise unavailable(index, status)
-        message = index.names.text(status.message)
+        message = explain(index, status, detail)
     else:
-        ranking = service.features(text, template, layer)
-        truncated, more = ranking.truncated, len(ranking.ids) > limit
-        results = [
-            SearchResult(
-                **feature_summary(index, urls, row).model_dump(), match="meaning", score=round_sig(float(score))
-            )
-            for row, score in zip(_summaries(index, ranking.ids[:limit]), ranking.scores[:limit])
-        ]
+        try:
+            ranking = service.features(text, template, layer)
+        except MeaningUnavailable as error:  # the text tower stopped answering
+            message = explain(index, error.status, detail)
+        else:
+            truncated, more = ranking.truncated, len(ranking.ids) > limit
+            results = [
+                SearchResult(
+                    **feature_summary(index, urls, row).model_dump(), match="meaning", score=round_sig(float(score))
+                )
+                for row, score in zip(_summaries(index, ranking.ids[:limit]), ranking.scores[:limit])
+            ]
     return SearchPage(
         q=q,
         layer=layer,

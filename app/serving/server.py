@@ -115,11 +115,35 @@ def serve(options: ServeOptions) -> int:
     get_settings.cache_clear()
     try:
         settings = get_settings()
-        check_index(settings.index)
+        meta = check_index(settings.index)
     except ValidationError as error:
         return _fail(settings_error(error))
     except IndexOpenError as error:
         return _fail(str(error))
+    tower = start_text_tower(meta, settings)
+    try:
+        return _run(options, settings)
+    finally:
+        if tower is not None:
+            tower.stop()
+            for name in tower.environment():
+                os.environ.pop(name, None)
+
+
+def start_text_tower(meta: dict, settings):
+    """The text-tower process every worker shares (None when search by meaning has no use for it: `--no-text`,
+    or an index without CLIP embeddings); its address reaches the workers through the environment."""
+    if not settings.text or not meta.get("embeddings"):
+        return None
+    from clipscope_explorer.app.meaning.service import TextSpec
+    from clipscope_explorer.app.meaning.tower_process import TowerProcess
+
+    tower = TowerProcess(TextSpec.from_index(meta, settings)).start()
+    os.environ.update(tower.environment())
+    return tower
+
+
+def _run(options: ServeOptions, settings) -> int:
 
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE

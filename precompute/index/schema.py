@@ -243,10 +243,13 @@ META: dict[str, MetaKey] = {
                         "min_count": _SIZE,
                         "user_vocabulary": Nullable(String()),
                         "max_labels": _SIZE,
+                        "false_label_rate": Number(),
+                        "n_null": _COUNT,
+                        # the earlier rule's parameters, in indexes built with it
                         "baseline_quantile": Number(),
                         "min_margin": Number(),
-                        "n_null": _COUNT,
-                    }
+                    },
+                    optional=frozenset({"false_label_rate", "baseline_quantile", "min_margin"}),
                 )
             ),
             since=2,

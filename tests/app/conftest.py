@@ -334,8 +334,7 @@ def build_index(path: Path, model: dict | None = None, embeddings: bool = True) 
                 "min_count": 2,
                 "user_vocabulary": "vocabulary.txt",
                 "max_labels": 3,
-                "baseline_quantile": 0.95,
-                "min_margin": 0.02,
+                "false_label_rate": 0.05,
                 "n_null": 64,
             }
             if embeddings
@@ -420,3 +419,15 @@ def live_client(live_index, tmp_path_factory):
     with live_app_client(live_index, tmp_path_factory.mktemp("live_store"), max_upload_bytes=3_000_000) as client:
         wait_live(client)
         yield client
+
+
+@pytest.fixture(scope="session")
+def meaning_index(tmp_path_factory, tiny_model_spec) -> Path:
+    """The page tests' index, its meta.model the tiny CLIP, whose text tower embeds in its EMBED_DIM."""
+    folder = tmp_path_factory.mktemp("meaning_index")
+    return build_index(folder / "index.duckdb", model={"name": tiny_model_spec, "pretrained": None})
+
+
+@pytest.fixture(scope="session")
+def meaning_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("search_cache")

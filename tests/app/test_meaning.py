@@ -21,25 +21,13 @@ from tests.app.conftest import DUPLICATE_IMAGES, N_SAMPLE, SHARED_PROTOTYPES, bu
 QUERIES = ["dog", "a red car parked on a street", "snowy mountain", "犬 собака", "pasta"]
 
 
-def meaning_client(index: Path, cache: Path, **overrides) -> TestClient:
-    settings = Settings(**{"index": index, "live": False, "text": True, "search_cache": cache, **overrides})
+def meaning_client(index: Path, meaning_cache: Path, **overrides) -> TestClient:
+    settings = Settings(**{"index": index, "live": False, "text": True, "search_cache": meaning_cache, **overrides})
     return TestClient(create_app(settings), follow_redirects=False)
 
 
 def wait_meaning(client: TestClient) -> None:
     assert client.app.state.meaning.wait(120), "search by meaning did not finish loading"
-
-
-@pytest.fixture(scope="module")
-def meaning_index(tmp_path_factory, tiny_model_spec) -> Path:
-    """The page tests' index, its meta.model the tiny CLIP, whose text tower embeds in its EMBED_DIM."""
-    folder = tmp_path_factory.mktemp("meaning_index")
-    return build_index(folder / "index.duckdb", model={"name": tiny_model_spec, "pretrained": None})
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("search_cache")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +46,9 @@ def truth(meaning_index) -> dict:
 
 
 @pytest.fixture(scope="module")
-def client(meaning_index, cache, truth):
+def client(meaning_index, meaning_cache, truth):
     """--no-live: text search works without live encoding."""
-    with meaning_client(meaning_index, cache) as test_client:
+    with meaning_client(meaning_index, meaning_cache) as test_client:
         wait_meaning(test_client)
         assert test_client.app.state.meaning.text_state == "ready", test_client.app.state.meaning.text_message
         yield test_client
@@ -264,12 +252,12 @@ def test_each_page_and_its_twin_carry_the_same_results(client):
     assert "<html" not in fragment and "/samples/" in fragment
 
 
-def test_the_vectors_are_exported_once_per_index_and_shared(client, meaning_index, cache):
-    folder = cache / client.app.state.index.index_id
+def test_the_vectors_are_exported_once_per_index_and_shared(client, meaning_index, meaning_cache):
+    folder = meaning_cache / client.app.state.index.index_id
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     assert files == ["features.ids.npy", "features.npy", "images.ids.npy", "images.npy"]
     written = {name: (folder / name).stat().st_mtime_ns for name in files}
-    with meaning_client(meaning_index, cache, text=False) as second:
+    with meaning_client(meaning_index, meaning_cache, text=False) as second:
         wait_meaning(second)
         assert second.app.state.meaning.status("images", needs_text=False).ready
         assert isinstance(second.app.state.meaning.vectors["images"].matrix, np.memmap)
@@ -318,37 +306,37 @@ def check_unavailable(client: TestClient, reason: str, status: int = 503) -> Non
     assert client.get("/api/search/images").json()["images"] == []  # nothing asked: nothing to refuse
 
 
-def test_text_tower_off(meaning_index, cache):
-    with meaning_client(meaning_index, cache, text=False) as client:
+def test_text_tower_off(meaning_index, meaning_cache):
+    with meaning_client(meaning_index, meaning_cache, text=False) as client:
         wait_meaning(client)
         check_unavailable(client, "Search by meaning is turned off (--no-text).")
         assert client.get("/api/search/images").json()["meaning"]["state"] == "off"
 
 
-def test_text_tower_that_cannot_load(meaning_index, cache, tmp_path):
-    with meaning_client(meaning_index, cache, live_model=f"local-dir:{tmp_path / 'missing'}") as client:
+def test_text_tower_that_cannot_load(meaning_index, meaning_cache, tmp_path):
+    with meaning_client(meaning_index, meaning_cache, live_model=f"local-dir:{tmp_path / 'missing'}") as client:
         wait_meaning(client)
         check_unavailable(client, "CLIP's text tower could not be loaded, so search by meaning is off")
         assert str(tmp_path) not in client.get("/api/search/images?q=dog").text  # local paths stay private
 
 
-def test_text_tower_of_another_width(meaning_index, cache, tmp_path):
+def test_text_tower_of_another_width(meaning_index, meaning_cache, tmp_path):
     from clipscope_explorer.precompute.demo.scenes import save_tiny_clip, tiny_clip_config
 
     config = tiny_clip_config()
     folder = save_tiny_clip(tmp_path / "wide", {**config, "embed_dim": 48})
-    with meaning_client(meaning_index, cache, live_model=f"local-dir:{folder}") as client:
+    with meaning_client(meaning_index, meaning_cache, live_model=f"local-dir:{folder}") as client:
         wait_meaning(client)
         check_unavailable(client, "it embeds text in 48 dimensions, the index's images in 32")
 
 
-def test_text_tower_still_loading(meaning_index, cache, monkeypatch):
+def test_text_tower_still_loading(meaning_index, meaning_cache, monkeypatch):
     from clipscope_explorer.app.meaning.service import MeaningService
 
     release = threading.Event()
     load = MeaningService._load_tower
     monkeypatch.setattr(MeaningService, "_load_tower", lambda self: release.wait(60) and load(self))
-    with meaning_client(meaning_index, cache) as client:
+    with meaning_client(meaning_index, meaning_cache) as client:
         response = client.get("/api/search/images?q=dog")
         assert response.status_code == 503 and response.headers["retry-after"] == "5"
         check_unavailable(client, "CLIP's text tower is loading")
@@ -357,11 +345,11 @@ def test_text_tower_still_loading(meaning_index, cache, monkeypatch):
         assert client.get("/api/search/images?q=dog").status_code == 200
 
 
-def test_index_built_without_embeddings(tmp_path, tiny_model_spec, cache):
+def test_index_built_without_embeddings(tmp_path, tiny_model_spec, meaning_cache):
     index = build_index(
         tmp_path / "plain.duckdb", model={"name": tiny_model_spec, "pretrained": None}, embeddings=False
     )
-    with meaning_client(index, cache) as client:
+    with meaning_client(index, meaning_cache) as client:
         wait_meaning(client)
         check_unavailable(client, "This index was built with --no-embeddings")
         assert client.get("/api/search/images").json()["meaning"]["state"] == "off"

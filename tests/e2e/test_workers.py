@@ -147,3 +147,33 @@ def test_a_port_in_use_is_refused_with_one_line(e2e_index):
         assert result.stderr.strip().splitlines()[-1] == (
             f"clipscope-explorer: error: cannot listen on 127.0.0.1:{port}: Address already in use"
         )
+
+
+def test_workers_share_one_text_tower_process(tiny_index, tmp_path):
+    """`serve` starts one text-tower process for all its workers; each worker searches by meaning through it,
+    and the process goes with the server."""
+    import shutil
+
+    index = Path(shutil.copy(tiny_index, tmp_path / "tiny.duckdb"))
+    processes: list = []
+    environment = {**os.environ, "CLIPSCOPE_TEXT": "true"}
+    server = run_server(index, "--workers", "2", "--no-live", processes=processes, env=environment)
+    base = next(server)
+    try:
+        deadline = time.monotonic() + 60
+        answers = []
+        while len(answers) < 8:  # fresh connections: the kernel spreads them over both workers
+            response = httpx.get(base + "/api/search/images", params={"q": "a red circle"}, timeout=10)
+            if response.status_code == 503 and time.monotonic() < deadline:  # still loading
+                time.sleep(0.2)
+                continue
+            assert response.status_code == 200, response.text
+            answers.append([hit["image_id"] for hit in response.json()["images"]])
+        assert answers[0] and all(answer == answers[0] for answer in answers)
+        children = Path(f"/proc/{processes[0].pid}/task/{processes[0].pid}/children").read_text().split()
+        spawned = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(spawned) == 3  # two workers and the one text tower
+    finally:
+        server.close()
+    for pid in spawned:
+        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split(b") ")[1][:1]
