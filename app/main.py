@@ -155,7 +155,7 @@ def create_app(
     application.add_middleware(
         CrossOriginMiddleware, allowed_origins=settings.cors_origins, public_url=settings.public_url
     )
-    application.add_middleware(SecurityHeadersMiddleware)  # its headers go on every response
+    application.add_middleware(SecurityHeadersMiddleware, embed_origins=settings.embed_origins)  # on every response
     application.add_middleware(HeadMiddleware)
     application.add_middleware(RootPathMiddleware, root_path=settings.root_path)  # outermost: paths as routed
     application.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

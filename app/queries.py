@@ -24,13 +24,14 @@ import pyarrow as pa
 
 from clipscope_explorer.app.index_file import IndexOpenError, connect, validate
 from clipscope_explorer.app.public_names import PublicNames
+from clipscope_explorer.app.sort_eval_queries import SortEvalQueries
 from clipscope_explorer.precompute.index.schema import select_list
 
 # Column lists are checked against the index schema (precompute/index/schema.py) when this module loads.
 SORT_COLUMNS = {
     name: select_list("features", name)
     for name in ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")
-}
+} | {"sort_eval": "sort_eval"}  # the feature's sort-evaluation score (`SortEvalQueries.scores_source`)
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 FEATURE_COLUMNS = select_list(
@@ -103,7 +104,7 @@ def open_index(
     return Index(path, con, meta, layers, image_cache_size, PublicNames(show_local_paths))
 
 
-class Index:
+class Index(SortEvalQueries):
     """A validated, read-only index. Thread-safe: each thread gets its own cursor."""
 
     def __init__(
@@ -317,10 +318,16 @@ class Index:
         words: list[str],
         offset: int,
         limit: int,
+        min_sort_eval: float | None = None,
     ) -> tuple[list[dict], int]:
-        """One page of a layer's features (rows, total matching); sort keys whitelisted."""
+        """One page of a layer's features (rows, total matching), each with its sort-evaluation score
+        (`sort_eval`, `sort_eval_trials`: null without one); sort keys whitelisted."""
         column, direction = SORT_COLUMNS[sort], SORT_ORDERS[order]
-        where, params = ["layer = $layer"], {"layer": layer}
+        source, scores = self.scores_source(layer)
+        where, params = ["layer = $layer"], {"layer": layer, **scores}
+        if min_sort_eval is not None:
+            where.append("sort_eval >= $min_sort_eval")
+            params["min_sort_eval"] = min_sort_eval
         if min_freq is not None:
             where.append("frequency > $min_freq")
             params["min_freq"] = min_freq
@@ -331,9 +338,10 @@ class Index:
             where.append(f"label ILIKE $w{i} ESCAPE '\\'")
             params[f"w{i}"] = like_pattern(word)
         condition = " AND ".join(where)
-        total = self._cursor().execute(f"SELECT count(*) FROM features WHERE {condition}", params).fetchone()[0]
+        total = self._cursor().execute(f"SELECT count(*) FROM {source} WHERE {condition}", params).fetchone()[0]
         rows = self._dicts(
-            f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation FROM features WHERE {condition} "
+            f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation, sort_eval, sort_eval_trials "
+            f"FROM {source} WHERE {condition} "
             f"ORDER BY {column} {direction} NULLS LAST, feature LIMIT $limit OFFSET $offset",
             {**params, "limit": limit, "offset": offset},
         )

@@ -149,8 +149,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)",
     )
+    # framing: the embeddable feature card only (every other page refuses to be framed)
+    embed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="origins whose pages may frame /layers/{layer}/features/{feature}/embed, comma-separated ('*': any; empty: none)",
+    )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "embed_origins", mode="before")
     @classmethod
     def _origin_list(cls, value):
         if isinstance(value, str):

@@ -1,10 +1,11 @@
-"""The `clipscope-explorer` command: precompute, fit, demo, serve.
+"""The `clipscope-explorer` command: precompute, fit, demo, serve, export, evaluate.
 
 Every flag is checked as it is parsed (clipscope_explorer.flags): a bad one is
 one line naming it and its value, exit code 2, before torch, a model or an
 index is loaded. Each command then builds the typed options of its entry
 point (`PrecomputeConfig` for `precompute.job.run`, `ServeOptions` for
-`serve`) and calls it; the heavy modules are imported only then.
+`serve`, `ExportOptions` for `export`) and calls it; the heavy modules are
+imported only then.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def _check_images(args: argparse.Namespace) -> str | None:
         check_patterns(args.images)
     except SourceError as error:
         return str(error)
+    if getattr(args, "evaluate", False) and not args.embeddings:
+        return "--evaluate judges with the images' embeddings: drop --no-embeddings"
     return None
 
 
@@ -127,6 +130,11 @@ def _add_precompute(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not store each image's final CLIP embedding (the blocks after the deepest layer then never run); "
         "no feature prototypes or zero-shot labels",
+    )
+    meaning.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="sort-evaluate every layer once the index is written (embedding judge; see the evaluate command)",
     )
     meaning.add_argument(
         "--vocabulary",
@@ -301,11 +309,127 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(options_from(ServeOptions, args))
 
 
+def feature_range(text: str) -> tuple[int, int]:
+    """`--features`: FIRST-LAST (both included) or one feature number: ``0-999``, ``42``."""
+    first, dash, last = text.partition("-")
+    parts = (first, last) if dash else (first, first)
+    if not all(flags.WHOLE.fullmatch(part.strip()) and len(part.strip()) <= 10 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a feature range such as 0-999 (or one feature number)")
+    low, high = (int(part) for part in parts)
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty range: {low} comes after {high}")
+    return low, high
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=flags.path, help="the index file (.duckdb) to export")
+    parser.add_argument(
+        "--out", required=True, type=flags.folder_to_write, metavar="DIR", help="folder to write the files into"
+    )
+    parser.add_argument(
+        "--format", choices=("parquet", "jsonl"), default="parquet", help="file format (default parquet)"
+    )
+    parser.add_argument("--layers", type=flags.layer_list, help="comma-separated layers (default: every layer)")
+    parser.add_argument(
+        "--features", type=feature_range, metavar="RANGE", help="features FIRST-LAST of each layer, e.g. 0-999"
+    )
+    parser.add_argument(
+        "--with-heatmaps", action="store_true", help="add each example's per-patch heatmap (activation units)"
+    )
+    parser.add_argument("--with-images", action="store_true", help="add each image's thumbnail (JPEG bytes)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export in a folder that is not empty")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from clipscope_explorer.app.index_file import IndexOpenError
+    from clipscope_explorer.export import ExportError, ExportOptions, export
+
+    try:
+        info = export(options_from(ExportOptions, args))
+    except (ExportError, IndexOpenError) as error:
+        return _fail("export", error)
+    print(f"export written: {info.parent} (described in {info.name})")
+    return 0
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=flags.path, help="the index file (.duckdb) to evaluate")
+    parser.add_argument(
+        "--out", type=flags.file_to_write, metavar="COPY", help="write the results into a copy (default: in place)"
+    )
+    parser.add_argument("--layers", type=flags.layer_list, help="comma-separated layers (default: every layer)")
+    parser.add_argument("--token", choices=("cls",), default="cls", help="activation on the CLS token (the release's)")
+    parser.add_argument("--judge", choices=("embedding", "openai"), default="embedding", help="who sorts the queries")
+    parser.add_argument("--pairs", type=whole(1, 1_000_000), default=450, help="trials per seed (default 450)")
+    parser.add_argument("--seeds", type=whole(1, 1000), default=4, help="seeds (default 4)")
+    parser.add_argument(
+        "--features",
+        type=whole(0, 10**7),
+        default=650,
+        metavar="N",
+        help="draw the pairs among the first N live features (default 650, the release's; 0: all)",
+    )
+    parser.add_argument(
+        "--per-feature", type=whole(0, 1000), default=0, metavar="N", help="N trials for every live feature"
+    )
+    parser.add_argument("--seed", type=whole(0, 2**31), default=0, help="base seed (default 0)")
+    judge = parser.add_argument_group("openai judge (any OpenAI-compatible chat-completions endpoint with images)")
+    judge.add_argument("--judge-url", metavar="URL", help="the API base, e.g. http://127.0.0.1:8000/v1")
+    judge.add_argument("--judge-model", metavar="NAME", help="the model name the endpoint serves")
+    judge.add_argument(
+        "--judge-key-env", default="OPENAI_API_KEY", metavar="VAR", help="environment variable holding the key"
+    )
+    judge.add_argument("--judge-concurrency", type=whole(1, 256), default=8, help="requests at once (default 8)")
+    judge.add_argument(
+        "--judge-timeout", type=flags.positive(3600), default=60.0, metavar="S", help="seconds a request may take"
+    )
+    judge.add_argument(
+        "--judge-retries", type=whole(0, 20), default=4, help="retries of a failed request, with backoff (default 4)"
+    )
+    judge.add_argument("--judge-cache", type=flags.folder_to_write, metavar="DIR", help="answers kept here")
+    judge.add_argument(
+        "--images-root", type=flags.path, metavar="DIR", help="where the sample's image folders or shards are now"
+    )
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _check_evaluate(args: argparse.Namespace) -> str | None:
+    if args.judge == "openai" and not (args.judge_url and args.judge_model):
+        return "--judge openai needs --judge-url and --judge-model"
+    return None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from clipscope_explorer.precompute.evaluate.openai_judge import JudgeError
+    from clipscope_explorer.precompute.evaluate.run import EvaluateError, SortEvalOptions, evaluate
+    from clipscope_explorer.precompute.index.store import IndexWriteError
+
+    try:
+        written = evaluate(options_from(SortEvalOptions, args))
+    except (EvaluateError, IndexWriteError, JudgeError, ValueError) as error:
+        return _fail("evaluate", error)
+    print(f"sort evaluation written into {written}")
+    return 0
+
+
 COMMANDS = {  # name: (help, flags, check across flags, run)
     "precompute": ("run the model and SAEs over images into an index", _add_precompute, _check_images, run_precompute),
     "fit": ("fit small TopK SAEs (released checkpoint format) on a model's activations", _add_fit, _check_fit, run_fit),
     "demo": ("build the offline demo index (procedural images, tiny model) and serve it", _add_demo, None, run_demo),
     "serve": ("serve an index in the browser and as JSON", _add_serve, None, run_serve),
+    "export": (
+        "write an index's layers, features, examples and images as Parquet or JSONL files, with dataset_info.json",
+        _add_export,
+        None,
+        run_export,
+    ),
+    "evaluate": (
+        "sort-evaluate an index's features (the release's protocol) and write the results into it",
+        _add_evaluate,
+        _check_evaluate,
+        run_evaluate,
+    ),
 }
 
 

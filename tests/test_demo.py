@@ -169,6 +169,41 @@ def test_demo_zero_shot_labels_name_objects(demo_index):
     assert right / labelled >= ZERO_SHOT_TARGET, report
 
 
+def sort_eval_figures(index: Path) -> dict[int, dict]:
+    """Per layer: the run's accuracy and controls, and the accuracy of the pairs' trials by whether the query's
+    feature is object-selective (as in `localisation`)."""
+    con = duckdb.connect(str(index), read_only=True)
+    runs = con.execute(
+        "SELECT layer, accuracy, ci_low, ci_high, trials, answer_1_rate, null_accuracy, null_trials, replaced "
+        "FROM sort_eval WHERE token = 'cls' AND judge = 'embedding' ORDER BY layer"
+    ).fetchall()
+    by_kind = con.execute(
+        f"SELECT t.layer, {OBJECT_SELECTIVE} AS selective, count(*), "
+        "count(*) FILTER (t.answer = CASE WHEN t.query_feature = t.grid1_feature THEN 1 ELSE 2 END) "
+        "FROM sort_eval_trials t JOIN features f ON f.layer = t.layer AND f.feature = t.query_feature "
+        "WHERE t.kind = 'pairs' AND t.answer IS NOT NULL GROUP BY ALL",
+        [sorted(OBJECT_WORDS)],
+    ).fetchall()
+    con.close()
+    names = ("accuracy", "ci_low", "ci_high", "trials", "answer_1_rate", "null_accuracy", "null_trials", "replaced")
+    figures = {row[0]: dict(zip(names, row[1:])) for row in runs}
+    for layer, selective, trials, correct in by_kind:
+        figures[layer]["object_selective" if selective else "others"] = {"trials": trials, "accuracy": correct / trials}
+    return figures
+
+
+@pytest.mark.slow
+def test_demo_ships_its_sort_evaluation_with_honest_controls(demo_index):
+    figures = sort_eval_figures(demo_index[0])
+    print(f"\nDEMO SORT EVAL {json.dumps(figures)}")
+    _artifact("demo_sort_eval.json", figures)
+    assert set(figures) == {1, 3}
+    for layer, f in figures.items():
+        assert f["trials"] >= 1000 and f["null_trials"] >= 1000, layer
+        assert abs(f["answer_1_rate"] - 0.5) <= 0.05 and abs(f["null_accuracy"] - 0.5) <= 0.05, f
+        assert f["ci_low"] > 0.55, f  # the features sort clearly better than chance
+
+
 def _artifact(name: str, figures) -> None:
     artifacts = Path(os.environ.get("CLIPSCOPE_ARTIFACTS", "test-artifacts"))
     artifacts.mkdir(exist_ok=True)

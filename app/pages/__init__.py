@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from clipscope_explorer.app.pages import (
     docs,
+    embed,
     features,
     image_search,
     images,
@@ -18,5 +19,5 @@ from clipscope_explorer.app.pages import (
 
 
 def register(app: FastAPI) -> None:
-    for module in (overview, layers, features, samples, search, image_search, uploads, images, docs):
+    for module in (overview, layers, features, embed, samples, search, image_search, uploads, images, docs):
         app.include_router(module.router)

@@ -10,6 +10,7 @@ from clipscope_explorer.app.errors import NotFound
 from clipscope_explorer.app.models import round_sig, rounded_list
 from clipscope_explorer.app.pages.twins import page
 from clipscope_explorer.app.queries import Index, dequantise
+from clipscope_explorer.app.sort_eval import FeatureSortEval, SortEvalTrial, feature_sort_eval, feature_sort_eval_trials
 from clipscope_explorer.app.urls import PAGES, Urls
 
 router = APIRouter()
@@ -108,6 +109,8 @@ class FeaturePage(BaseModel):
     top_images: list[Example]
     bands: list[Band]
     similar: list[Similar]
+    sort_eval: list[FeatureSortEval]  # its own score per run kind (app/sort_eval.py)
+    sort_eval_trials: list[SortEvalTrial]
     links: FeatureLinks
 
 
@@ -155,6 +158,7 @@ def _bands(index: Index, examples: list[Example], rows: list[dict], max_activati
     router,
     "/layers/{layer}/features/{feature}",
     template="feature.html",
+    fragments={"sort-eval-trials": "_sort_eval_trials.html"},
     summary="One feature: statistics, histogram, examples with heatmaps, similar features",
 )
 def feature_page(
@@ -222,6 +226,8 @@ def feature_page(
         top_images=[e for e, r in zip(examples, rows) if r["kind"] == "top"],
         bands=_bands(index, examples, rows, row["max_activation"]),
         similar=similar,
+        sort_eval=feature_sort_eval(index, layer, feature),
+        sort_eval_trials=feature_sort_eval_trials(index, urls, layer, feature),
         links=links,
     )
 

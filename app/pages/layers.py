@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import random
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import QueryParams
+from starlette.routing import Match
 
 from clipscope_explorer.app.deps import (
     IndexDep,
@@ -20,11 +27,14 @@ from clipscope_explorer.app.deps import (
 from clipscope_explorer.app.models import FeatureSummary, LayerInfo, feature_summary, layer_info
 from clipscope_explorer.app.pages.twins import Redirect, page
 from clipscope_explorer.app.queries import Index
-from clipscope_explorer.app.urls import Urls
+from clipscope_explorer.app.sort_eval import RunKind
+from clipscope_explorer.app.urls import PAGES, Urls
 
 router = APIRouter()
 
-SortKey = Literal["feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation"]
+SortKey = Literal[
+    "feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation", "sort_eval"
+]
 Order = Literal["asc", "desc"]
 
 
@@ -44,6 +54,8 @@ class Density(BaseModel):
 class TableRow(FeatureSummary):
     cls_frequency: float | None
     mean_activation: float | None
+    sort_eval: float | None = None  # the feature's score in the page's `sort_eval_scores` run (null: none)
+    sort_eval_trials: int | None = None
 
 
 class Filters(BaseModel):
@@ -56,6 +68,7 @@ class Filters(BaseModel):
     min_freq: OptionalFraction = Field(None, description="only features with frequency > this (0 hides dead ones)")
     max_freq: OptionalFraction = Field(None, description="only features with frequency <= this")
     q: str = Field("", max_length=200, description="words that must all occur in the label")
+    min_sort_eval: OptionalFraction = Field(None, description="only features with a sort-evaluation score >= this")
 
 
 class LayerQuery(Filters):
@@ -80,6 +93,8 @@ class LayerPage(LayerInfo):
     filters: Filters
     paging: Paging
     random: str
+    sort_eval_scores: RunKind | None  # the run kind of the features' `sort_eval` (null: no per-feature scores)
+    csv: str  # every feature the filters select, in their order, as CSV (all pages)
 
 
 def density_of(index: Index, layer: int) -> Density:
@@ -108,6 +123,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         words_of(filters.q),
         offset,
         page_size + 1,
+        min_sort_eval=filters.min_sort_eval,
     )
     has_next = len(rows) > page_size
     query = dict(
@@ -116,6 +132,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         min_freq=filters.min_freq,
         max_freq=filters.max_freq,
         q=filters.q or None,
+        min_sort_eval=filters.min_sort_eval,
         page_size=page_size,
     )
     features = [
@@ -123,6 +140,8 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
             **feature_summary(index, urls, row).model_dump(),
             cls_frequency=row["cls_frequency"],
             mean_activation=row["mean_activation"],
+            sort_eval=row["sort_eval"],
+            sort_eval_trials=row["sort_eval_trials"],
         )
         for row in rows[:page_size]
     ]
@@ -134,6 +153,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         next=urls.layer(layer, **query, page=page + 1) if has_next else None,
         previous=urls.layer(layer, **query, page=page - 1) if page > 1 else None,
     )
+    scored = index.scored_run(layer)
     return LayerPage(
         **layer_info(index, urls, layer).model_dump(),
         density=density_of(index, layer),
@@ -141,6 +161,64 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         filters=filters,
         paging=paging,
         random=urls.random(layer),
+        sort_eval_scores=RunKind(token=scored[0], judge=scored[1]) if scored else None,
+        csv=urls.layer(layer, **{**query, "page_size": None}, format="csv"),
+    )
+
+
+class CsvRoute(APIRoute):
+    """A route that takes only the requests asking for `?format=csv`, so the page's own route, registered
+    after it on the same path, answers every other request (and keeps its OpenAPI description)."""
+
+    def matches(self, scope):
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE and QueryParams(scope.get("query_string", b"")).get("format") != "csv":
+            return Match.NONE, {}
+        return match, child_scope
+
+
+CSV_COLUMNS = (  # the table's columns (`label` holds the label terms, space-separated)
+    *("layer", "feature", "label", "frequency", "image_frequency", "cls_frequency", "max_activation"),
+    *("mean_activation", "image_id", "url"),
+)
+CSV_CHUNK = 10_000  # table rows per query while the CSV streams
+
+
+def csv_lines(index: Index, urls: Urls, layer: int, filters: Filters) -> Iterator[str]:
+    """The header, then every feature of `layer` that `filters` select, in their order, a chunk at a time."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    args = (layer, filters.sort, filters.order, filters.min_freq, filters.max_freq, words_of(filters.q))
+    offset = 0
+    while True:
+        rows, _ = index.feature_table(*args, offset, CSV_CHUNK, min_sort_eval=filters.min_sort_eval)
+        for row in rows:
+            summary = feature_summary(index, urls, row).model_dump()
+            line = {**summary, "cls_frequency": row["cls_frequency"], "mean_activation": row["mean_activation"]}
+            writer.writerow(["" if line[name] is None else line[name] for name in CSV_COLUMNS])
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        if len(rows) < CSV_CHUNK:
+            return
+        offset += CSV_CHUNK
+
+
+def layer_csv(
+    index: IndexDep, urls: UrlsDep, layer: LayerPath, query: Annotated[Filters, Query()]
+) -> StreamingResponse:
+    require_layer(index, layer)
+    return StreamingResponse(
+        csv_lines(index, urls, layer, query),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="layer-{layer}-features.csv"'},
+    )
+
+
+for _path in ("/layers/{layer}", PAGES.twin("/layers/{layer}")):  # before the page: see CsvRoute
+    router.add_api_route(
+        _path, layer_csv, methods=["GET"], route_class_override=CsvRoute, include_in_schema=False, name="layer_csv"
     )
 
 

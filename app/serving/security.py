@@ -5,7 +5,10 @@ The Content-Security-Policy allows only this origin's scripts, styles and
 images (and `data:` images): no inline script or style, no frames around the
 app, no plug-ins. Templates therefore carry no `<script>` bodies, no `on*=`
 attributes and no `style=` attributes; htmx is told not to inject its
-indicator styles (see base.html).
+indicator styles (see base.html). The one route other sites may frame is the
+embeddable feature card (`/layers/{layer}/features/{feature}/embed`, its 404s
+included): its policy's `frame-ancestors` names `CLIPSCOPE_EMBED_ORIGINS`
+(default any) and it carries no `X-Frame-Options`.
 
 A redirect's `Location` that points back at this server (the framework builds
 the trailing-slash redirect from the request's `Host` header) is sent as a
@@ -16,15 +19,21 @@ site. The security headers on answers the HTTP protocol writes itself (400,
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CONTENT_SECURITY_POLICY = (
+from clipscope_explorer.app.urls import app_path
+
+POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'self'; "
-    "form-action 'self'; frame-ancestors 'none'"
+    "form-action 'self'; frame-ancestors {ancestors}"
 )
+CONTENT_SECURITY_POLICY = POLICY.format(ancestors="'none'")
+EMBED_PATH = re.compile(r"/layers/[^/]+/features/[^/]+/embed")  # answers (its 404s too) may be framed
 
 SECURITY_HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
@@ -34,6 +43,21 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
 ]
+
+
+def frame_ancestors(origins: Sequence[str]) -> str:
+    """The `frame-ancestors` sources of the embed route: `*` (any site), the origins listed, or `'none'`."""
+    return "*" if "*" in origins else " ".join(origins) or "'none'"
+
+
+def embed_headers(origins: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    """`SECURITY_HEADERS` for the embed route: framing allowed to `origins`, no `X-Frame-Options`."""
+    policy = POLICY.format(ancestors=frame_ancestors(origins)).encode()
+    return [
+        (name, policy if name == b"content-security-policy" else value)
+        for name, value in SECURITY_HEADERS
+        if name != b"x-frame-options"
+    ]
 
 
 def own_authorities(scope: Scope) -> set[str]:
@@ -55,16 +79,19 @@ def relative_location(location: bytes, authorities: set[str]) -> bytes:
 
 
 class SecurityHeadersMiddleware:
-    """Pure ASGI middleware (no per-request task overhead) adding `SECURITY_HEADERS` and making redirects to
-    this server relative."""
+    """Pure ASGI middleware (no per-request task overhead) adding `SECURITY_HEADERS` (`embed_headers` on the embed
+    route) and making redirects to this server relative."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, embed_origins: Sequence[str] = ("*",)):
         self.app = app
+        self.embed = embed_headers(embed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+
+        secured = self.embed if EMBED_PATH.fullmatch(app_path(scope)) else SECURITY_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -73,7 +100,7 @@ class SecurityHeadersMiddleware:
                     for name, value in message.get("headers", [])
                 ]
                 present = {name.lower() for name, _ in headers}
-                extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
+                extra = [(name, value) for name, value in secured if name not in present]
                 message = {**message, "headers": [*headers, *extra]}
             await send(message)
 

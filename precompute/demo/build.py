@@ -63,6 +63,7 @@ def build_demo(data: Path, n_images: int = 2000, fresh: bool = False, progress: 
         demo=True,
         progress=progress,
         fresh=fresh,
+        evaluate=True,
     )
     run(config)
     log.warning("demo index built in %.0f s: %s", time.perf_counter() - started, index)

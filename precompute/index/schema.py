@@ -29,7 +29,7 @@ from clipscope_explorer.precompute.index.jsontype import (
 )
 
 SCHEMA_VERSION = 1
-SCHEMA_MINOR = 2
+SCHEMA_MINOR = 3
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,44 @@ TABLES: dict[str, Table] = {
             ),
             primary_key="term",
             since=2,
+            needed=False,
+        ),
+        # written by `evaluate` (precompute/evaluate/), which adds them to a built index
+        Table(
+            "sort_eval",
+            (
+                *_columns("INTEGER", "layer"),
+                *_columns("VARCHAR", "token", "judge"),
+                *_columns("VARCHAR", "judge_model", nullable=True),
+                *_columns("DOUBLE", "accuracy", "ci_low", "ci_high", "answer_1_rate", nullable=True),
+                *_columns("INTEGER", "trials", "correct", "unanswered", "replaced"),
+                *_columns("DOUBLE", "null_accuracy", nullable=True),
+                *_columns("INTEGER", "null_trials", "seeds", "pairs", "features_considered", "per_feature"),
+                *_columns("JSON", "usage"),
+                *_columns("VARCHAR", "evaluated_at"),
+            ),
+            since=3,
+            needed=False,
+        ),
+        Table(
+            "sort_eval_features",
+            (
+                *_columns("INTEGER", "layer", "feature"),
+                *_columns("VARCHAR", "token", "judge"),
+                *_columns("INTEGER", "trials", "correct"),
+            ),
+            since=3,
+            needed=False,
+        ),
+        Table(
+            "sort_eval_trials",
+            (
+                *_columns("INTEGER", "layer"),
+                *_columns("VARCHAR", "token", "judge", "kind"),
+                *_columns("INTEGER", "seed", "trial", "grid1_feature", "grid2_feature", "query_feature", "query_image"),
+                *_columns("TINYINT", "answer", nullable=True),
+            ),
+            since=3,
             needed=False,
         ),
     )

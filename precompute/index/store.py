@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -143,9 +144,18 @@ class IndexWriter:
         if sorted(columns) != sorted(expected):
             raise ValueError(f"{table}: columns {sorted(columns)} do not match the schema {sorted(expected)}")
 
+    def delete_rows(self, table: str, where: str, params: list) -> None:
+        """Delete the rows of `table` matching `where` (results an update replaces)."""
+        if table not in TABLES:
+            raise ValueError(f"{table} is not a table of the index schema")
+        self._run(f"DELETE FROM {table} WHERE {where}", params)
+
+    def stamp(self) -> None:
+        self.put_meta(created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
     def finish(self) -> Path:
         """Stamp completion, check the index as a reader would, flush, and rename it over `out` atomically."""
-        self.put_meta(created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        self.stamp()
         try:
             check_index_file(self.con, str(self.out), thorough=True)
         except IndexCheckError as error:
@@ -165,8 +175,40 @@ class IndexWriter:
     def abandon(self) -> None:
         """Close and delete the partial file; `out` is left as it was."""
         try:
-            self.con.close()
+            if hasattr(self, "con"):
+                self.con.close()
         except duckdb.Error:
             pass
         for leftover in (self.partial, self.partial.with_name(self.partial.name + ".wal")):
             leftover.unlink(missing_ok=True)
+
+
+class IndexUpdater(IndexWriter):
+    """Adds to a built index: a copy of `source` in ``<out>.partial``, given the tables of this schema version
+    it lacks, renamed over `out` (which may be `source`) by `finish()` as a new index is. A server keeps
+    serving the file it opened; its workers pick up the new one when restarted (docs/OPERATIONS.md). The
+    index id stays: the images and vectors are the same, so image URLs and search caches stay valid."""
+
+    def __init__(self, source: str | Path, out: str | Path, tables: tuple[str, ...]):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        try:
+            for stale in (self.partial, self.partial.with_name(self.partial.name + ".wal")):
+                stale.unlink(missing_ok=True)
+            shutil.copyfile(source, self.partial)
+            self.con = duckdb.connect(str(self.partial))
+            present = {row[0] for row in self.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+            for statement in ddl().splitlines():
+                name = statement.split()[2]
+                if name in tables and name not in present:
+                    self.con.execute(statement)
+        except (OSError, duckdb.Error) as error:
+            self.abandon()
+            raise IndexWriteError(f"cannot copy {source} to {self.partial}: {error}") from error
+        minor = self.con.execute("SELECT value FROM meta WHERE key = 'schema_minor'").fetchall()
+        needed = max(TABLES[name].since for name in tables)
+        if not minor or json.loads(minor[0][0]) < needed:
+            self.put_meta(schema_minor=needed)
+
+    def stamp(self) -> None:
+        pass  # created_at stays the build's

@@ -61,7 +61,11 @@ def test_openapi_lists_every_json_route(client):
 def test_openapi_describes_each_twin_with_its_query_and_model(client):
     schema = client.get("/openapi.json").json()
     for path, model, query in [
-        ("/api/layers/{layer}", "LayerPage", ["sort", "order", "min_freq", "max_freq", "q", "page", "page_size"]),
+        (
+            "/api/layers/{layer}",
+            "LayerPage",
+            ["sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "page", "page_size"],
+        ),
         ("/api/search", "SearchPage", ["q", "layer", "limit", "by", "template"]),
         ("/api/search/images", "ImageSearchPage", ["q", "template", "limit"]),
         ("/api/layers/{layer}/features/{feature}", "FeaturePage", []),

@@ -193,7 +193,7 @@ CORRUPTIONS = {  # name: (SQL run on a copy of the good index, part of the expec
     ),
     "a column missing": (
         ["ALTER TABLE images DROP COLUMN caption"],
-        "does not match schema version 1.2: missing images.caption",
+        f"does not match schema version {schema.version_text()}: missing images.caption",
     ),
     "a table missing": (["DROP TABLE examples"], "missing table examples"),
 }
@@ -262,16 +262,17 @@ def test_an_index_lacking_what_newer_code_needs_names_the_command_that_rebuilds_
     with the precompute command for the same sources, model, SAEs and layers."""
     from clipscope_explorer.cli import build_parser
 
-    lineage = schema.Table("lineage", (schema.Column("layer", "INTEGER", since=3),), since=3)
+    current, later = schema.SCHEMA_MINOR, schema.SCHEMA_MINOR + 1
+    lineage = schema.Table("lineage", (schema.Column("layer", "INTEGER", since=later),), since=later)
     monkeypatch.setitem(schema.TABLES, "lineage", lineage)
-    monkeypatch.setattr(schema, "SCHEMA_MINOR", 3)
+    monkeypatch.setattr(schema, "SCHEMA_MINOR", later)
     path = Path(shutil.copy(index_path, tmp_path / "old index.duckdb"))
     with pytest.raises(IndexOpenError) as error:
         check_index(path)
     message = str(error.value)
     assert message.startswith(
-        f"{path} is an index of schema version 1.2, without table lineage (schema version "
-        "1.3) that this explorer needs; rebuild it: clipscope-explorer precompute "
+        f"{path} is an index of schema version 1.{current}, without table lineage (schema version "
+        f"1.{later}) that this explorer needs; rebuild it: clipscope-explorer precompute "
     )
     command = shlex.split(message.split("rebuild it: ", 1)[1])
     assert command[:2] == ["clipscope-explorer", "precompute"]

@@ -191,6 +191,7 @@ def test_every_page_route_has_its_twin_with_the_same_parameters(client):
         "/layers/{layer}/random",
         "/layers/{layer}/features/{feature}",
         "/layers/{layer}/features/{feature}/examples/{image_id}",
+        "/layers/{layer}/features/{feature}/embed",
         "/samples/{image_id}",
         "/search",
         "/search/images",
@@ -200,7 +201,8 @@ def test_every_page_route_has_its_twin_with_the_same_parameters(client):
     for path in pages:
         twin = gets[twin_of(path)]
         assert (twin.path_params, twin.query_params) == (gets[path].path_params, gets[path].query_params), path
-    assert gets["/layers/{layer}"].query_params == ("sort", "order", "min_freq", "max_freq", "q", "page", "page_size")
+    layer_query = ("sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "page", "page_size")
+    assert gets["/layers/{layer}"].query_params == layer_query
 
 
 def test_the_walk_covers_every_page_kind(index):

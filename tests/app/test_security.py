@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from clipscope_explorer.app.serving.security import CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from clipscope_explorer.app.serving.security import (
+    CONTENT_SECURITY_POLICY,
+    EMBED_PATH,
+    SECURITY_HEADERS,
+    embed_headers,
+)
 from tests.app.route_walk import endpoints, fill
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -36,9 +41,16 @@ def test_security_headers(client, url):
     assert headers["x-frame-options"] == "DENY"
 
 
-def assert_secured(response, what) -> None:
-    for name, value in SECURITY_HEADERS:
+def assert_secured(response, what, expected=SECURITY_HEADERS) -> None:
+    for name, value in expected:
         assert response.headers.get(name.decode()) == value.decode(), (what, response.status_code, name)
+
+
+def expected_headers(client, url: str):
+    """The embeddable card may be framed (tests/app/test_embed.py); every other answer may not."""
+    if EMBED_PATH.fullmatch(url.split("?")[0]):
+        return embed_headers(client.app.state.settings.embed_origins)
+    return SECURITY_HEADERS
 
 
 def test_every_route_and_every_kind_of_answer_is_secured(client, index):
@@ -52,7 +64,7 @@ def test_every_route_and_every_kind_of_answer_is_secured(client, index):
             url = fill(endpoint.path, values)
             for method in sorted(endpoint.methods | {"HEAD", "DELETE"}):
                 response = client.request(method, url)
-                assert_secured(response, f"{method} {url}")
+                assert_secured(response, f"{method} {url}", expected_headers(client, url))
                 seen.add(response.status_code)
     thumbnail = f"/images/{index.index_id}/{image_id}.jpg"
     cached = client.get(thumbnail, headers={"If-None-Match": client.get(thumbnail).headers["etag"]})
