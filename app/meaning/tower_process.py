@@ -72,7 +72,7 @@ def serve_tower(spec: dict, address: str, authkey: bytes) -> None:
     state: dict = {"answer": ("loading",)}
     lock = threading.Lock()
     threading.Thread(target=_load, args=(spec, state), daemon=True).start()
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_end_with_parent, args=(os.getppid(), Path(address).parent), daemon=True).start()
     with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
         while True:
             try:
@@ -82,10 +82,11 @@ def serve_tower(spec: dict, address: str, authkey: bytes) -> None:
             threading.Thread(target=_answer, args=(connection, state, lock), daemon=True).start()
 
 
-def _end_with_parent(parent: int) -> None:
-    """Exit once the parent is gone, even killed without the chance to stop this process."""
+def _end_with_parent(parent: int, folder: Path) -> None:
+    """Exit once the parent is gone, even killed without the chance to stop this process (and its folder)."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
 
 

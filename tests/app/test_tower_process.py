@@ -117,16 +117,17 @@ def test_the_tower_ends_with_its_parent(tiny_model_spec):
         "from clipscope_explorer.app.meaning.tower_process import RemoteTextTower, TowerProcess\n"
         f"tower = TowerProcess(TextSpec(model={tiny_model_spec!r}, pretrained=None, device='cpu')).start()\n"
         "RemoteTextTower(tower.address, tower.authkey).connect()\n"
-        "print(tower.process.pid, flush=True)\n"
+        "print(tower.folder, tower.process.pid, flush=True)\n"
         "os._exit(0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    pid = int(result.stdout.split()[-1])
+    folder, pid = result.stdout.split()[-2], int(result.stdout.split()[-1])
     deadline = time.monotonic() + 15
     while alive(pid):
         assert time.monotonic() < deadline, "the tower process outlived its parent"
         time.sleep(0.2)
+    assert not Path(folder).exists()  # nor its socket
 
 
 def alive(pid: int) -> bool:
