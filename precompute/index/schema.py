@@ -29,7 +29,7 @@ from clipscope_explorer.precompute.index.jsontype import (
 )
 
 SCHEMA_VERSION = 1
-SCHEMA_MINOR = 3
+SCHEMA_MINOR = 4
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,43 @@ TABLES: dict[str, Table] = {
                 *_columns("TINYINT", "answer", nullable=True),
             ),
             since=3,
+            needed=False,
+        ),
+        # lineage across layers, and the SAEs' training checkpoints (precompute/evaluate/)
+        Table(
+            "lineage",
+            (
+                *_columns("INTEGER", "layer", "feature", "other_layer", "other_feature"),
+                *_columns("VARCHAR", "source"),
+                *_columns("DOUBLE", "score"),
+                *_columns("INTEGER", "support"),
+            ),
+            since=4,
+            needed=False,
+        ),
+        Table(
+            "checkpoints",
+            (
+                *_columns("INTEGER", "layer"),
+                *_columns("BIGINT", "tokens"),
+                *_columns(
+                    "DOUBLE", "mse", "explained_variance", "mse_raw", "explained_variance_raw", "l0", "dead_fraction"
+                ),
+                *_columns("DOUBLE[]", "mse_by_position"),
+                *_columns("INTEGER", "n_images"),
+            ),
+            since=4,
+            needed=False,
+        ),
+        Table(
+            "checkpoint_matches",
+            (
+                *_columns("INTEGER", "layer", "feature"),
+                *_columns("BIGINT", "tokens"),
+                *_columns("INTEGER", "match"),
+                *_columns("FLOAT", "cosine"),
+            ),
+            since=4,
             needed=False,
         ),
     )
