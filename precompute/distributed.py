@@ -7,13 +7,16 @@ state plus the metadata and thumbnails of the images it references, and the
 records of every image it encoded (metadata, embedding, CLS codes). The
 driver merges the states, so the index equals a single-process run's.
 Model, SAE and image paths must be readable from every node (hub ids, URLs,
-or a shared file system). The driver checkpoints after each actor's return.
+or a shared file system). Shards go out in groups, about eight per actor, each to
+whichever actor is free; the driver checkpoints after each group comes back.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from tqdm import tqdm
 from clipscope_explorer.precompute.model.precision import resolve_precision
 
 log = logging.getLogger(__name__)
+
+CALLS_PER_WORKER = 8
 
 
 class ShardWorker:
@@ -60,6 +65,14 @@ def _cluster_workers(ray, fallback: int) -> tuple[int, dict]:
     return max(1, fallback), {"num_cpus": 1}
 
 
+def _calls(todo: list[int], n_workers: int) -> deque[list[int]]:
+    """The shards in groups of about an eighth of a worker's share: each reply (the part's state and its
+    images' rows) stays a fraction of the whole, the driver checkpoints after each, and free actors take
+    the next group, so a crash loses at most one group per actor."""
+    size = max(1, math.ceil(len(todo) / (CALLS_PER_WORKER * max(1, n_workers))))
+    return deque(todo[i : i + size] for i in range(0, len(todo), size))
+
+
 def encode_on_ray(components, config, state, workdir) -> None:
     import ray
 
@@ -76,18 +89,20 @@ def encode_on_ray(components, config, state, workdir) -> None:
         )
     n_workers, resources = _cluster_workers(ray, config.workers)
     todo = [s.index for s in components.shards if s.index not in state.done]
-    groups = [todo[i::n_workers] for i in range(n_workers) if todo[i::n_workers]]
+    calls = _calls(todo, n_workers)
     device = "cuda" if "num_gpus" in resources else "cpu"
     components.precision = resolve_precision(config.precision, torch.device(device))  # what meta.precision records
     worker_config = replace(config, workers=0, device=device, precision=components.precision)
     Actor = ray.remote(**resources)(ShardWorker)
-    actors = [Actor.remote(worker_config, state.normalisation) for _ in groups]
-    pending = {actor.encode.remote(group): actor for actor, group in zip(actors, groups)}
+    actors = [Actor.remote(worker_config, state.normalisation) for _ in range(min(n_workers, len(calls)))]
+    pending = {actor.encode.remote(calls.popleft()): actor for actor in actors}
     with tqdm(total=len(todo), unit="shard", desc="ray", disable=not config.progress) as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             part_state, rows, (samples, codes) = ray.get(ready[0])
-            del pending[ready[0]]
+            actor = pending.pop(ready[0])
+            if calls:  # the next shards go to whichever actor is free
+                pending[actor.encode.remote(calls.popleft())] = actor
             part = RunState.from_state_dict(part_state, components.device)
             state.merge(part)
             workdir.keep_rows(rows)

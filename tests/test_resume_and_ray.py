@@ -137,3 +137,14 @@ def test_ray_two_workers_equal_single_process(tmp_path, shard_dir, tiny_model_sp
     finally:
         ray.shutdown()
     assert_same_index(index_contents(out), reference, float_tolerance=1e-9)
+
+
+@pytest.mark.parametrize("n_shards, n_workers", [(1, 2), (3, 2), (16, 2), (100, 3), (1000, 8)])
+def test_ray_hands_out_every_shard_once_in_small_groups(n_shards, n_workers):
+    from clipscope_explorer.precompute.distributed import CALLS_PER_WORKER, _calls
+
+    todo = list(range(5, 5 + n_shards))
+    calls = list(_calls(todo, n_workers))
+    assert [shard for call in calls for shard in call] == todo
+    assert len(calls) <= CALLS_PER_WORKER * n_workers and all(calls)
+    assert max(map(len, calls)) - min(map(len, calls[:-1] or calls)) <= 0  # equal groups, the last one shorter
