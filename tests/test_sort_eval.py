@@ -351,3 +351,44 @@ def test_evaluate_with_an_openai_compatible_judge_and_resume(tiny_index, tmp_pat
     with duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True) as con:
         trials, unanswered, usage = con.execute("SELECT trials, unanswered, usage FROM sort_eval").fetchall()[0]
     assert code == 0 and trials == 0 and unanswered == 6 and json.loads(usage)["failed"] == 12
+
+
+def test_the_embedding_judge_with_another_open_clip_model(tiny_index, tiny_model_spec, tmp_path):
+    """`--judge-model` for the embedding judge: the images the trials show, embedded by that model from their
+    pixels, decide every answer (recomputed here with open_clip itself)."""
+    import open_clip
+    import torch
+
+    from clipscope_explorer.precompute.evaluate.sample_images import SampleImages
+
+    out = tmp_path / "model-judged.duckdb"
+    code = main(
+        ["evaluate", str(tiny_index), "--out", str(out), "--layers", "1", "--pairs", "15", "--seeds", "1"]
+        + ["--judge-model", tiny_model_spec, "--device", "cpu", "--no-progress"]
+    )
+    assert code == 0
+    with duckdb.connect(str(out), read_only=True) as con:
+        judge_model, usage = con.execute("SELECT judge_model, usage FROM sort_eval").fetchall()[0]
+        codes = con.execute("SELECT image_id, indices, activations FROM sample_codes WHERE layer = 1").fetchall()
+        trials = con.execute(
+            "SELECT grid1_feature, grid2_feature, query_image, answer FROM sort_eval_trials WHERE kind = 'pairs'"
+        ).fetchall()
+    assert judge_model == tiny_model_spec and json.loads(usage)["images_embedded"] > 0
+    fires: dict[int, dict[int, float]] = {}
+    for image, indices, values in codes:
+        for feature, value in zip(indices, values):
+            if value > 0:
+                fires.setdefault(feature, {})[image] = value
+    top = {f: sorted(images, key=lambda i: (-images[i], i))[:9] for f, images in fires.items()}
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_model_spec)
+    images = SampleImages(tiny_index)
+
+    def embed(ids):
+        with torch.inference_mode():
+            pixels = torch.stack([preprocess(image) for image in images.images(ids)])
+            return model.eval().encode_image(pixels, normalize=True).double().numpy().astype(np.float16).astype(float)
+
+    for first, second, query, answer in trials:
+        means = [embed(top[f]).mean(axis=0) for f in (first, second)]
+        cosines = [embed([query])[0] @ (m / np.linalg.norm(m)) for m in means]
+        assert answer == (1 if cosines[0] >= cosines[1] else 2)

@@ -78,3 +78,54 @@ class EmbeddingJudge:
 
     def report(self) -> dict[str, int]:
         return {"trials": self.answered}
+
+
+def model_embeddings(spec, images, ids: list[int], device: str = "auto", batch: int = 64, progress: bool = True):
+    """Unit image embeddings [len(ids), d] (float16) of the sample images `ids` (pixels from `images`, a
+    SampleImages) by another open_clip model (`spec`: a ModelSpec), with its own preprocessing."""
+    import open_clip
+    import torch
+    from tqdm import tqdm
+
+    from clipscope_explorer.precompute.model.vision import ModelLoadError, resolve_device
+
+    target = resolve_device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=spec.pretrained, require_pretrained=True
+        )
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as error:
+        raise ModelLoadError(f"could not load the judge model {spec.describe()}: {error}") from error
+    model = model.eval().to(target)
+    out = []
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(ids), unit="image", desc="judge embeddings", disable=not progress) as bar,
+    ):
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            pixels = torch.stack([preprocess(image) for image in images.images(chunk)]).to(target)
+            out.append(model.encode_image(pixels, normalize=True).float().cpu().numpy().astype(np.float16))
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float16)
+
+
+class RemappedJudge:
+    """The embedding judge over embeddings of only the images the trials show: rows found by image id."""
+
+    name = "embedding"
+
+    def __init__(self, ids: np.ndarray, embeddings: np.ndarray, model: str):
+        self.ids, self.judge, self.model = np.asarray(ids, np.int64), EmbeddingJudge(embeddings, model), model
+
+    def _row(self, image_id: int) -> int:
+        return int(np.searchsorted(self.ids, image_id))
+
+    def answer(self, trials: Sequence[Trial]) -> list[int | None]:
+        rows = [
+            Trial(tuple(map(self._row, t.grid1)), tuple(map(self._row, t.grid2)), self._row(t.query)) for t in trials
+        ]
+        return self.judge.answer(rows)
+
+    def report(self) -> dict[str, int]:
+        return {**self.judge.report(), "images_embedded": len(self.ids)}

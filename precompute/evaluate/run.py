@@ -49,7 +49,9 @@ class SortEvalOptions:
     per_feature: int = 0
     seed: int = 0
     judge_url: str | None = None
-    judge_model: str | None = None
+    judge_model: str | None = None  # openai: the chat model; embedding: another open_clip model (default: stored)
+    judge_pretrained: str | None = None  # embedding judge: the pretrained tag of a built-in open_clip name
+    device: str = "auto"  # embedding judge with judge_model: where that model runs
     judge_key_env: str = "OPENAI_API_KEY"
     judge_concurrency: int = 8
     judge_timeout: float = 60.0
@@ -177,13 +179,33 @@ def answer_layer(run: LayerRun, judge: Judge) -> dict[str, list[int | None]]:
     return out
 
 
-def make_judge(con, options: SortEvalOptions) -> Judge:
-    if options.judge == "embedding":
+def make_judge(con, options: SortEvalOptions, runs: list[LayerRun]) -> Judge:
+    from clipscope_explorer.precompute.evaluate.sample_images import SampleImages
+
+    if options.judge == "embedding" and options.judge_model is None:
         from clipscope_explorer.precompute.evaluate.embedding_judge import EmbeddingJudge, stored_embeddings
 
         return EmbeddingJudge(stored_embeddings(con), model=_index_model(con))
+    if options.judge == "embedding":  # another open_clip model embeds the images the trials show
+        from clipscope_explorer.precompute.evaluate.embedding_judge import RemappedJudge, model_embeddings
+        from clipscope_explorer.precompute.model.vision import ModelLoadError, ModelSpec
+
+        shown = {
+            i
+            for run in runs
+            for kind in ("pairs", "null", "feature")
+            for t in getattr(run, _field(kind))
+            for i in (*t.trial_images.grid1, *t.trial_images.grid2, t.trial_images.query)
+        }
+        ids = sorted(shown)
+        spec = ModelSpec(options.judge_model, options.judge_pretrained)
+        images = SampleImages(options.index, options.images_root)
+        try:
+            vectors = model_embeddings(spec, images, ids, options.device, progress=options.progress)
+        except ModelLoadError as error:
+            raise EvaluateError(str(error)) from error
+        return RemappedJudge(np.array(ids), vectors, spec.describe())
     from clipscope_explorer.precompute.evaluate.openai_judge import OpenAIJudge
-    from clipscope_explorer.precompute.evaluate.sample_images import SampleImages
 
     cache = options.judge_cache or options.index.with_name(options.index.name + ".judge-cache")
     return OpenAIJudge(
@@ -224,12 +246,12 @@ def evaluate(options: SortEvalOptions) -> Path:
                 "clipscope-explorer precompute (this version writes them) to evaluate it"
             )
         n_samples = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
+        runs = [plan_layer(con, layer, layers[layer]["n_features"], n_samples, options) for layer in chosen]
         start = time.perf_counter()
-        judge = make_judge(con, options)
+        judge = make_judge(con, options, runs)
         log.info("judge ready (%s) in %.1f s", options.judge, time.perf_counter() - start)
         results = []
-        for layer in chosen:
-            run = plan_layer(con, layer, layers[layer]["n_features"], n_samples, options)
+        for run in runs:
             answers = answer_layer(run, judge)
             results.append((run, answers, summary(run, answers, options, judge)))
     except IndexCheckError as error:
