@@ -22,7 +22,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from clipscope_explorer.app.checkpoint_queries import CheckpointQueries
+from clipscope_explorer.app.faithfulness_queries import FaithfulnessQueries
 from clipscope_explorer.app.index_file import IndexOpenError, connect, validate
+from clipscope_explorer.app.lineage_queries import LineageQueries
 from clipscope_explorer.app.public_names import PublicNames
 from clipscope_explorer.app.sort_eval_queries import SortEvalQueries
 from clipscope_explorer.precompute.index.schema import select_list
@@ -31,7 +34,10 @@ from clipscope_explorer.precompute.index.schema import select_list
 SORT_COLUMNS = {
     name: select_list("features", name)
     for name in ("feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation")
-} | {"sort_eval": "sort_eval"}  # the feature's sort-evaluation score (`SortEvalQueries.scores_source`)
+} | {
+    "sort_eval": "sort_eval",  # the feature's sort-evaluation score (`SortEvalQueries.scores_source`)
+    "faithfulness": "faithfulness",  # its occlusion faithfulness (`FaithfulnessQueries.with_faithfulness`)
+}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 FEATURE_COLUMNS = select_list(
@@ -104,7 +110,7 @@ def open_index(
     return Index(path, con, meta, layers, image_cache_size, PublicNames(show_local_paths))
 
 
-class Index(SortEvalQueries):
+class Index(SortEvalQueries, CheckpointQueries, LineageQueries, FaithfulnessQueries):
     """A validated, read-only index. Thread-safe: each thread gets its own cursor."""
 
     def __init__(
@@ -319,15 +325,21 @@ class Index(SortEvalQueries):
         offset: int,
         limit: int,
         min_sort_eval: float | None = None,
+        min_faithfulness: float | None = None,
     ) -> tuple[list[dict], int]:
         """One page of a layer's features (rows, total matching), each with its sort-evaluation score
-        (`sort_eval`, `sort_eval_trials`: null without one); sort keys whitelisted."""
+        (`sort_eval`, `sort_eval_trials`) and faithfulness (`faithfulness`), null without one; sort keys
+        whitelisted."""
         column, direction = SORT_COLUMNS[sort], SORT_ORDERS[order]
         source, scores = self.scores_source(layer)
+        source = self.with_faithfulness(layer, source)
         where, params = ["layer = $layer"], {"layer": layer, **scores}
         if min_sort_eval is not None:
             where.append("sort_eval >= $min_sort_eval")
             params["min_sort_eval"] = min_sort_eval
+        if min_faithfulness is not None:
+            where.append("faithfulness >= $min_faithfulness")
+            params["min_faithfulness"] = min_faithfulness
         if min_freq is not None:
             where.append("frequency > $min_freq")
             params["min_freq"] = min_freq
@@ -340,7 +352,7 @@ class Index(SortEvalQueries):
         condition = " AND ".join(where)
         total = self._cursor().execute(f"SELECT count(*) FROM {source} WHERE {condition}", params).fetchone()[0]
         rows = self._dicts(
-            f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation, sort_eval, sort_eval_trials "
+            f"SELECT {SUMMARY_COLUMNS}, cls_frequency, mean_activation, sort_eval, sort_eval_trials, faithfulness "
             f"FROM {source} WHERE {condition} "
             f"ORDER BY {column} {direction} NULLS LAST, feature LIMIT $limit OFFSET $offset",
             {**params, "limit": limit, "offset": offset},

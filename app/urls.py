@@ -66,6 +66,15 @@ class Urls:
     def random(self, layer: int) -> str:
         return self.app(f"/layers/{layer}/random")
 
+    def training(self, layer: int) -> str:
+        return self.app(f"/layers/{layer}/checkpoints")
+
+    def lineage(self, layer: int, feature: int) -> str:
+        return self.app(f"/layers/{layer}/features/{feature}/lineage")
+
+    def concepts(self, layer: int, feature: int) -> str:
+        return self.app("/concepts", layer=layer, feature=feature)
+
     def example(self, layer: int, feature: int, image_id: int) -> str:
         return self.app(f"/layers/{layer}/features/{feature}/examples/{image_id}")
 
@@ -115,6 +124,9 @@ class Urls:
 
     def mse_map(self, layer: int) -> str:
         return self.app(f"/images/{self.index_id}/layers/{layer}/mse.png")
+
+    def checkpoint_map(self, layer: int, tokens: int) -> str:
+        return self.app(f"/images/{self.index_id}/layers/{layer}/checkpoints/{tokens}/mse.png")
 
 
 PAGES = Urls(index_id="")  # page paths inside the app, for `NotFound` links (the error answer adds the prefix)

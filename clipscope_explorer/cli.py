@@ -1,4 +1,4 @@
-"""The `clipscope-explorer` command: precompute, fit, demo, serve, export, evaluate.
+"""The `clipscope-explorer` command: precompute, fit, demo, serve, export, evaluate, lineage, checkpoints.
 
 Every flag is checked as it is parsed (clipscope_explorer.flags): a bad one is
 one line naming it and its value, exit code 2, before torch, a model or an
@@ -134,7 +134,8 @@ def _add_precompute(parser: argparse.ArgumentParser) -> None:
     meaning.add_argument(
         "--evaluate",
         action="store_true",
-        help="sort-evaluate every layer once the index is written (embedding judge; see the evaluate command)",
+        help="once the index is written: its sort evaluation (embedding judge), lineage, checkpoints and the "
+        "faithfulness of a sample of features (see the evaluate, lineage and checkpoints commands)",
     )
     meaning.add_argument(
         "--vocabulary",
@@ -353,12 +354,18 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index", type=flags.path, help="the index file (.duckdb) to evaluate")
+def _add_index_step(parser: argparse.ArgumentParser, what: str, layers: str = "every layer") -> None:
+    """The flags every step that adds to a built index takes: the index, --out, --layers, --no-progress."""
+    parser.add_argument("index", type=flags.path, help=f"the index file (.duckdb) {what}")
     parser.add_argument(
         "--out", type=flags.file_to_write, metavar="COPY", help="write the results into a copy (default: in place)"
     )
-    parser.add_argument("--layers", type=flags.layer_list, help="comma-separated layers (default: every layer)")
+    parser.add_argument("--layers", type=flags.layer_list, help=f"comma-separated layers (default: {layers})")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    _add_index_step(parser, "to evaluate")
     parser.add_argument("--token", choices=("cls",), default="cls", help="activation on the CLS token (the release's)")
     parser.add_argument("--judge", choices=("embedding", "openai"), default="embedding", help="who sorts the queries")
     parser.add_argument("--pairs", type=whole(1, 1_000_000), default=450, help="trials per seed (default 450)")
@@ -374,9 +381,30 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
         "--per-feature", type=whole(0, 1000), default=0, metavar="N", help="N trials for every live feature"
     )
     parser.add_argument("--seed", type=whole(0, 2**31), default=0, help="base seed (default 0)")
-    judge = parser.add_argument_group("openai judge (any OpenAI-compatible chat-completions endpoint with images)")
+    occlusion = parser.add_argument_group("faithfulness (occlusion of the heatmaps' hot patches)")
+    occlusion.add_argument(
+        "--faithfulness", action="store_true", help="run the faithfulness check instead of the sort evaluation"
+    )
+    occlusion.add_argument("--top", type=whole(1, 256), default=4, help="top images per feature (default 4)")
+    occlusion.add_argument(
+        "--mass", type=flags.positive(1.0), default=0.5, help="share of the heatmap the hot patches hold (0.5)"
+    )
+    occlusion.add_argument("--draws", type=whole(1, 100), default=8, help="random occlusions per image (8)")
+    occlusion.add_argument(
+        "--sample", type=whole(1, 10**7), metavar="N", help="only N features per layer, drawn at random (default all)"
+    )
+    occlusion.add_argument("--sae", help="a local copy of the index's SAE source, when the recorded one is gone")
+    judge = parser.add_argument_group("judges (openai: any OpenAI-compatible chat-completions endpoint with images)")
     judge.add_argument("--judge-url", metavar="URL", help="the API base, e.g. http://127.0.0.1:8000/v1")
-    judge.add_argument("--judge-model", metavar="NAME", help="the model name the endpoint serves")
+    judge.add_argument(
+        "--judge-model",
+        metavar="NAME",
+        help="openai: the model name the endpoint serves; embedding: another open_clip model (hf-hub:..., "
+        "local-dir:..., or a built-in name with --judge-pretrained) to embed the images with, instead of the "
+        "index's stored embeddings",
+    )
+    judge.add_argument("--judge-pretrained", metavar="TAG", help="embedding judge: the built-in model's weights")
+    judge.add_argument("--device", type=flags.device, default="auto", help="embedding judge's model: auto, cpu, cuda")
     judge.add_argument(
         "--judge-key-env", default="OPENAI_API_KEY", metavar="VAR", help="environment variable holding the key"
     )
@@ -391,7 +419,6 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     judge.add_argument(
         "--images-root", type=flags.path, metavar="DIR", help="where the sample's image folders or shards are now"
     )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _check_evaluate(args: argparse.Namespace) -> str | None:
@@ -406,10 +433,80 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from clipscope_explorer.precompute.index.store import IndexWriteError
 
     try:
-        written = evaluate(options_from(SortEvalOptions, args))
+        if args.faithfulness:
+            from clipscope_explorer.precompute.evaluate.faithfulness import FaithfulnessOptions, run_faithfulness
+
+            written = run_faithfulness(options_from(FaithfulnessOptions, args))
+        else:
+            written = evaluate(options_from(SortEvalOptions, args))
     except (EvaluateError, IndexWriteError, JudgeError, ValueError) as error:
         return _fail("evaluate", error)
-    print(f"sort evaluation written into {written}")
+    print(f"{'faithfulness' if args.faithfulness else 'sort evaluation'} written into {written}")
+    return 0
+
+
+def _add_lineage(parser: argparse.ArgumentParser) -> None:
+    _add_index_step(parser, "to relate the layers of", layers="all; two or more")
+    parser.add_argument(
+        "--links", type=whole(1, 100), default=5, metavar="N", help="links kept per feature, other layer and source"
+    )
+    parser.add_argument(
+        "--min-support", type=whole(1, 10**9), default=3, metavar="N", help="CLS: images both must fire on (default 3)"
+    )
+    parser.add_argument(
+        "--min-shared", type=whole(1, 10**6), default=2, metavar="N", help="top images both must have (default 2)"
+    )
+    parser.add_argument(
+        "--processes", type=whole(1, 64), default=2, metavar="N", help="layer pairs computed at once (default 2)"
+    )
+
+
+def run_lineage(args: argparse.Namespace) -> int:
+    from clipscope_explorer.precompute.evaluate.lineage_run import LineageOptions, lineage
+    from clipscope_explorer.precompute.evaluate.run import EvaluateError
+    from clipscope_explorer.precompute.index.store import IndexWriteError
+
+    try:
+        written = lineage(options_from(LineageOptions, args))
+    except (EvaluateError, IndexWriteError) as error:
+        return _fail("lineage", error)
+    print(f"lineage written into {written}")
+    return 0
+
+
+def _add_checkpoints(parser: argparse.ArgumentParser) -> None:
+    _add_index_step(parser, "whose SAEs' checkpoints to measure")
+    parser.add_argument(
+        "--sample", type=whole(1, 10**7), default=2000, metavar="N", help="images of the index measured (default 2000)"
+    )
+    parser.add_argument(
+        "--sae", metavar="SOURCE", help="a local copy of the index's SAE source (folder of {layer}_resid/{tokens}.pt)"
+    )
+    parser.add_argument("--device", type=flags.device, default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=whole(1, 16384), default=32, help="images per forward pass (default 32)")
+    parser.add_argument(
+        "--images-root", type=flags.path, metavar="DIR", help="where the sample's image folders or shards are now"
+    )
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    from clipscope_explorer.precompute.evaluate.checkpoints import (
+        CheckpointOptions,
+        CheckpointsError,
+        measure_checkpoints,
+    )
+    from clipscope_explorer.precompute.evaluate.run import EvaluateError
+    from clipscope_explorer.precompute.index.store import IndexWriteError
+    from clipscope_explorer.precompute.model.sae import SAELoadError
+    from clipscope_explorer.precompute.model.vision import ModelLoadError
+
+    try:
+        measured = measure_checkpoints(options_from(CheckpointOptions, args))
+    except (CheckpointsError, EvaluateError, IndexWriteError, SAELoadError, ModelLoadError, ValueError) as error:
+        return _fail("checkpoints", error)
+    for problem in measured.problems:
+        print(f"{PROG} checkpoints: warning: {problem}", file=sys.stderr)
+    print(f"checkpoints written into {measured.written}: {measured.rows['checkpoints']} checkpoint rows")
     return 0
 
 
@@ -429,6 +526,18 @@ COMMANDS = {  # name: (help, flags, check across flags, run)
         _add_evaluate,
         _check_evaluate,
         run_evaluate,
+    ),
+    "lineage": (
+        "relate every feature to its best matches at the index's other layers and write them into it",
+        _add_lineage,
+        None,
+        run_lineage,
+    ),
+    "checkpoints": (
+        "measure every training checkpoint of an index's SAEs on a sample of its images, into the index",
+        _add_checkpoints,
+        None,
+        run_checkpoints,
     ),
 }
 

@@ -32,7 +32,6 @@ from clipscope_explorer.precompute.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 NORMALISE_IMAGES = 512
-EVALUATE_PER_FEATURE = 4  # `--evaluate`: trials per live feature for its own score
 
 
 @dataclass
@@ -62,7 +61,7 @@ class PrecomputeConfig:
     embeddings: bool = True  # the final CLIP image embedding of every image (runs the tower to its end)
     vocabulary: Path | None = None  # extra zero-shot label terms, one a line
     zero_shot_min_count: int = 5  # captions a word or phrase must occur in to be a zero-shot term
-    evaluate: bool = False  # the sort evaluation (embedding judge) of every layer once the index is written
+    evaluate: bool = False  # once the index is written, the steps that add to it (precompute/evaluate/steps.py)
 
     def identity(self) -> dict:
         """What makes two runs the same run (resume is refused across different ones). The vocabulary
@@ -327,9 +326,9 @@ def run(config: PrecomputeConfig) -> Path:
     out = write_index(components, config, state, workdir, time.perf_counter() - started)
     workdir.remove()
     if config.evaluate:
-        from clipscope_explorer.precompute.evaluate.run import SortEvalOptions, evaluate
+        from clipscope_explorer.precompute.evaluate.steps import evaluate_index
 
-        evaluate(SortEvalOptions(index=out, per_feature=EVALUATE_PER_FEATURE, progress=config.progress))
+        evaluate_index(out, len(components.saes), config.device, config.demo, config.progress)
     if config.progress:
         elapsed = time.perf_counter() - started
         tqdm.write(

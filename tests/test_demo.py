@@ -204,6 +204,56 @@ def test_demo_ships_its_sort_evaluation_with_honest_controls(demo_index):
         assert f["ci_low"] > 0.55, f  # the features sort clearly better than chance
 
 
+def faithfulness_figures(index: Path) -> dict[int, dict]:
+    """Per layer, for the evaluated object-selective features and the others: how many, and the quartiles of
+    their hot-occlusion drop and random-occlusion drop."""
+    import numpy as np
+
+    con = duckdb.connect(str(index), read_only=True)
+    rows = con.execute(
+        f"SELECT r.layer, {OBJECT_SELECTIVE} AS selective, r.hot_drop, r.random_drop FROM faithfulness r "
+        "JOIN features f USING (layer, feature)",
+        [sorted(OBJECT_WORDS)],
+    ).fetchall()
+    con.close()
+    figures: dict[int, dict] = {}
+    for layer, selective, hot, random in rows:
+        entry = figures.setdefault(layer, {}).setdefault("object_selective" if selective else "others", [[], []])
+        entry[0].append(hot)
+        entry[1].append(random)
+    quartiles = lambda values: [round(float(q), 3) for q in np.quantile(values, [0.25, 0.5, 0.75])]  # noqa: E731
+    return {
+        layer: {
+            kind: {"features": len(hot), "hot_drop": quartiles(hot), "random_drop": quartiles(random)}
+            for kind, (hot, random) in kinds.items()
+        }
+        for layer, kinds in figures.items()
+    }
+
+
+@pytest.mark.slow
+def test_demo_heatmaps_are_faithful_for_object_selective_features(demo_index):
+    figures = faithfulness_figures(demo_index[0])
+    print(f"\nDEMO FAITHFULNESS {json.dumps(figures)}")
+    _artifact("demo_faithfulness.json", figures)
+    assert set(figures) == {1, 3}
+    for layer, kinds in figures.items():
+        selective = kinds["object_selective"]
+        assert selective["features"] >= 5, layer
+        # occluding the hot patches takes clearly more of the activation than occluding as many random ones
+        assert selective["hot_drop"][1] >= selective["random_drop"][1] + 0.2, kinds
+
+
+@pytest.mark.slow
+def test_demo_ships_lineage_and_training_checkpoints(demo_index):
+    con = duckdb.connect(str(demo_index[0]), read_only=True)
+    links = con.execute("SELECT count(*), count(DISTINCT layer) FROM lineage").fetchall()[0]
+    checkpoints = con.execute("SELECT layer, count(*) FROM checkpoints GROUP BY layer ORDER BY layer").fetchall()
+    con.close()
+    assert links[0] > 100 and links[1] == 2
+    assert [layer for layer, _ in checkpoints] == [1, 3] and all(n >= 3 for _, n in checkpoints)
+
+
 def _artifact(name: str, figures) -> None:
     artifacts = Path(os.environ.get("CLIPSCOPE_ARTIFACTS", "test-artifacts"))
     artifacts.mkdir(exist_ok=True)

@@ -11,13 +11,28 @@ from clipscope_explorer.app.pages import (
     image_search,
     images,
     layers,
+    lineage,
     overview,
     samples,
     search,
+    training,
     uploads,
 )
 
 
 def register(app: FastAPI) -> None:
-    for module in (overview, layers, features, embed, samples, search, image_search, uploads, images, docs):
+    for module in (
+        overview,
+        layers,
+        training,
+        features,
+        lineage,
+        embed,
+        samples,
+        search,
+        image_search,
+        uploads,
+        images,
+        docs,
+    ):
         app.include_router(module.router)

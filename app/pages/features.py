@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from clipscope_explorer.app.deps import FeaturePath, ImagePath, IndexDep, JsonTwin, LayerPath, UrlsDep, require_feature
 from clipscope_explorer.app.errors import NotFound
+from clipscope_explorer.app.faithfulness import FeatureFaithfulness, feature_faithfulness
 from clipscope_explorer.app.models import round_sig, rounded_list
 from clipscope_explorer.app.pages.twins import page
 from clipscope_explorer.app.queries import Index, dequantise
@@ -76,6 +77,7 @@ class FeatureLinks(BaseModel):
     other_layers: list[LayerLink]
     preview: str
     positions: str
+    lineage: str | None = None  # its related features at the other layers (null when the index has no lineage)
 
 
 class ZeroShotLabel(BaseModel):
@@ -85,6 +87,14 @@ class ZeroShotLabel(BaseModel):
     text: str
     score: float
     margin: float
+
+
+class FirstSeen(BaseModel):
+    """Since when the feature exists in training: the earliest checkpoint from which on its best decoder match
+    has a cosine above 0.9 at every later checkpoint, and that match's cosine."""
+
+    tokens: int
+    cosine: float
 
 
 class FeaturePage(BaseModel):
@@ -112,6 +122,8 @@ class FeaturePage(BaseModel):
     sort_eval: list[FeatureSortEval]  # its own score per run kind (app/sort_eval.py)
     sort_eval_trials: list[SortEvalTrial]
     links: FeatureLinks
+    first_seen: FirstSeen | None = None  # null: no earlier checkpoint matches, or the index holds none
+    faithfulness: FeatureFaithfulness | None = None  # null: not evaluated (app/faithfulness.py)
 
 
 def _example(urls: Urls, layer: int, feature: int, row: dict, image: dict | None, detail: bool) -> Example:
@@ -158,7 +170,7 @@ def _bands(index: Index, examples: list[Example], rows: list[dict], max_activati
     router,
     "/layers/{layer}/features/{feature}",
     template="feature.html",
-    fragments={"sort-eval-trials": "_sort_eval_trials.html"},
+    fragments={"sort-eval-trials": "_sort_eval_trials.html", "faithfulness": "_faithfulness.html"},
     summary="One feature: statistics, histogram, examples with heatmaps, similar features",
 )
 def feature_page(
@@ -203,6 +215,7 @@ def feature_page(
         ],
         preview=urls.preview(layer, feature),
         positions=urls.positions(layer, feature),
+        lineage=urls.lineage(layer, feature) if layer in index.lineage_layers() else None,
     )
     return FeaturePage(
         layer=layer,
@@ -229,6 +242,8 @@ def feature_page(
         sort_eval=feature_sort_eval(index, layer, feature),
         sort_eval_trials=feature_sort_eval_trials(index, urls, layer, feature),
         links=links,
+        first_seen=index.first_seen(layer, feature),
+        faithfulness=feature_faithfulness(index, urls, layer, feature),
     )
 
 

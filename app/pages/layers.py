@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.datastructures import QueryParams
 from starlette.routing import Match
 
@@ -21,9 +21,11 @@ from clipscope_explorer.app.deps import (
     OptionalFraction,
     SettingsDep,
     UrlsDep,
+    blank_is_none,
     require_layer,
     words_of,
 )
+from clipscope_explorer.app.faithfulness import LayerFaithfulness, layer_faithfulness
 from clipscope_explorer.app.models import FeatureSummary, LayerInfo, feature_summary, layer_info
 from clipscope_explorer.app.pages.twins import Redirect, page
 from clipscope_explorer.app.queries import Index
@@ -33,9 +35,20 @@ from clipscope_explorer.app.urls import PAGES, Urls
 router = APIRouter()
 
 SortKey = Literal[
-    "feature", "frequency", "image_frequency", "cls_frequency", "max_activation", "mean_activation", "sort_eval"
+    "feature",
+    "frequency",
+    "image_frequency",
+    "cls_frequency",
+    "max_activation",
+    "mean_activation",
+    "sort_eval",
+    "faithfulness",
 ]
 Order = Literal["asc", "desc"]
+# a faithfulness score: a difference of two relative drops (each at most 1, below -1 when occlusion raises it)
+OptionalScore = Annotated[
+    Annotated[float, Field(ge=-1000, le=1000, allow_inf_nan=False)] | None, BeforeValidator(blank_is_none)
+]
 
 
 class DensityBin(BaseModel):
@@ -56,6 +69,7 @@ class TableRow(FeatureSummary):
     mean_activation: float | None
     sort_eval: float | None = None  # the feature's score in the page's `sort_eval_scores` run (null: none)
     sort_eval_trials: int | None = None
+    faithfulness: float | None = None  # its occlusion faithfulness score (null: not evaluated)
 
 
 class Filters(BaseModel):
@@ -69,6 +83,7 @@ class Filters(BaseModel):
     max_freq: OptionalFraction = Field(None, description="only features with frequency <= this")
     q: str = Field("", max_length=200, description="words that must all occur in the label")
     min_sort_eval: OptionalFraction = Field(None, description="only features with a sort-evaluation score >= this")
+    min_faithfulness: OptionalScore = Field(None, description="only features with a faithfulness score >= this")
 
 
 class LayerQuery(Filters):
@@ -95,6 +110,8 @@ class LayerPage(LayerInfo):
     random: str
     sort_eval_scores: RunKind | None  # the run kind of the features' `sort_eval` (null: no per-feature scores)
     csv: str  # every feature the filters select, in their order, as CSV (all pages)
+    training: str | None = None  # the layer's SAE over its training checkpoints (null: the index holds none)
+    faithfulness: LayerFaithfulness | None = None  # its evaluated features' faithfulness (null: none)
 
 
 def density_of(index: Index, layer: int) -> Density:
@@ -124,6 +141,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         offset,
         page_size + 1,
         min_sort_eval=filters.min_sort_eval,
+        min_faithfulness=filters.min_faithfulness,
     )
     has_next = len(rows) > page_size
     query = dict(
@@ -133,6 +151,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         max_freq=filters.max_freq,
         q=filters.q or None,
         min_sort_eval=filters.min_sort_eval,
+        min_faithfulness=filters.min_faithfulness,
         page_size=page_size,
     )
     features = [
@@ -142,6 +161,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
             mean_activation=row["mean_activation"],
             sort_eval=row["sort_eval"],
             sort_eval_trials=row["sort_eval_trials"],
+            faithfulness=row["faithfulness"],
         )
         for row in rows[:page_size]
     ]
@@ -163,6 +183,8 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
         random=urls.random(layer),
         sort_eval_scores=RunKind(token=scored[0], judge=scored[1]) if scored else None,
         csv=urls.layer(layer, **{**query, "page_size": None}, format="csv"),
+        training=urls.training(layer) if index.checkpoints(layer) else None,
+        faithfulness=layer_faithfulness(index, layer),
     )
 
 
@@ -179,7 +201,7 @@ class CsvRoute(APIRoute):
 
 CSV_COLUMNS = (  # the table's columns (`label` holds the label terms, space-separated)
     *("layer", "feature", "label", "frequency", "image_frequency", "cls_frequency", "max_activation"),
-    *("mean_activation", "image_id", "url"),
+    *("mean_activation", "image_id", "url", "faithfulness"),
 )
 CSV_CHUNK = 10_000  # table rows per query while the CSV streams
 
@@ -192,10 +214,13 @@ def csv_lines(index: Index, urls: Urls, layer: int, filters: Filters) -> Iterato
     args = (layer, filters.sort, filters.order, filters.min_freq, filters.max_freq, words_of(filters.q))
     offset = 0
     while True:
-        rows, _ = index.feature_table(*args, offset, CSV_CHUNK, min_sort_eval=filters.min_sort_eval)
+        rows, _ = index.feature_table(
+            *args, offset, CSV_CHUNK, min_sort_eval=filters.min_sort_eval, min_faithfulness=filters.min_faithfulness
+        )
         for row in rows:
             summary = feature_summary(index, urls, row).model_dump()
-            line = {**summary, "cls_frequency": row["cls_frequency"], "mean_activation": row["mean_activation"]}
+            extra = {name: row[name] for name in ("cls_frequency", "mean_activation", "faithfulness")}
+            line = {**summary, **extra}
             writer.writerow(["" if line[name] is None else line[name] for name in CSV_COLUMNS])
         yield buffer.getvalue()
         buffer.seek(0)

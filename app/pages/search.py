@@ -15,6 +15,7 @@ from clipscope_explorer.app.meaning.info import MeaningDep, MeaningInfo, Templat
 from clipscope_explorer.app.meaning.prompts import DEFAULT_TEMPLATE, clean_text
 from clipscope_explorer.app.meaning.service import MeaningService, MeaningUnavailable
 from clipscope_explorer.app.models import FeatureSummary, feature_summary, round_sig
+from clipscope_explorer.app.pages.lineage import add_concept_urls
 from clipscope_explorer.app.pages.twins import Redirect, page
 from clipscope_explorer.app.queries import Index
 from clipscope_explorer.app.urls import Urls
@@ -45,6 +46,7 @@ class SearchResult(FeatureSummary):
     caption_matches: int | None = None
     zero_shot_terms: list[str] = []  # by label: its zero-shot labels, which the words may match too
     score: float | None = None  # by meaning: cosine between the query's text embedding and the prototype
+    concept_url: str | None = None  # its chain of best matches across layers (where the index has lineage)
 
 
 class SearchPage(BaseModel):
@@ -207,4 +209,6 @@ def search_page(
         found = meaning_results(index, urls, meaning, query.q, template, query.layer, limit, detail)
     else:
         found = search_results(index, urls, query.q, query.layer, limit)
-    return found.model_copy(update={"meaning": meaning_info(index, meaning, "features")})
+    found = found.model_copy(update={"meaning": meaning_info(index, meaning, "features")})
+    add_concept_urls(index, urls, found.label_results + found.caption_results + found.meaning_results)
+    return found

@@ -22,7 +22,7 @@ from clipscope_explorer.precompute.sources import resolve_sources
 
 log = logging.getLogger(__name__)
 DEMO_LAYERS = (1, 3)
-DEMO_FIT = FitSettings(n_features=512, k=8, steps=600, batch_tokens=4096, lr=2e-3)
+DEMO_FIT = FitSettings(n_features=512, k=8, steps=600, batch_tokens=4096, lr=2e-3, checkpoints=4)
 FIT_IMAGES = 600
 
 

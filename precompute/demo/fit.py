@@ -26,6 +26,7 @@ class FitSettings:
     lr: float = 1e-3
     seed: int = 0
     dead_after_tokens: int = 1_000_000
+    checkpoints: int = 1  # checkpoints written, evenly spaced over the steps; the last is the final SAE
 
 
 def release_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,10 @@ def fit_topk_sae(tokens_nd: torch.Tensor, settings: FitSettings, progress: bool 
     optimiser = torch.optim.Adam(params, lr=settings.lr)
     since_fired = torch.zeros(settings.n_features, dtype=torch.long)
     seen = 0
+    at = {settings.steps * (i + 1) // max(settings.checkpoints, 1) for i in range(max(settings.checkpoints, 1) - 1)}
+    earlier = []
     bar = tqdm(range(settings.steps), desc="fit SAE", unit="step", disable=not progress)
-    for _ in bar:
+    for step in bar:
         batch = tokens_nd[torch.randint(0, tokens_nd.shape[0], (settings.batch_tokens,), generator=generator)]
         top = torch.topk((batch - pre_b) @ enc, settings.k, dim=-1)
         x_hat = torch.einsum("tk,tkd->td", top.values, dec[top.indices]) + pre_b
@@ -58,6 +61,9 @@ def fit_topk_sae(tokens_nd: torch.Tensor, settings: FitSettings, progress: bool 
         fired[top.indices[top.values > 0]] = True
         since_fired = torch.where(fired, 0, since_fired + batch.shape[0])
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step + 1 in at:
+            earlier.append({"pre_b": pre_b.detach().clone(), "enc": enc.detach().clone(), "dec": dec.detach().clone()})
+            earlier[-1].update(tokens=seen, steps=step + 1)
     return {
         "pre_b": pre_b.detach(),
         "enc": enc.detach(),
@@ -65,11 +71,18 @@ def fit_topk_sae(tokens_nd: torch.Tensor, settings: FitSettings, progress: bool 
         "tokens": seen,
         "dead_latents": (since_fired >= settings.dead_after_tokens).float(),
         "steps": settings.steps,
+        "earlier": earlier,  # the earlier checkpoints: pre_b, enc, dec, tokens, steps
     }
 
 
 def save_fitted(result: dict, folder: str | Path, layer: int, k: int) -> Path:
-    """Write `{folder}/{layer}_resid/{tokens}.pt` in the released dict layout."""
+    """Write `{folder}/{layer}_resid/{tokens}.pt` in the released dict layout, for the final SAE and each
+    earlier checkpoint; the final one's path."""
+    for snapshot in result.get("earlier", []):
+        where = Path(folder) / f"{layer}_resid" / f"{snapshot['tokens']}.pt"
+        save_checkpoint(
+            where, snapshot["pre_b"], snapshot["enc"], snapshot["dec"], k, snapshot["tokens"], snapshot["steps"]
+        )
     path = Path(folder) / f"{layer}_resid" / f"{result['tokens']}.pt"
     return save_checkpoint(
         path,

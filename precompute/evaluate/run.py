@@ -265,12 +265,20 @@ def evaluate(options: SortEvalOptions) -> Path:
 
 
 def open_index(index: Path):
+    """A read-only view of the index: attached to a connection of its own, so that it opens beside any other
+    connection this process holds to the same file (a server's, a notebook's `open_index`), whatever their
+    settings (DuckDB refuses a second direct connection with other settings)."""
     if not index.is_file():
         raise EvaluateError(f"index not found: {index}")
+    con = duckdb.connect(config={"threads": 2})
     try:
-        return duckdb.connect(str(index), read_only=True, config={"threads": 2})
+        quoted = str(index).replace("'", "''")
+        con.execute(f"ATTACH '{quoted}' AS evaluated (READ_ONLY)")
+        con.execute("USE evaluated")
     except duckdb.Error as error:
+        con.close()
         raise EvaluateError(f"cannot open {index} as a DuckDB index: {first_line(error)}") from error
+    return con
 
 
 def _has_codes(con) -> bool:

@@ -50,8 +50,11 @@ class SampleImageError(LookupError):
 class SampleImages:
     """Sample images of one index, by id: thread-safe (one DuckDB cursor per thread)."""
 
-    def __init__(self, index_path: Path | str, images_root: Path | str | None = None):
+    def __init__(self, index_path: Path | str, images_root: Path | str | None = None, originals: bool = False):
+        """originals: read each image from its source first (the very bytes the index encoded), its
+        thumbnail only when the source cannot be read (`thumbnails_used` counts those)."""
         self.index_path = Path(index_path)
+        self.originals, self.thumbnails_used = originals, 0
         self.images_root = None if images_root is None else Path(images_root)
         if not self.index_path.is_file():
             raise FileNotFoundError(f"index not found: {self.index_path}")
@@ -109,12 +112,22 @@ class SampleImages:
             raise SampleImageError(image_id, None, None, "no such image id")
         source, key, thumbnail = row
         try:
-            data = thumbnail if thumbnail is not None else self._read(source, key)
+            data = thumbnail if thumbnail is not None and not self.originals else self._original(source, key, thumbnail)
             return open_rgb(data)
         except ImageDecodeError as error:
             raise SampleImageError(image_id, source, key, f"cannot decode it ({error})") from None
         except (OSError, tarfile.TarError, EOFError, KeyError, ValueError) as error:
             raise SampleImageError(image_id, source, key, f"{type(error).__name__}: {error}") from None
+
+    def _original(self, source: str, key: str, thumbnail: bytes | None) -> bytes:
+        try:
+            return self._read(source, key)
+        except (OSError, tarfile.TarError, EOFError, KeyError, ValueError):
+            if thumbnail is None:
+                raise
+            with self._lock:
+                self.thumbnails_used += 1
+            return thumbnail
 
     def location(self, source: str) -> str:
         """Where a recorded source is read from now (see `images_root`)."""

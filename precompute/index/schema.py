@@ -245,6 +245,25 @@ TABLES: dict[str, Table] = {
             since=4,
             needed=False,
         ),
+        # occlusion faithfulness of the heatmaps (precompute/evaluate/faithfulness.py)
+        Table(
+            "faithfulness",
+            (
+                *_columns("INTEGER", "layer", "feature", "examples"),
+                *_columns("DOUBLE", "hot_drop", "random_drop", "kept", "score"),
+            ),
+            since=4,
+            needed=False,
+        ),
+        Table(
+            "faithfulness_examples",
+            (
+                *_columns("INTEGER", "layer", "feature", "rank", "image_id", "n_hot"),
+                *_columns("DOUBLE", "before", "hot", "random", "insertion"),
+            ),
+            since=4,
+            needed=False,
+        ),
     )
 }
 

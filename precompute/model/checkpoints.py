@@ -214,6 +214,24 @@ def find_checkpoint(source: str, layer: int | None = None, checkpoint: int | Non
     return _file_in_hub(source, layer, checkpoint), source
 
 
+def list_checkpoints(source: str, layer: int) -> list[int]:
+    """The token counts of one layer's checkpoints in a hub-layout folder or hub repo, in training order
+    (SAELoadError when the source or its layer folder cannot be read). A single file is not listed here: it
+    is its own one checkpoint."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path / f"{layer}_resid"
+        if not folder.is_dir():
+            raise _layer_folder_error(str(path), layer, [p.name for p in path.iterdir() if p.is_dir()])
+        return sorted(_checkpoints_in([p.name for p in folder.iterdir()]))
+    if path.is_file():
+        raise SAELoadError(f"{source} is one SAE file, not a folder of checkpoints")
+    if path.suffix in (".pt", ".safetensors") or source.startswith((".", "/", "~")):
+        raise SAELoadError(f"SAE folder {source} does not exist")
+    files = _hub_files(source)
+    return sorted(_checkpoints_in([f.split("/", 1)[1] for f in files if f.startswith(f"{layer}_resid/")]))
+
+
 def load_sae(
     source: str = DEFAULT_SAE_REPO,
     layer: int | None = None,

@@ -64,7 +64,7 @@ def test_openapi_describes_each_twin_with_its_query_and_model(client):
         (
             "/api/layers/{layer}",
             "LayerPage",
-            ["sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "page", "page_size"],
+            ["sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "min_faithfulness", "page", "page_size"],
         ),
         ("/api/search", "SearchPage", ["q", "layer", "limit", "by", "template"]),
         ("/api/search/images", "ImageSearchPage", ["q", "template", "limit"]),

@@ -263,15 +263,15 @@ def test_an_index_lacking_what_newer_code_needs_names_the_command_that_rebuilds_
     from clipscope_explorer.cli import build_parser
 
     current, later = schema.SCHEMA_MINOR, schema.SCHEMA_MINOR + 1
-    lineage = schema.Table("lineage", (schema.Column("layer", "INTEGER", since=later),), since=later)
-    monkeypatch.setitem(schema.TABLES, "lineage", lineage)
+    future = schema.Table("future_table", (schema.Column("layer", "INTEGER", since=later),), since=later)
+    monkeypatch.setitem(schema.TABLES, "future_table", future)
     monkeypatch.setattr(schema, "SCHEMA_MINOR", later)
     path = Path(shutil.copy(index_path, tmp_path / "old index.duckdb"))
     with pytest.raises(IndexOpenError) as error:
         check_index(path)
     message = str(error.value)
     assert message.startswith(
-        f"{path} is an index of schema version 1.{current}, without table lineage (schema version "
+        f"{path} is an index of schema version 1.{current}, without table future_table (schema version "
         f"1.{later}) that this explorer needs; rebuild it: clipscope-explorer precompute "
     )
     command = shlex.split(message.split("rebuild it: ", 1)[1])
@@ -311,9 +311,9 @@ def test_what_the_check_accepts_serves_every_page(index_path, tmp_path):
         tmp_path,
         [
             meta("schema_minor", "7"),
-            "INSERT INTO meta VALUES ('lineage_source', '{\"runs\": 3}')",
-            "CREATE TABLE lineage (layer INTEGER, feature INTEGER)",
-            "ALTER TABLE features ADD COLUMN sort_eval DOUBLE",
+            "INSERT INTO meta VALUES ('future_source', '{\"runs\": 3}')",
+            "CREATE TABLE future_table (layer INTEGER, feature INTEGER)",
+            "ALTER TABLE features ADD COLUMN future_score DOUBLE",
             "UPDATE images SET caption = NULL, url = NULL",
             "UPDATE layers SET sae_file = NULL, checkpoint = NULL WHERE layer = 11",
         ],

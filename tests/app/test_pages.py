@@ -189,9 +189,12 @@ def test_every_page_route_has_its_twin_with_the_same_parameters(client):
         "/layers",
         "/layers/{layer}",
         "/layers/{layer}/random",
+        "/layers/{layer}/checkpoints",
         "/layers/{layer}/features/{feature}",
         "/layers/{layer}/features/{feature}/examples/{image_id}",
         "/layers/{layer}/features/{feature}/embed",
+        "/layers/{layer}/features/{feature}/lineage",
+        "/concepts",
         "/samples/{image_id}",
         "/search",
         "/search/images",
@@ -201,7 +204,8 @@ def test_every_page_route_has_its_twin_with_the_same_parameters(client):
     for path in pages:
         twin = gets[twin_of(path)]
         assert (twin.path_params, twin.query_params) == (gets[path].path_params, gets[path].query_params), path
-    layer_query = ("sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "page", "page_size")
+    filters = ("sort", "order", "min_freq", "max_freq", "q", "min_sort_eval", "min_faithfulness")
+    layer_query = (*filters, "page", "page_size")
     assert gets["/layers/{layer}"].query_params == layer_query
 
 
