@@ -21,11 +21,29 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import duckdb
 from _timing import print_results, result_line
 
-from precompute import BATCH, CACHE, LAYER, prepare_inputs
+
+def _bench_precompute():
+    """bench/precompute.py (its inputs and sizes), by path: `precompute` is also the project's package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_precompute", Path(__file__).with_name("precompute.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_precompute = _bench_precompute()
+BATCH, CACHE, LAYER, prepare_inputs = (
+    bench_precompute.BATCH,
+    bench_precompute.CACHE,
+    bench_precompute.LAYER,
+    bench_precompute.prepare_inputs,
+)
 
 N_FEATURES = int(os.environ.get("BENCH_FAITH_FEATURES", 4))
 TOP, DRAWS, TARGET = 4, 8, 1.5

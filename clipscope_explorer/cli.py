@@ -366,7 +366,12 @@ def _add_index_step(parser: argparse.ArgumentParser, what: str, layers: str = "e
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     _add_index_step(parser, "to evaluate")
-    parser.add_argument("--token", choices=("cls",), default="cls", help="activation on the CLS token (the release's)")
+    parser.add_argument(
+        "--token",
+        choices=("cls", "image"),
+        default="cls",
+        help="cls: activation on the CLS token (the release's); image: max over all tokens (queries re-encoded)",
+    )
     parser.add_argument("--judge", choices=("embedding", "openai"), default="embedding", help="who sorts the queries")
     parser.add_argument("--pairs", type=whole(1, 1_000_000), default=450, help="trials per seed (default 450)")
     parser.add_argument("--seeds", type=whole(1, 1000), default=4, help="seeds (default 4)")

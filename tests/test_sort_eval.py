@@ -392,3 +392,43 @@ def test_the_embedding_judge_with_another_open_clip_model(tiny_index, tiny_model
         means = [embed(top[f]).mean(axis=0) for f in (first, second)]
         cosines = [embed([query])[0] @ (m / np.linalg.norm(m)) for m in means]
         assert answer == (1 if cosines[0] >= cosines[1] else 2)
+
+
+def test_the_image_token_mode_re_encodes_the_queries(tiny_index, tiny_model_spec, tiny_sae_repo, tmp_path):
+    """`--token image`: grids are the top lists, queries the owner's other examples, and the other feature
+    does not fire on any token of the query (checked by encoding each query again through the job's own
+    loaders, independently of the evaluation's encoder)."""
+    from clipscope_explorer.precompute.evaluate.sample_images import SampleImages
+    from clipscope_explorer.precompute.model.checkpoints import load_sae
+    from clipscope_explorer.precompute.model.encode import encode_pixels
+    from clipscope_explorer.precompute.model.vision import load_tower
+
+    out = tmp_path / "image-mode.duckdb"
+    code = main(
+        ["evaluate", str(tiny_index), "--out", str(out), "--token", "image", "--layers", "1", "--pairs", "12"]
+        + ["--seeds", "1", "--device", "cpu", "--no-progress"]
+    )
+    assert code == 0
+    with duckdb.connect(str(out), read_only=True) as con:
+        run = con.execute("SELECT token, trials, null_trials FROM sort_eval WHERE token = 'image'").fetchall()[0]
+        trials = con.execute(
+            "SELECT grid1_feature, grid2_feature, query_feature, query_image FROM sort_eval_trials "
+            "WHERE token = 'image' AND kind = 'pairs'"
+        ).fetchall()
+        examples = con.execute(
+            "SELECT feature, kind, rank, band, image_id FROM examples WHERE layer = 1 "
+            "ORDER BY feature, kind = 'band', band, rank"
+        ).fetchall()
+    assert run == ("image", 12, 12) and len(trials) == 12
+    shown: dict[int, list[int]] = {}
+    for feature, _, _, _, image in examples:
+        shown.setdefault(feature, []).append(image)
+    tower = load_tower(tiny_model_spec, device="cpu")
+    sae = load_sae(str(tiny_sae_repo), 1)
+    images = SampleImages(tiny_index, originals=True)
+    for first, second, owner, query in trials:
+        other = second if owner == first else first
+        assert query in shown[owner][9:] and query not in shown[other]
+        code = encode_pixels(tower, {1: sae}, tower.preprocess(images.image(query)).unsqueeze(0))[1].code
+        on_other = code.values[0][code.indices[0] == other]
+        assert on_other.numel() == 0 or float(on_other.max()) <= 0

@@ -69,3 +69,10 @@ class IndexModel:
             if bool(hit.any()):
                 out[row] = max(0.0, float(code.values[row][hit].float().max()))
         return out
+
+    def firing(self, pixels: torch.Tensor, layer: int) -> list[np.ndarray]:
+        """Per image of the batch, the layer's features with a positive value on some token, sorted."""
+        codes = encode_pixels(
+            self.tower, {layer: self.saes[layer]}, pixels.to(self.tower.device), self.precision, self.normalisation
+        )[layer].code
+        return [np.unique(codes.indices[b][codes.values[b] > 0].cpu().numpy()) for b in range(len(pixels))]

@@ -28,7 +28,7 @@ from clipscope_explorer.precompute.index.check import IndexCheckError, check_ind
 log = logging.getLogger(__name__)
 
 TABLES = ("sort_eval", "sort_eval_features", "sort_eval_trials")
-TOKENS = ("cls",)
+TOKENS = ("cls", "image")
 JUDGES = ("embedding", "openai")
 
 
@@ -51,7 +51,8 @@ class SortEvalOptions:
     judge_url: str | None = None
     judge_model: str | None = None  # openai: the chat model; embedding: another open_clip model (default: stored)
     judge_pretrained: str | None = None  # embedding judge: the pretrained tag of a built-in open_clip name
-    device: str = "auto"  # embedding judge with judge_model: where that model runs
+    device: str = "auto"  # where a model runs (the embedding judge's; the index's in the image token mode)
+    sae: str | None = None  # image token mode: a local copy of the index's SAE source
     judge_key_env: str = "OPENAI_API_KEY"
     judge_concurrency: int = 8
     judge_timeout: float = 60.0
@@ -71,11 +72,16 @@ class LayerRun:
     considered: int
 
 
-def plan_layer(con, layer: int, n_features: int, n_samples: int, options: SortEvalOptions) -> LayerRun:
+def plan_layer(con, layer: int, n_features: int, n_samples: int, options: SortEvalOptions, encoder=None) -> LayerRun:
     start = time.perf_counter()
-    firing = sort_eval.cls_firing(con, layer, n_features)
+    if options.token == "image":
+        from clipscope_explorer.precompute.evaluate.image_firing import ImageFiring
+
+        firing = ImageFiring(con, layer, n_features, lambda image: encoder(image, layer))
+    else:
+        firing = sort_eval.cls_firing(con, layer, n_features)
     live = firing.live()
-    log.info("layer %d: CLS codes read, %d live features, in %.1f s", layer, len(live), time.perf_counter() - start)
+    log.info("layer %d: firing read, %d live features, in %.1f s", layer, len(live), time.perf_counter() - start)
     start = time.perf_counter()
     considered = live[: options.features] if options.features else live
     pairs, replaced = [], 0
@@ -232,7 +238,7 @@ def evaluate(options: SortEvalOptions) -> Path:
 
     index = Path(options.index)
     if options.token not in TOKENS:
-        raise EvaluateError(f"--token {options.token}: only 'cls' is evaluated by this version")
+        raise EvaluateError(f"--token {options.token}: 'cls' or 'image'")
     con = open_index(index)
     try:
         meta, layers = check_index_file(con, str(index))
@@ -246,7 +252,8 @@ def evaluate(options: SortEvalOptions) -> Path:
                 "clipscope-explorer precompute (this version writes them) to evaluate it"
             )
         n_samples = con.execute("SELECT count(*) FROM samples").fetchall()[0][0]
-        runs = [plan_layer(con, layer, layers[layer]["n_features"], n_samples, options) for layer in chosen]
+        encoder = image_encoder(index, meta, layers, chosen, options) if options.token == "image" else None
+        runs = [plan_layer(con, layer, layers[layer]["n_features"], n_samples, options, encoder) for layer in chosen]
         start = time.perf_counter()
         judge = make_judge(con, options, runs)
         log.info("judge ready (%s) in %.1f s", options.judge, time.perf_counter() - start)
@@ -262,6 +269,26 @@ def evaluate(options: SortEvalOptions) -> Path:
     written = write_results(index, options.out or index, results, options.token, judge.name, IndexUpdater)
     log.info("results written into %s in %.1f s", written, time.perf_counter() - start)
     return written
+
+
+def image_encoder(index: Path, meta: dict, layer_rows: dict, layers: list[int], options: SortEvalOptions):
+    """`image` mode: (image_id, layer) -> the layer's features firing on some token of the image, by encoding
+    the original image again with the index's model and SAEs."""
+    from clipscope_explorer.precompute.evaluate.index_model import IndexModel
+    from clipscope_explorer.precompute.evaluate.sample_images import SampleImages
+    from clipscope_explorer.precompute.model.sae import SAELoadError
+    from clipscope_explorer.precompute.model.vision import ModelLoadError
+
+    try:
+        model = IndexModel.load(meta, layer_rows, layers, options.device, options.sae)
+    except (ModelLoadError, SAELoadError) as error:
+        raise EvaluateError(f"{index}: the image token mode encodes queries again: {error}") from error
+    images = SampleImages(index, options.images_root, originals=True)
+
+    def encode(image_id: int, layer: int) -> np.ndarray:
+        return model.firing(model.tower.preprocess(images.image(image_id)).unsqueeze(0), layer)[0]
+
+    return encode
 
 
 def open_index(index: Path):

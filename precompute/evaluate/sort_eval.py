@@ -10,6 +10,7 @@ random too. The judge answers which grid the query belongs to; accuracy over tri
 Token modes: `cls`, activation on the CLS token (the release's setting and the model card's column): the
 top lists and who fires where come exactly from `sample_codes`, the CLS token's kept latents of every
 sample image (a TopK SAE's activation is 0 wherever a feature is not kept, so the codes are complete).
+`image`, activation as the index defines it (max over all tokens): see image_firing.py.
 
 Controls, run with every evaluation: the rate of answer 1 (grid order is random, so near 0.5) and a null run
 that repeats the trials with both grids replaced by random sample images (accuracy near 0.5).
@@ -60,6 +61,11 @@ class Firing:
     def live(self) -> np.ndarray:
         """Features that fire on at least one sample image, ascending."""
         return np.flatnonzero(np.diff(self.offsets) > 0)
+
+    def eligible(self, owner: int, other: int) -> np.ndarray:
+        """Every eligible query: `owner` fires on it, `other` does not, and neither grid shows it."""
+        other_images = np.union1d(self.images_of(other), np.asarray(self.top(other), np.int64))
+        return np.setdiff1d(self.images_of(owner)[GRID:], other_images)
 
 
 def firing_from_codes(images: np.ndarray, features: np.ndarray, values: np.ndarray, n_features: int) -> Firing:
@@ -114,8 +120,7 @@ def draw_query(firing: Firing, owner: int, other: int, rng: np.random.Generator)
         image = int(candidates[rng.integers(len(candidates))])
         if image not in grid and not firing.fires(other, image):
             return image
-    other_images = np.union1d(firing.images_of(other), np.fromiter(grid, np.int64, len(grid)))
-    eligible = np.setdiff1d(candidates, other_images)
+    eligible = firing.eligible(owner, other)
     return int(eligible[rng.integers(len(eligible))]) if len(eligible) else None
 
 
