@@ -9,6 +9,7 @@ import random
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from pathlib import Path
 
@@ -322,7 +323,9 @@ def test_it_answers_from_inside_a_running_event_loop(images):
 
     with FakeOpenAI() as server:
         judge = judge_for(server.url, images)
-        assert asyncio.run(notebook_cell()) == expected
+        # a thread of its own: earlier tests (a browser's sync API) may leave a loop running in this one
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(asyncio.run, notebook_cell()).result() == expected
 
 
 def test_cached_answers_follow_the_images_into_a_rebuilt_index(images, tiny_index, tmp_path):

@@ -219,10 +219,13 @@ def test_overridden_layers_and_sae(live_index, tiny_sae_repo, tmp_path):
 
 
 def test_stored_results_outlive_the_encoder(live_index, tmp_path):
+    # nearest images come from the vectors, mapped in the background: both apps wait for them
     with live_app_client(live_index, tmp_path) as client:
         wait_live(client)
+        assert client.app.state.meaning.wait(120)
         data = upload(client, image(11)).json()
     with live_app_client(live_index, tmp_path, live=False) as client:  # a restart without a model
+        assert client.app.state.meaning.wait(120)
         assert client.get(f"/api/uploads/{data['upload_id']}").json() == data
         page = client.get(data["url"])
         assert page.status_code == 200 and data["layers"]["2"]["features"][0]["url"] in page.text
