@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from clipscope_explorer.precompute.evaluate.checkpoint_measures import CheckpointTotals, best_matches, unit_rows
-from clipscope_explorer.precompute.evaluate.run import open_index
+from clipscope_explorer.precompute.evaluate.run import chosen_layers, open_index
 from clipscope_explorer.precompute.evaluate.sample_images import SampleImageError, SampleImages
 from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
 from clipscope_explorer.precompute.model.checkpoints import find_checkpoint, list_checkpoints, load_checkpoint_file
@@ -78,10 +78,7 @@ def measure_checkpoints(options: CheckpointOptions) -> Measured:
         raise CheckpointsError(str(error)) from error
     finally:
         con.close()
-    chosen = options.layers or sorted(layers)
-    unknown = [layer for layer in chosen if layer not in layers]
-    if unknown:
-        raise CheckpointsError(f"{index}: no layer {unknown[0]} (the index has {', '.join(map(str, sorted(layers)))})")
+    chosen = chosen_layers(index, options.layers, layers, CheckpointsError)
     source = options.sae or str((meta.get("sae") or {}).get("source") or "")
     plan = {layer: _listed(index, source, layer, layers[layer], options.sae is not None) for layer in chosen}
     measured = Measured(None)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from clipscope_explorer.precompute.evaluate import occlusion
-from clipscope_explorer.precompute.evaluate.run import EvaluateError, open_index
+from clipscope_explorer.precompute.evaluate.run import EvaluateError, chosen_layers, open_index
 from clipscope_explorer.precompute.evaluate.sample_images import SampleImageError, SampleImages
 from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
 
@@ -143,11 +143,7 @@ def run_faithfulness(options: FaithfulnessOptions) -> Path:
     con = open_index(index)
     try:
         meta, layer_rows = check_index_file(con, str(index))
-        layers = options.layers or sorted(layer_rows)
-        unknown = [layer for layer in layers if layer not in layer_rows]
-        if unknown:
-            have = ", ".join(map(str, sorted(layer_rows)))
-            raise EvaluateError(f"{index}: no layer {unknown[0]} (the index has {have})")
+        layers = chosen_layers(index, options.layers, layer_rows)
         examples = _examples(con, layers, options)
     except IndexCheckError as error:
         raise EvaluateError(str(error)) from error

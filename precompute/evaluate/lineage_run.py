@@ -28,7 +28,7 @@ from clipscope_explorer.precompute.evaluate.lineage import (
     occurrences_from_rows,
     pair_links,
 )
-from clipscope_explorer.precompute.evaluate.run import EvaluateError, open_index
+from clipscope_explorer.precompute.evaluate.run import EvaluateError, chosen_layers, open_index
 from clipscope_explorer.precompute.index.check import IndexCheckError, check_index_file
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,7 @@ def _read(index: Path, options: LineageOptions) -> tuple[list[int], dict[str, di
     con = open_index(index)
     try:
         meta, layers = check_index_file(con, str(index))
-        chosen = sorted(set(options.layers or layers))
-        unknown = [layer for layer in chosen if layer not in layers]
-        if unknown:
-            raise LineageError(f"{index}: no layer {unknown[0]} (the index has {', '.join(map(str, sorted(layers)))})")
+        chosen = sorted(set(chosen_layers(index, options.layers, layers, LineageError)))
         if len(chosen) < 2:
             named = "--layers names" if options.layers else "the index has"
             raise LineageError(f"{index}: lineage relates two layers or more, and {named} only layer {chosen[0]}")

@@ -242,10 +242,7 @@ def evaluate(options: SortEvalOptions) -> Path:
     con = open_index(index)
     try:
         meta, layers = check_index_file(con, str(index))
-        chosen = options.layers or sorted(layers)
-        unknown = [layer for layer in chosen if layer not in layers]
-        if unknown:
-            raise EvaluateError(f"{index}: no layer {unknown[0]} (the index has {', '.join(map(str, sorted(layers)))})")
+        chosen = chosen_layers(index, options.layers, layers)
         if not _has_codes(con):
             raise EvaluateError(
                 f"{index} holds no per-image CLS codes (schema 1.{meta.get('schema_minor', 0)}): rebuild it with "
@@ -289,6 +286,17 @@ def image_encoder(index: Path, meta: dict, layer_rows: dict, layers: list[int], 
         return model.firing(model.tower.preprocess(images.image(image_id)).unsqueeze(0), layer)[0]
 
     return encode
+
+
+def chosen_layers(index: Path, asked: list[int] | None, layers: dict, error=None) -> list[int]:
+    """The layers asked for (default: all of the index's), each one the index holds; else `error` (an
+    EvaluateError by default) naming the first it lacks."""
+    chosen = asked or sorted(layers)
+    unknown = [layer for layer in chosen if layer not in layers]
+    if unknown:
+        have = ", ".join(map(str, sorted(layers)))
+        raise (error or EvaluateError)(f"{index}: no layer {unknown[0]} (the index has {have})")
+    return chosen
 
 
 def open_index(index: Path):

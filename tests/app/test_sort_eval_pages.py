@@ -302,10 +302,11 @@ def test_feature_page_shows_the_score_and_loads_the_trials_on_demand(served):
     assert items == len(data["sort_eval_trials"])
     for t in data["sort_eval_trials"]:  # a card: it links to the partner, shows the query and the answer
         word = {True: "right", False: "wrong", None: "unanswered"}[t["correct"]]
-        card = f'<a href="{t["partner_url"]}" title="image {t["query_image"]}, {t["judge"]} judge">'
+        title = f"image {t['query_image']} against feature {t['partner']}, {t['judge']} judge, {t['token'].upper()}"
+        card = f'<a href="{t["partner_url"]}" title="{title}">'
         assert card in fragment.text
         after = fragment.text.split(card, 1)[1].split("</a>", 1)[0]
-        assert f'<span class="id">{word}</span><span class="label">vs feature {t["partner"]}</span>' in after
+        assert f'<span class="id">{word}</span><span class="label">vs {t["partner"]}</span>' in after
         if t["query_thumbnail_url"]:
             assert f'src="{t["query_thumbnail_url"]}"' in after
     unscored = served.get("/layers/20/features/0").text  # trials, but no score row
