@@ -73,3 +73,28 @@ def describe_processes(root: int) -> list[str]:
             f"server process {pid} ({role}): RSS {rss / 2**20:.0f} MiB, CPU {cpu:.1f} s, {open_sockets(pid)} sockets"
         )
     return lines
+
+
+def child_figures(command: list[str], what: str, env: dict | None = None) -> tuple[dict, str]:
+    """Run a measuring child process; (the JSON of its last `RESULT-JSON ` line, its stderr). Exits naming
+    `what` with the child's error output when it fails."""
+    import json
+    import subprocess
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT-JSON ")]
+    if result.returncode != 0 or not lines:
+        raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT-JSON ")), result.stderr
+
+
+def copy_seconds(path, scratch) -> float:
+    """Seconds to copy `path` once (to `scratch`, removed), what an atomic rewrite of it costs."""
+    import shutil
+    import time
+
+    started = time.perf_counter()
+    shutil.copyfile(path, scratch)
+    seconds = time.perf_counter() - started
+    os.unlink(scratch)
+    return seconds

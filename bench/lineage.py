@@ -26,8 +26,6 @@ import json
 import logging
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ os.environ.setdefault("BENCH_SEARCH_LAYERS", os.environ.get("BENCH_LINEAGE_LAYER
 
 import numpy as np  # noqa: E402
 import search  # noqa: E402  (bench/search.py: its synthetic index)
+from _procs import child_figures, copy_seconds
 from _timing import REPO_ROOT, result_line  # noqa: E402
 
 K, TOP_N, PLANTED, TARGET_S = 32, 32, 0.7, 900.0
@@ -161,15 +160,8 @@ def main() -> None:
         build()
         print(f"  built in {time.perf_counter() - started:.0f} s")
     out = CACHE / "lineage.duckdb"
-    started = time.perf_counter()
-    shutil.copyfile(INDEX, CACHE / "copy-probe.duckdb")
-    copy_s = time.perf_counter() - started
-    (CACHE / "copy-probe.duckdb").unlink()
-    result = subprocess.run([sys.executable, __file__, "--measure", str(out)], capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT-JSON ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"lineage failed:\n{result.stderr[-3000:]}")
-    figures = json.loads(lines[-1].removeprefix("RESULT-JSON "))
+    copy_s = copy_seconds(INDEX, CACHE / "copy-probe.duckdb")
+    figures, stderr = child_figures([sys.executable, __file__, "--measure", str(out)], "lineage")
     with duckdb.connect(str(out), read_only=True) as con:
         by_source = dict(con.execute("SELECT source, count(*) FROM lineage GROUP BY source ORDER BY source").fetchall())
         linked, share = planted_recovered(con, search.LAYERS[0], search.LAYERS[1])
@@ -185,7 +177,7 @@ def main() -> None:
     )
     print(
         "  phases (from the log):\n    "
-        + "\n    ".join(line for line in result.stderr.splitlines() if line.startswith(("layer", "results")))
+        + "\n    ".join(line for line in stderr.splitlines() if line.startswith(("layer", "results")))
     )
     print(
         f"  copying the index once (the atomic rewrite's copy, counted in the time): {copy_s:.1f} s; "

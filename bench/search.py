@@ -31,12 +31,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _procs import child_figures
 from _timing import REPO_ROOT, print_results, result_line
 
 N_IMAGES = int(os.environ.get("BENCH_SEARCH_IMAGES", 1_000_000))
@@ -286,11 +286,7 @@ def process_memory(pid: int) -> dict[str, int]:
 def run_worker(mode: str, cache: Path, environment: dict[str, str] | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", mode, str(cache)]
     environment = {**os.environ, "PYTHONWARNINGS": "ignore", **(environment or {})}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT-JSON ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"{mode} worker failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT-JSON "))
+    return child_figures(command, f"{mode} worker", environment)[0]
 
 
 # ---------------------------------------------------------------- float16 against float32; scan alternatives

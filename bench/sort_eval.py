@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import resource
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ os.environ.setdefault("BENCH_SEARCH_FEATURES", os.environ.get("BENCH_SORT_FEATUR
 
 import numpy as np  # noqa: E402
 import search  # noqa: E402  (bench/search.py: its synthetic index)
+from _procs import child_figures, copy_seconds
 from _timing import REPO_ROOT, print_results, result_line  # noqa: E402
 
 K, PER_FEATURE, TARGET_S = 32, 4, 60.0
@@ -96,15 +95,8 @@ def main() -> None:
     if not INDEX.exists():
         build()
     out = CACHE / "evaluated.duckdb"
-    started = time.perf_counter()
-    shutil.copyfile(INDEX, CACHE / "copy-probe.duckdb")
-    copy_s = time.perf_counter() - started
-    (CACHE / "copy-probe.duckdb").unlink()
-    result = subprocess.run([sys.executable, __file__, "--measure", str(out)], capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT-JSON ")]
-    if result.returncode != 0 or not lines:
-        raise SystemExit(f"evaluate failed:\n{result.stderr[-3000:]}")
-    figures = json.loads(lines[-1].removeprefix("RESULT-JSON "))
+    copy_s = copy_seconds(INDEX, CACHE / "copy-probe.duckdb")
+    figures, stderr = child_figures([sys.executable, __file__, "--measure", str(out)], "evaluate")
     with duckdb.connect(str(out), read_only=True) as con:
         run = con.execute("SELECT trials, null_trials, accuracy, null_accuracy FROM sort_eval").fetchall()[0]
         scored, trials = con.execute("SELECT count(*), sum(trials) FROM sort_eval_features").fetchall()[0]
@@ -120,7 +112,7 @@ def main() -> None:
     print(f"  accuracy {run[2]:.3f}, null {run[3]:.3f} (random embeddings: both near 0.5)")
     print(
         "  phases (from the log):\n    "
-        + "\n    ".join([line for line in result.stderr.splitlines() if line.startswith(("layer", "judge", "results"))])
+        + "\n    ".join([line for line in stderr.splitlines() if line.startswith(("layer", "judge", "results"))])
     )
     print(
         f"  copying the index once (the atomic rewrite's copy): {copy_s:.1f} s; peak RSS {figures['peak_mb']:,.0f} MB"

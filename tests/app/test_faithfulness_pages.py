@@ -23,12 +23,12 @@ from clipscope_explorer.app.main import create_app
 from clipscope_explorer.app.pages.features import FeaturePage
 from clipscope_explorer.app.settings import Settings
 from clipscope_explorer.app.sort_eval import FeatureSortEval
-from clipscope_explorer.app.templating import SiteInfo, percent, sig
+from clipscope_explorer.app.templating import percent, sig
 from clipscope_explorer.app.urls import Urls
 from clipscope_explorer.precompute.evaluate.faithfulness import TABLES, FaithfulnessOptions, run_faithfulness
 from clipscope_explorer.precompute.index.store import IndexUpdater
 from tests.app.conftest import DEAD, N_FEATURES
-from tests.app.test_weight import BUDGET, _assets
+from tests.app.test_weight import BUDGET, _assets, full_size, render_feature
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
 LAYER = 20
@@ -311,27 +311,12 @@ def test_full_size_feature_page_with_faithfulness_fits_the_budget(indexes, table
     with _serve(indexes["added"], tmp_path) as client:
         page = FeaturePage.model_validate(client.get(f"/api/layers/{LAYER}/features/{feature}").json())
         assert page.faithfulness and page.faithfulness.per_example
-        example = page.top_images[0].model_copy(update={"caption": "a long LAION caption " * 12, "heatmap": None})
-        top = [example.model_copy(update={"rank": r, "image_id": 10_000_000 + r}) for r in range(1, 33)]
-        bands = [band.model_copy(update={"examples": top[:8]}) for band in page.bands[:1]] * 3
         scores = [  # as test_sort_eval_pages.py's full-size page: two run kinds' scores in one line
             FeatureSortEval(token=token, judge=judge, trials=40, correct=33, accuracy=0.825)
             for token, judge in (("cls", "embedding"), ("image", "openai"))
         ]
-        big = page.model_copy(
-            update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536, "position_mean": None}
-            | {"sort_eval": scores}
-        )
-        index_id = client.app.state.index.index_id
-        site = SiteInfo(index_id=index_id, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14", public_url=None)
-        text = client.app.state.templates.get_template("feature.html").render(
-            page=big,
-            site=site,
-            urls=Urls(index_id),
-            twin="/api/layers/20/features/65535",
-            canonical="https://explorer.example.org/layers/20/features/65535",
-            base="https://explorer.example.org",
-        )
+        big = full_size(page, sort_eval=scores)
+        text = render_feature(client.app.state.templates, big, client.app.state.index.index_id)
     assert "Faithfulness " in text and "Sort eval 0.82 over 40 trials" in text
     weight = len(text.encode()) + _assets(text)
     assert weight <= BUDGET, f"{weight} bytes"

@@ -20,11 +20,11 @@ from clipscope_explorer.app.main import create_app
 from clipscope_explorer.app.pages.features import FeaturePage
 from clipscope_explorer.app.pages.lineage import concept_chain
 from clipscope_explorer.app.settings import Settings
-from clipscope_explorer.app.templating import SiteInfo, sig
+from clipscope_explorer.app.templating import sig
 from clipscope_explorer.app.urls import Urls
 from clipscope_explorer.precompute.evaluate.lineage_run import LineageOptions, lineage
 from tests.app.conftest import N_FEATURES
-from tests.app.test_weight import BUDGET, _assets
+from tests.app.test_weight import BUDGET, _assets, full_size, render_feature
 
 FEATURE = 8
 HTMX = {"HX-Request": "true", "HX-Target": "lineage"}
@@ -125,22 +125,8 @@ def test_the_feature_page_loads_the_strip_of_best_matches(served, table):
 
 def test_the_full_size_feature_page_with_its_strip_fits_the_budget(served):
     page = FeaturePage.model_validate(served.get(f"/api/layers/20/features/{FEATURE}").json())
-    example = page.top_images[0].model_copy(update={"caption": "a long LAION caption " * 12, "heatmap": None})
-    top = [example.model_copy(update={"rank": r, "image_id": 10_000_000 + r}) for r in range(1, 33)]
-    bands = [band.model_copy(update={"examples": top[:8]}) for band in page.bands[:1]] * 3
     links = page.links.model_copy(update={"lineage": "/layers/20/features/65535/lineage"})
-    big = page.model_copy(
-        update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536, "position_mean": None}
-    ).model_copy(update={"links": links})
-    site = SiteInfo(index_id="0" * 16, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14", public_url=None)
-    rendered = served.app.state.templates.get_template("feature.html").render(
-        page=big,
-        site=site,
-        urls=Urls("0" * 16),
-        twin="/api/layers/20/features/65535",
-        canonical="https://explorer.example.org/layers/20/features/65535",
-        base="https://explorer.example.org",
-    )
+    rendered = render_feature(served.app.state.templates, full_size(page, links=links), "0" * 16)
     assert 'hx-target="#lineage"' in rendered
     assert len(rendered.encode()) + _assets(rendered) <= BUDGET
 

@@ -21,12 +21,12 @@ from clipscope_explorer.app.main import create_app
 from clipscope_explorer.app.model_card import model_card_row
 from clipscope_explorer.app.pages.features import FeaturePage
 from clipscope_explorer.app.settings import Settings
-from clipscope_explorer.app.templating import SiteInfo, percent, sig
+from clipscope_explorer.app.templating import percent, sig
 from clipscope_explorer.app.urls import Urls
 from clipscope_explorer.precompute.evaluate.run import TABLES, SortEvalOptions, evaluate
 from clipscope_explorer.precompute.index.store import IndexUpdater
 from tests.app.conftest import DEAD, N_FEATURES
-from tests.app.test_weight import BUDGET, _assets
+from tests.app.test_weight import BUDGET, _assets, full_size, render_feature
 
 API_MD = Path(__file__).resolve().parents[2] / "docs" / "API.md"
 OTHER_RUN = {"token": "image", "judge": "openai"}  # the second run kind, on layer 20 only
@@ -333,24 +333,8 @@ def test_full_size_feature_page_with_scores_fits_the_budget(served):
     """test_weight.py's full-size page, with two scores and the most trials a page lists."""
     page = FeaturePage.model_validate(served.get(f"/api/layers/20/features/{FEATURE}").json())
     assert len(page.sort_eval) == 2 and page.sort_eval_trials
-    example = page.top_images[0].model_copy(update={"caption": "a long LAION caption " * 12, "heatmap": None})
-    top = [example.model_copy(update={"rank": r, "image_id": 10_000_000 + r}) for r in range(1, 33)]
-    bands = [band.model_copy(update={"examples": top[:8]}) for band in page.bands[:1]] * 3
-    trials = (page.sort_eval_trials * 20)[:20]
-    big = page.model_copy(
-        update={"top_images": top, "bands": bands, "feature": 65535, "n_features": 65536, "position_mean": None}
-        | {"sort_eval_trials": trials}
-    )
-    index_id = served.app.state.index.index_id
-    site = SiteInfo(index_id=index_id, layers=[2, 5, 8, 11, 14, 17, 20, 22], model="ViT-L-14", public_url=None)
-    html_text = served.app.state.templates.get_template("feature.html").render(
-        page=big,
-        site=site,
-        urls=Urls(index_id),
-        twin="/api/layers/20/features/65535",
-        canonical="https://explorer.example.org/layers/20/features/65535",
-        base="https://explorer.example.org",
-    )
+    big = full_size(page, sort_eval_trials=(page.sort_eval_trials * 20)[:20])
+    html_text = render_feature(served.app.state.templates, big, served.app.state.index.index_id)
     weight = len(html_text.encode()) + _assets(html_text)
     assert weight <= BUDGET, f"{weight} bytes"
 
