@@ -51,13 +51,18 @@ class FaithfulnessHistogram(BaseModel):
     score: list[int]
 
 
-class LayerFaithfulness(BaseModel):
-    """The layer's evaluated features: how many, their mean score and drops, and the distributions."""
+class FaithfulnessSummary(BaseModel):
+    """The layer's evaluated features: how many, their mean score and their mean drops."""
 
     features: int
     mean_score: float
     mean_hot_drop: float
     mean_random_drop: float
+
+
+class LayerFaithfulness(FaithfulnessSummary):
+    """The layer's summary and the distributions."""
+
     histogram: FaithfulnessHistogram
 
 
@@ -84,15 +89,18 @@ def counts(values: np.ndarray) -> list[int]:
     return np.bincount(bins, minlength=len(HISTOGRAM_EDGES) - 1).tolist()
 
 
+def faithfulness_summary(index: Index, layer: int) -> FaithfulnessSummary | None:
+    means = index.layer_faithfulness_means(layer)
+    return None if means is None else FaithfulnessSummary(**means)
+
+
 def layer_faithfulness(index: Index, layer: int) -> LayerFaithfulness | None:
+    summary = faithfulness_summary(index, layer)
     rows = index.layer_faithfulness(layer)
-    if not rows:
+    if summary is None or not rows:
         return None
     measures = {name: np.array([r[name] for r in rows], dtype=np.float64) for name in rows[0]}
     return LayerFaithfulness(
-        features=len(rows),
-        mean_score=float(measures["score"].mean()),
-        mean_hot_drop=float(measures["hot_drop"].mean()),
-        mean_random_drop=float(measures["random_drop"].mean()),
+        **summary.model_dump(),
         histogram=FaithfulnessHistogram(edges=HISTOGRAM_EDGES.tolist(), **{k: counts(v) for k, v in measures.items()}),
     )

@@ -58,6 +58,20 @@ class FaithfulnessQueries:
             ),
         )
 
+    def layer_faithfulness_means(self, layer: int) -> dict | None:
+        """How many features of the layer were evaluated (`features`) and their `mean_score`, `mean_hot_drop`
+        and `mean_random_drop`, or None when none was; cached."""
+        if layer not in self.faithfulness_layers():
+            return None
+        return self._cached(
+            ("layer_faithfulness_means", layer),
+            lambda: self._dicts(
+                "SELECT COUNT(*) AS features, AVG(score) AS mean_score, AVG(hot_drop) AS mean_hot_drop, "
+                "AVG(random_drop) AS mean_random_drop FROM faithfulness WHERE layer = ?",
+                [layer],
+            )[0],
+        )
+
     def with_faithfulness(self, layer: int, source: str) -> str:
         """The FROM clause `source` (the layer's features) with each one's score as `faithfulness` (NULL when it
         was not evaluated); it uses the query's `$layer`."""

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 from pydantic import BaseModel
 
+from clipscope_explorer.app.faithfulness import FaithfulnessSummary, faithfulness_summary
 from clipscope_explorer.app.model_card import ModelCardRow, model_card_row
 from clipscope_explorer.app.queries import Index
 from clipscope_explorer.app.sort_eval import LayerSortEval, layer_sort_eval
@@ -51,6 +52,7 @@ class LayerInfo(BaseModel):
     mse_by_position: list[float]
     model_card: ModelCardRow | None
     sort_eval: list[LayerSortEval]  # one per run kind in the index, by token then judge
+    faithfulness: FaithfulnessSummary | None  # its evaluated features' means (null: none evaluated)
     url: str
 
 
@@ -70,11 +72,21 @@ class FeatureSummary(BaseModel):
 
 def layer_info(index: Index, urls: Urls, layer: int) -> LayerInfo:
     row = index.layers[layer]
-    fields = {name: row.get(name) for name in LayerInfo.model_fields if name not in ("model_card", "sort_eval", "url")}
+    fields = {
+        name: row.get(name)
+        for name in LayerInfo.model_fields
+        if name not in ("model_card", "sort_eval", "faithfulness", "url")
+    }
     fields["mse_by_position"] = list(row.get("mse_by_position") or [])
     fields["sae_file"] = index.names.name(row.get("sae_file"))
     card = model_card_row(layer) if index.meta.get("released_suite") else None
-    return LayerInfo(**fields, model_card=card, sort_eval=layer_sort_eval(index, layer), url=urls.layer(layer))
+    return LayerInfo(
+        **fields,
+        model_card=card,
+        sort_eval=layer_sort_eval(index, layer),
+        faithfulness=faithfulness_summary(index, layer),
+        url=urls.layer(layer),
+    )
 
 
 def feature_summary(index: Index, urls: Urls, row: dict) -> FeatureSummary:

@@ -175,7 +175,7 @@ def layer_table(index: Index, urls: Urls, layer: int, filters: Filters, page: in
     )
     scored = index.scored_run(layer)
     return LayerPage(
-        **layer_info(index, urls, layer).model_dump(),
+        **layer_info(index, urls, layer).model_dump(exclude={"faithfulness"}),
         density=density_of(index, layer),
         features=features,
         filters=filters,

@@ -207,6 +207,49 @@ def test_layer_summary_and_distributions(served):
         assert data["histogram"]["edges"][0] == -1 and data["histogram"]["edges"][-1] == 1
 
 
+def _expected_summary(rows, layer: int) -> dict | None:
+    mine = [r for r in rows["faithfulness"] if r["layer"] == layer]
+    if not mine:
+        return None
+    means = {f"mean_{key}": sum(r[key] for r in mine) / len(mine) for key in ("score", "hot_drop", "random_drop")}
+    return {"features": len(mine), **means}
+
+
+def test_layer_list_carries_the_summary(served):
+    client, rows = served
+    items = client.get("/api/layers").json()["layers"]
+    assert [item["layer"] for item in items] == sorted(client.app.state.index.layers)
+    for item in items:
+        expected = _expected_summary(rows, item["layer"])
+        data = item["faithfulness"]
+        if expected is None:
+            assert data is None, item["layer"]
+            continue
+        assert data == pytest.approx(expected, rel=1e-12) and list(data) == list(expected)
+        page = client.get(f"/api/layers/{item['layer']}").json()["faithfulness"]
+        assert {key: page[key] for key in data} == data
+    assert client.get("/api").json()["layers"] == items
+    assert any(item["faithfulness"] for item in items)
+
+
+def test_overview_shows_the_faithfulness_column(served):
+    client, rows = served
+    items = client.get("/api/layers").json()["layers"]
+    text = html.unescape(client.get("/").text)
+    assert "<h2>Faithfulness by layer</h2>" in text and '<th scope="col">Faithfulness</th>' in text
+    table = text.split("<h2>Faithfulness by layer</h2>")[1].split("</table>")[0]
+    for item in items:
+        row = table.split(f'<th scope="row"><a href="{item["url"]}">{item["layer"]}</a></th>')[1].split("</tr>")[0]
+        data = item["faithfulness"]
+        if data is None:
+            assert row.count("<td>—</td>") == 3, item["layer"]
+            continue
+        n = data["features"]
+        assert f'title="mean over {n} evaluated feature{"s" if n != 1 else ""}"' in row
+        assert f'<a href="{item["url"]}">{sig(data["mean_score"], 3)}</a>' in row
+        assert f"<td>{sig(data['mean_hot_drop'], 3)}</td><td>{sig(data['mean_random_drop'], 3)}</td>" in row
+
+
 @pytest.mark.parametrize("order", ["asc", "desc"])
 def test_layer_table_sorts_by_faithfulness(served, order):
     client, rows = served
@@ -292,6 +335,8 @@ def test_an_index_without_faithfulness_shows_nothing_and_fails_nowhere(indexes, 
     with _serve(indexes[kind], tmp_path) as client:
         data = client.get(f"/api/layers/{LAYER}", params={"sort": "faithfulness", "page_size": 200}).json()
         assert data["faithfulness"] is None
+        assert all(item["faithfulness"] is None for item in client.get("/api/layers").json()["layers"])
+        assert "Faithfulness by layer" not in client.get("/").text
         assert [r["feature"] for r in data["features"]] == list(range(N_FEATURES))
         assert all(r["faithfulness"] is None for r in data["features"])
         assert client.get(f"/api/layers/{LAYER}", params={"min_faithfulness": "-1"}).json()["paging"]["total"] == 0
