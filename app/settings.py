@@ -80,6 +80,10 @@ class Settings(BaseSettings):
         pattern="^(auto|fp32|bf16)$",
         description="fp32 or bf16 autocast for uploads; auto: the precision the index was built in (meta.precision), fp32 on a CPU without native bfloat16 (AMX or AVX512-BF16)",
     )
+    interventions: bool = Field(
+        True,
+        description="keep each live layer's SAE decoder (memory-mapped from its file) so POST /api/intervene can edit a feature and run the rest of the model (false: a leaner worker, interventions answered 503)",
+    )
     live_batch_size: int = Field(8, ge=1, le=256, description="most uploads encoded together in one micro-batch")
     live_queue_size: int = Field(
         16, ge=1, le=10_000, description="uploads in progress at once; more are answered 503 with Retry-After"
@@ -147,7 +151,7 @@ class Settings(BaseSettings):
     # cross-origin requests (browsers): GET /api/... is open to every origin; POSTs only to these
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="origins allowed to POST /api/encode from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)",
+        description="origins allowed to POST /api/encode and /api/intervene from a browser on another site, comma-separated, e.g. https://notebook.example.org ('*': any)",
     )
     # framing: the embeddable feature card only (every other page refuses to be framed)
     embed_origins: Annotated[list[str], NoDecode] = Field(

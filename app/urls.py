@@ -109,6 +109,9 @@ class Urls:
     def upload_preview(self, upload_id: str) -> str:
         return self.app(f"/uploads/{upload_id}/preview.jpg")
 
+    def intervention(self, upload_id: str, intervention_id: str) -> str:
+        return self.app(f"/uploads/{upload_id}/interventions/{intervention_id}")
+
     # images of this index
     def thumbnail(self, image_id: int) -> str:
         return self.app(f"/images/{self.index_id}/{image_id}.jpg")

@@ -266,6 +266,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         help="do not load CLIP's text tower: search by words only (it loads with or without --no-live)",
     )
     live.add_argument(
+        "--no-interventions",
+        dest="interventions",
+        action="store_false",
+        help="keep no SAE decoders: uploads only, no feature interventions (a leaner worker)",
+    )
+    live.add_argument(
         "--live-model",
         metavar="MODEL",
         help="open_clip model for uploads (default: the index's): hf-hub:..., local-dir:..., or a built-in name",

@@ -54,10 +54,10 @@
     }
   });
 
-  /* Errors (4xx/503) from the upload come back as a fragment for #upload-result: show them. */
+  /* Errors (4xx/503) from the upload or an intervention come back as a fragment for their target: show them. */
   document.addEventListener("htmx:beforeSwap", function (event) {
     var target = event.detail.target;
-    if (target && target.id === "upload-result" && event.detail.xhr.status >= 400) {
+    if (target && (target.id === "upload-result" || target.id === "intervention") && event.detail.xhr.status >= 400) {
       event.detail.shouldSwap = true;
       event.detail.isError = false;
     }
@@ -73,7 +73,7 @@
   }
 
   function reveal() {
-    document.querySelectorAll(".live-feature .show-overlay").forEach(function (b) { b.hidden = false; });
+    document.querySelectorAll(".live-feature .show-overlay, .live-feature .edit-feature").forEach(function (b) { b.hidden = false; });
     document.querySelectorAll(".live-view[data-patches]").forEach(enableGrid);
   }
 
@@ -167,7 +167,38 @@
     }
   });
 
+  /* Interventions: "Edit" fills the form's layer and feature; Shift-click toggles a patch in its list. */
+  function interveneForm() { return document.querySelector("form.intervene-form"); }
+
+  function editFeature(button) {
+    var form = interveneForm();
+    form.elements.layer.value = button.getAttribute("data-layer");
+    form.elements.feature.value = button.closest(".live-feature").getAttribute("data-feature");
+    form.scrollIntoView({ block: "nearest" });
+    form.elements.scale.focus();
+  }
+
+  function togglePatch(cell) {
+    var field = interveneForm().elements.patches;
+    var p = cell.getAttribute("data-p");
+    var chosen = field.value.split(",").map(function (s) { return s.trim(); }).filter(Boolean);
+    var at = chosen.indexOf(p);
+    if (at >= 0) { chosen.splice(at, 1); } else { chosen.push(p); }
+    field.value = chosen.join(",");
+    cell.classList.toggle("chosen", at < 0);
+  }
+
   document.addEventListener("click", function (event) {
+    var edit = event.target.closest && event.target.closest(".edit-feature");
+    if (edit && interveneForm()) {
+      editFeature(edit);
+      return;
+    }
+    var patch = event.shiftKey && event.target.closest && event.target.closest("svg.live rect[data-p]");
+    if (patch && interveneForm()) {
+      togglePatch(patch);
+      return;
+    }
     var button = event.target.closest && event.target.closest(".show-overlay");
     if (button) {
       showFeature(button.closest(".live-feature"));

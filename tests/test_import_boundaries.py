@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_LAYER = {
     "clipscope_explorer.precompute.model.checkpoints",
     "clipscope_explorer.precompute.model.encode",
+    "clipscope_explorer.precompute.model.intervene",
     "clipscope_explorer.precompute.model.sae",
     "clipscope_explorer.precompute.model.text",
     "clipscope_explorer.precompute.model.vision",

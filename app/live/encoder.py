@@ -9,6 +9,9 @@ same; half the memory, no casting per upload). `LiveEncoder` runs
 (`app/live/batcher.py`) that micro-batches concurrent uploads; when the spec asks
 (`LiveSpec.embed`: the index's own model, and an index with CLIP embeddings), the
 tower runs to its end and each upload also gets its final CLIP image embedding.
+With interventions on (`LiveSpec.interventions`), each layer's SAE decoder is kept too, memory-mapped
+from its checkpoint file (`DecoderRows`: an intervention reads one row), and the same worker runs edited
+passes (`precompute/model/intervene.py`), one image at a time.
 Only `app/live/service.py` imports this module, when live encoding is asked for.
 """
 
@@ -24,8 +27,9 @@ import torch
 
 from clipscope_explorer.app.live.batcher import MicroBatcher
 from clipscope_explorer.app.live.spec import LiveSpec
-from clipscope_explorer.precompute.model.checkpoints import load_checkpoint_file, load_sae
-from clipscope_explorer.precompute.model.encode import encode_pixels
+from clipscope_explorer.precompute.model.checkpoints import DecoderRows, load_checkpoint_file, load_sae
+from clipscope_explorer.precompute.model.encode import LayerCodes, encode_pixels
+from clipscope_explorer.precompute.model.intervene import FeatureEdit, encode_edited
 from clipscope_explorer.precompute.model.precision import effective, resolve_precision
 from clipscope_explorer.precompute.model.sae import SAEEncoder, SAELoadError, Standardisation
 from clipscope_explorer.precompute.model.vision import (
@@ -48,6 +52,38 @@ class Encoded:
     embedding: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class EditJob:
+    """An intervention for the worker: the image's model input [3, H, W] (a tensor, or the stored array), the
+    edit, and the layers to encode after it (the edited one is encoded too)."""
+
+    pixels: torch.Tensor | np.ndarray
+    edit: FeatureEdit
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Edited(Encoded):
+    """An edited run: its codes and embedding, and the feature's firing value at the edited layer before the
+    edit ([T] float32)."""
+
+    firing: np.ndarray
+
+
+def _numpy_codes(encoded: dict[int, LayerCodes], row: int, layers) -> Codes:
+    return {
+        n: (
+            encoded[n].code.values[row].float().cpu().numpy(),
+            encoded[n].code.indices[row].to(torch.int32).cpu().numpy(),
+        )
+        for n in layers
+    }
+
+
+def _numpy_row(tensor: torch.Tensor | None, row: int) -> np.ndarray | None:
+    return None if tensor is None else tensor[row].float().cpu().numpy()
+
+
 def _load_layer_encoder(spec: LiveSpec, layer: int, device: torch.device, precision: str) -> SAEEncoder:
     how = dict(purpose="encode", weights_precision=precision, device=device)
     file = spec.sae_files.get(layer)
@@ -65,11 +101,14 @@ def load_encoder(spec: LiveSpec, batch_size: int, queue_size: int) -> LiveEncode
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device, spec.index_precision)
     tower = load_tower(ModelSpec(spec.model, spec.pretrained), device=device, weights_precision=precision)
-    saes = {}
+    saes, decoders = {}, {}
     for layer in tower.check_layers(spec.layers):
         saes[layer] = _load_layer_encoder(spec, layer, device, precision)
         saes[layer].check_fits(tower.width)
-    return LiveEncoder(tower, saes, spec, batch_size, queue_size, precision)
+        if spec.interventions:
+            decoders[layer] = DecoderRows(saes[layer].origin.file)
+            decoders[layer].check_fits(saes[layer])
+    return LiveEncoder(tower, saes, spec, batch_size, queue_size, precision, decoders)
 
 
 class LiveEncoder:
@@ -84,8 +123,10 @@ class LiveEncoder:
         batch_size: int = 8,
         queue_size: int = 16,
         precision: str | None = None,
+        decoders: dict[int, DecoderRows] | None = None,
     ):
         self.tower, self.saes, self.spec = tower, saes, spec
+        self.decoders = decoders or {}
         self.precision = effective(precision, tower.device)
         self.layers = sorted(saes)
         self.normalisation = {
@@ -103,24 +144,36 @@ class LiveEncoder:
         """The model's own preprocessing (open_clip's transform), as in the precompute job."""
         return self.tower.preprocess(image)
 
-    def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Encoded]:
+    @property
+    def interventions(self) -> bool:
+        """Whether this encoder keeps the decoders that interventions need."""
+        return bool(self.decoders)
+
+    def _run_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]] | EditJob]) -> list[Encoded]:
+        plain = [job for job in jobs if not isinstance(job, EditJob)]
+        encoded = iter(self._encode_batch(plain) if plain else [])
+        return [self._run_edit(job) if isinstance(job, EditJob) else next(encoded) for job in jobs]
+
+    def _encode_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Encoded]:
         wanted = sorted({layer for _, layers in jobs for layer in layers})
         pixels = torch.stack([pixels for pixels, _ in jobs])
         saes = {n: self.saes[n] for n in wanted}
         result = encode_pixels(self.tower, saes, pixels, self.precision, self.normalisation, embed=self.embed)
         encoded, embeddings = result if self.embed else (result, None)
-        embeddings = None if embeddings is None else embeddings.float().cpu().numpy()
-        out = []
-        for row, (_, layers) in enumerate(jobs):
-            codes = {
-                n: (
-                    encoded[n].code.values[row].float().cpu().numpy(),
-                    encoded[n].code.indices[row].to(torch.int32).cpu().numpy(),
-                )
-                for n in layers
-            }
-            out.append(Encoded(codes, None if embeddings is None else embeddings[row]))
-        return out
+        return [
+            Encoded(_numpy_codes(encoded, row, layers), _numpy_row(embeddings, row))
+            for row, (_, layers) in enumerate(jobs)
+        ]
+
+    def _run_edit(self, job: EditJob) -> Edited:
+        layer = job.edit.layer
+        saes = {n: self.saes[n] for n in sorted({layer, *job.layers})}
+        row = self.decoders[layer].row(job.edit.feature)
+        pixels = torch.as_tensor(job.pixels)[None]
+        run = encode_edited(
+            self.tower, saes, row, pixels, job.edit, self.precision, self.normalisation, embed=self.embed
+        )
+        return Edited(_numpy_codes(run.codes, 0, saes), _numpy_row(run.embedding, 0), _numpy_row(run.firing, 0))
 
     async def encode_image(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Encoded:
         """Codes of one preprocessed image [3, H, W] on `layers` (and its embedding when this encoder embeds),
@@ -132,6 +185,16 @@ class LiveEncoder:
     async def encode(self, pixels: torch.Tensor, layers: Sequence[int], slot=None) -> Codes:
         """Codes of one preprocessed image [3, H, W] on `layers` (`encode_image` without the embedding)."""
         return (await self.encode_image(pixels, layers, slot)).codes
+
+    async def intervene(self, pixels: torch.Tensor | np.ndarray, edit, layers: Sequence[int], slot=None) -> Edited:
+        """The edited run of one preprocessed image [3, H, W] (`encode_edited`), its codes on `layers` and on the
+        edited layer, computed in the worker thread between micro-batches. `edit`: anything with the fields
+        of a `FeatureEdit` (layer, feature, scale, tokens)."""
+        if not self.interventions:
+            raise RuntimeError("this encoder keeps no decoders: interventions are off")
+        job = EditJob(pixels, FeatureEdit(edit.layer, edit.feature, edit.scale, edit.tokens), tuple(layers))
+        submit = slot.submit if slot is not None else self.batcher.submit
+        return await asyncio.wrap_future(submit(job))
 
     def close(self) -> None:
         self.batcher.close()

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from clipscope_explorer.app.live.store import VIEW_SIZE
 from clipscope_explorer.precompute.model.imageio import ImageDecodeError, jpeg_bytes, open_picture, square_crop
 
+URLENCODED = "application/x-www-form-urlencoded"
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and small fields on top of the file
 SORTS = ("max", "patch", "cls", "mean")
 DEFAULT_TOP, MAX_TOP = 16, 1000
@@ -49,15 +50,23 @@ def _megabytes(n: int) -> str:
 
 
 async def read_form(
-    request: Request, max_bytes: int, read_timeout: float, min_rate: int
+    request: Request, max_bytes: int, read_timeout: float, min_rate: int, file_required: bool = True
 ) -> tuple[bytes, dict[str, list[str]]]:
     """(file bytes, other fields) of a multipart upload, refusing bodies over the limit as they arrive, and
     bodies that pause longer than `read_timeout` seconds or arrive slower than `min_rate` bytes/s on average
-    once `read_timeout` has passed (408), so a slow client holds its upload slot for a bounded time."""
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    once `read_timeout` has passed (408), so a slow client holds its upload slot for a bounded time.
+    Without `file_required`, a form without a file (multipart or url-encoded) gives empty bytes."""
+    kind = request.headers.get("content-type", "").lower()
+    if kind.startswith(URLENCODED) and not file_required:
+        limit = FORM_OVERHEAD  # fields only
+        too_large = UploadRejected(413, f"a form without a file may hold at most {FORM_OVERHEAD // 1024} kB")
+    elif kind.startswith("multipart/form-data"):
+        limit = max_bytes + FORM_OVERHEAD
+        too_large = UploadRejected(413, f"the upload is larger than the {_megabytes(max_bytes)} limit")
+    elif file_required:
         raise UploadRejected(415, "send the image as multipart/form-data in a field named `file`")
-    too_large = UploadRejected(413, f"the upload is larger than the {_megabytes(max_bytes)} limit")
-    limit = max_bytes + FORM_OVERHEAD
+    else:
+        raise UploadRejected(415, "send the form as multipart/form-data (with a `file`) or url-encoded")
     declared = whole_number(request.headers.get("content-length", ""), max_digits=20)
     if declared is not None and declared > limit:
         raise too_large
@@ -94,8 +103,11 @@ async def read_form(
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise UploadRejected(400, "no file: send the image in the multipart field `file`")
-        data = await upload.read()
+            if file_required or upload is not None:
+                raise UploadRejected(400, "no file: send the image in the multipart field `file`")
+            data = b""
+        else:
+            data = await upload.read()
         fields = {key: [v for v in form.getlist(key) if isinstance(v, str)] for key in form.keys() if key != "file"}
     finally:
         await form.close()

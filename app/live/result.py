@@ -73,6 +73,7 @@ class UploadResult(BaseModel):
     layers: dict[str, UploadLayer]
     nearest_images: list[ImageHit] = []
     zero_shot_labels: list[ZeroShotScore] = []
+    interventions: bool = False  # whether POST /api/intervene can edit this upload here (stored, and on)
 
 
 def upload_urls(urls: Urls, upload_id: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ class LiveSpec:
     precision: str = "auto"
     index_precision: str | None = None  # meta.precision: what `auto` follows
     embed: bool = False  # also compute each upload's CLIP embedding (to compare with the index's)
+    interventions: bool = False  # keep the SAE decoders, so a feature can be edited and the model run on
 
     @classmethod
     def from_index(cls, meta: dict, layer_rows: dict[int, dict], settings) -> LiveSpec:
@@ -54,6 +55,7 @@ class LiveSpec:
             precision=settings.live_precision,
             index_precision=meta.get("precision"),
             embed=same_model and bool(meta.get("embeddings") or meta.get("zero_shot")),
+            interventions=settings.interventions,
         )
 
     def identity(self, precision: str) -> str:

@@ -9,6 +9,11 @@ entry is a folder ``<id[:2]>/<id>/`` holding:
 - ``L<layer>.npz``: that layer's sparse code (values float32 [T, k], indices int32 [T, k]);
 - ``embedding.npy``: the image's CLIP embedding (float32 [d]), when the encoder made one (its
   nearest sample images and zero-shot labels are found again from it);
+- ``pixels.npz``: the model's input (the preprocessed pixels, float32 [3, H, W], compressed), when
+  interventions are on: an intervention on a stored upload runs the model again on exactly these;
+- ``edit-<id>.json`` and ``edit-<id>.npz``: an intervention on the upload (its request; the edited run's
+  codes per layer, the feature's firing at the edited layer, the edited embedding), kept and evicted
+  with the upload;
 - ``meta.json``: original width and height, the layers stored and those whose
   SAE was the index's (labels apply), whether the embedding is stored; written last, so only
   complete entries are seen.
@@ -50,6 +55,24 @@ class StoredUpload:
     folder: Path
     index_layers: list[int]  # layers whose SAE was the index's when it was encoded
     has_embedding: bool = False
+    has_pixels: bool = False
+
+    def pixels(self) -> np.ndarray:
+        """The model's input as stored ([3, H, W] float32)."""
+        with np.load(self.folder / "pixels.npz") as data:
+            return data["pixels"]
+
+    def edit(self, edit_id: str) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """A stored intervention's request and arrays, or None when it is not stored."""
+        if not UPLOAD_ID.fullmatch(edit_id):
+            return None
+        try:
+            request = json.loads((self.folder / f"edit-{edit_id}.json").read_text())
+            with np.load(self.folder / f"edit-{edit_id}.npz") as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError):
+            return None
+        return request, arrays
 
     def embedding(self) -> np.ndarray | None:
         """The stored CLIP embedding ([d] float32), or None when none was stored."""
@@ -87,6 +110,12 @@ def _npz(values: np.ndarray, indices: np.ndarray) -> bytes:
 def _npy(vector: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(vector, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def _npz_compressed(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -133,6 +162,7 @@ class UploadStore:
             folder,
             sorted(meta.get("index_layers", [])),
             bool(meta.get("embedding")),
+            bool(meta.get("pixels")),
         )
 
     def save(
@@ -144,8 +174,9 @@ class UploadStore:
         codes: dict,
         index_layers: list[int],
         embedding: np.ndarray | None = None,
+        pixels: np.ndarray | None = None,
     ) -> StoredUpload:
-        """Add an upload (or more layers of one, or its embedding); evict old entries when over the cap."""
+        """Add an upload (or more layers of one, its embedding, its pixels); evict old entries when over the cap."""
         folder = self._folder(upload_id)
         folder.mkdir(parents=True, exist_ok=True)
         previous = self.get(upload_id, touch=False)
@@ -155,7 +186,10 @@ class UploadStore:
             _write_atomic(folder / f"L{layer}.npz", _npz(values, indices))
         if embedding is not None:
             _write_atomic(folder / "embedding.npy", _npy(embedding))
+        if pixels is not None:
+            _write_atomic(folder / "pixels.npz", _npz_compressed(pixels=np.asarray(pixels, dtype=np.float32)))
         has_embedding = embedding is not None or (previous is not None and previous.has_embedding)
+        has_pixels = pixels is not None or (previous is not None and previous.has_pixels)
         layers = sorted(set(codes) | set(previous.layers if previous else []))
         index_layers = sorted(set(index_layers) & set(layers))
         _write_atomic(
@@ -167,17 +201,29 @@ class UploadStore:
                     "layers": layers,
                     "index_layers": index_layers,
                     "embedding": has_embedding,
+                    "pixels": has_pixels,
                     "saved": time.time(),
                 }
             ).encode(),
         )
+        self._added(folder)
+        return StoredUpload(upload_id, width, height, layers, folder, index_layers, has_embedding, has_pixels)
+
+    def save_edit(self, upload: StoredUpload, edit_id: str, request: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Keep an intervention on a stored upload (arrays first: the request file marks it complete)."""
+        if not UPLOAD_ID.fullmatch(edit_id):
+            raise ValueError(f"not an intervention id: {edit_id[:80]!r}")
+        _write_atomic(upload.folder / f"edit-{edit_id}.npz", _npz_compressed(**arrays))
+        _write_atomic(upload.folder / f"edit-{edit_id}.json", json.dumps(request).encode())
+        self._added(upload.folder)
+
+    def _added(self, folder: Path) -> None:
         with self._lock:
             self._estimate += _folder_size(folder)
             self._saves += 1
             rescan = self._saves % RESCAN_EVERY == 0
         if rescan or self._estimate > self.max_bytes:
             self.evict()
-        return StoredUpload(upload_id, width, height, layers, folder, index_layers, has_embedding)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         entries = []

@@ -10,6 +10,7 @@ from clipscope_explorer.app.pages import (
     features,
     image_search,
     images,
+    interventions,
     layers,
     lineage,
     overview,
@@ -32,6 +33,7 @@ def register(app: FastAPI) -> None:
         search,
         image_search,
         uploads,
+        interventions,
         images,
         docs,
     ):

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import anyio
@@ -101,7 +102,7 @@ def live_info(request: Request) -> LiveInfo:
     )
 
 
-def _encoder(request: Request) -> LiveEncoder:
+def ready_encoder(request: Request) -> LiveEncoder:
     service: LiveService = request.app.state.live
     if service.state == "loading":
         raise UploadRejected(503, "the model is still loading; try again in a moment", {"Retry-After": "5"})
@@ -127,15 +128,68 @@ class PhaseTimes:
         return ", ".join(f"{phase};dur={seconds * 1e3:.1f}" for phase, seconds in self.phases.items())
 
 
+@dataclass
+class EncodedUpload:
+    """One upload's codes on the layers asked for, and what else the request needs of it: its stored entry
+    (None when not stored), its view JPEG when not stored, its model input when it was decoded here."""
+
+    upload_id: str
+    width: int
+    height: int
+    codes: dict
+    embedding: object  # np.ndarray | None
+    stored: StoredUpload | None
+    view: bytes | None = None
+    pixels: object = None  # torch.Tensor [3, H, W] | None
+
+
+async def encode_bytes(request: Request, encoder: LiveEncoder, data: bytes, layers: list[int], slot) -> EncodedUpload:
+    """Encode an uploaded image's bytes on `layers` (or find them in the store), storing what is new: the
+    codes, embedding, view, and the model's input when interventions are on."""
+    times, state = request.state.upload_times, request.app.state
+    store = state.uploads
+    upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # hashing 20 MB is not free
+    stored = await run_in_threadpool(store.get, upload_id) if store else None
+    complete = (
+        stored is not None
+        and (stored.has_embedding or not encoder.embed)
+        and (stored.has_pixels or not encoder.interventions)
+    )
+    if complete and set(layers) <= set(stored.layers):
+        try:
+            codes = await run_in_threadpool(stored.codes, layers)
+            embedding = await run_in_threadpool(stored.embedding)
+            times.lap("read")
+            return EncodedUpload(upload_id, stored.width, stored.height, codes, embedding, stored)
+        except OSError:  # evicted meanwhile: encode it again
+            pass
+    times.lap("read")
+    decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, limiter=state.decode_limiter)
+    times.lap("decode")
+    view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
+    try:  # the stored view is made while the model runs
+        encoded = await encoder.encode_image(decoded.pixels, layers, slot)
+    finally:
+        view_bytes = await view
+    times.lap("encode")
+    width, height = decoded.size
+    saved = None
+    if store is not None:
+        pixels = decoded.pixels.numpy() if encoder.interventions else None
+        saved = await run_in_threadpool(
+            _save, store, upload_id, width, height, view_bytes, encoded, encoder.spec.index_layers, pixels
+        )
+        times.lap("store")
+    return EncodedUpload(upload_id, width, height, encoded.codes, encoded.embedding, saved, view_bytes, decoded.pixels)
+
+
 async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadResult, bytes | None]:
     """Read, decode, encode (or find in the store) and describe one upload: (result, view JPEG if not stored).
     The phases' times are left in `request.state.upload_times`."""
-    times = request.state.upload_times = PhaseTimes()
-    encoder = _encoder(request)
+    request.state.upload_times = PhaseTimes()
+    encoder = ready_encoder(request)
     check_rate(request)
     state = request.app.state
-    store = state.uploads
-    view_bytes = None
     settings = state.settings
     with upload_slot(request, encoder.batcher) as slot:
         data, fields = await read_form(
@@ -144,53 +198,27 @@ async def encode_upload(request: Request, patches: bool | None) -> tuple[UploadR
         options = parse_options(fields, encoder.layers)
         if patches is None:
             patches = (fields.get("patches") or [""])[-1].lower() in ("1", "true", "yes")
-        upload_id = await run_in_threadpool(_upload_id, encoder.identity, data)  # hashing 20 MB is not free
-        stored = await run_in_threadpool(store.get, upload_id) if store else None
-        codes = embedding = None
-        complete = stored is not None and (stored.has_embedding or not encoder.embed)
-        if complete and set(options.layers) <= set(stored.layers):
-            try:
-                codes = await run_in_threadpool(stored.codes, options.layers)
-                embedding = await run_in_threadpool(stored.embedding)
-                width, height = stored.width, stored.height
-            except OSError:  # evicted meanwhile: encode it again
-                stored, codes = None, None
-        times.lap("read")
-        if codes is None:
-            decoded = await anyio.to_thread.run_sync(decode, data, encoder.preprocess, limiter=state.decode_limiter)
-            times.lap("decode")
-            view = asyncio.ensure_future(run_in_threadpool(view_jpeg, decoded.image, VIEW_SIZE))
-            try:  # the stored view is made while the model runs
-                encoded = await encoder.encode_image(decoded.pixels, options.layers, slot)
-            finally:
-                view_bytes = await view
-            times.lap("encode")
-            codes, embedding = encoded.codes, encoded.embedding
-            width, height = decoded.size
-            if store is not None:
-                stored = await run_in_threadpool(
-                    _save, store, upload_id, width, height, view_bytes, codes, encoder.spec.index_layers, embedding
-                )
-                times.lap("store")
+        upload = await encode_bytes(request, encoder, data, options.layers, slot)
     result = await run_in_threadpool(
         upload_result,
         state.index,
         urls_for(request),
-        upload_id,
-        width,
-        height,
+        upload.upload_id,
+        upload.width,
+        upload.height,
         encoder.grid,
-        codes,
+        upload.codes,
         encoder.spec.index_layers,
-        stored is not None,
+        upload.stored is not None,
         options.sort,
         options.top,
         patches,
-        embedding,
+        upload.embedding,
         state.meaning,
     )
-    times.lap("describe")
-    return result, (None if stored is not None else view_bytes)
+    request.state.upload_times.lap("describe")
+    result.interventions = result.stored and encoder.interventions
+    return result, (None if upload.stored is not None else upload.view)
 
 
 def _upload_id(identity: str, data: bytes) -> str:
@@ -199,10 +227,10 @@ def _upload_id(identity: str, data: bytes) -> str:
 
 
 def _save(
-    store, upload_id: str, width: int, height: int, view: bytes, codes, index_layers, embedding
+    store, upload_id: str, width: int, height: int, view: bytes, encoded, index_layers, pixels
 ) -> StoredUpload | None:
     try:
-        return store.save(upload_id, width, height, view, codes, list(index_layers), embedding)
+        return store.save(upload_id, width, height, view, encoded.codes, list(index_layers), encoded.embedding, pixels)
     except OSError as error:  # a full or read-only disk loses the share link, not the result
         log.warning("upload store: could not save %s: %s", upload_id, error)
         return None
@@ -212,7 +240,7 @@ def _data_url(jpeg: bytes | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() if jpeg else None
 
 
-def _json_error(error: UploadRejected) -> JSONResponse:
+def json_error(error: UploadRejected) -> JSONResponse:
     return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
 
 
@@ -265,7 +293,7 @@ async def encode_json(request: Request, response: Response):
     try:
         result, _ = await encode_upload(request, patches=None)
     except UploadRejected as error:
-        return _json_error(error)
+        return json_error(error)
     response.headers["Server-Timing"] = request.state.upload_times.header()
     return result
 
@@ -293,7 +321,7 @@ async def encode_html(request: Request):
     return response
 
 
-def _stored(request: Request, upload_id: str) -> StoredUpload:
+def stored_upload(request: Request, upload_id: str) -> StoredUpload:
     store = request.app.state.uploads
     stored = store.get(upload_id) if store is not None else None
     if stored is None:
@@ -320,7 +348,7 @@ def stored_result(
     request: Request, upload_id: str, layers: str | None, sort: str, top: int, patches: bool
 ) -> UploadResult:
     """A stored upload's result; its labels come from the index when its SAE was the index's."""
-    stored = _stored(request, upload_id)
+    stored = stored_upload(request, upload_id)
     try:
         chosen = parse_layers([layers or ""], stored.layers)
     except UploadRejected as error:
@@ -330,7 +358,7 @@ def stored_result(
     except OSError:  # evicted while we looked
         raise NotFound("This upload was just evicted from the store.", [(PAGES.upload(), "Upload")]) from None
     index = request.app.state.index
-    return upload_result(
+    result = upload_result(
         index,
         urls_for(request),
         upload_id,
@@ -346,6 +374,9 @@ def stored_result(
         embedding,
         request.app.state.meaning,
     )
+    encoder = request.app.state.live.encoder
+    result.interventions = encoder is not None and encoder.interventions and stored.has_pixels
+    return result
 
 
 @page(
@@ -378,7 +409,7 @@ def _immutable(request: Request, etag: str, media_type: str, produce) -> Respons
     responses={200: {"content": {"image/jpeg": {}}}},
 )
 def upload_image(request: Request, upload_id: UploadId) -> Response:
-    stored = _stored(request, upload_id)
+    stored = stored_upload(request, upload_id)
     return _immutable(request, f'"{upload_id}-v"', "image/jpeg", stored.view_path.read_bytes)
 
 
@@ -391,7 +422,7 @@ def upload_image(request: Request, upload_id: UploadId) -> Response:
 )
 def upload_preview(request: Request, upload_id: UploadId) -> Response:
     result = stored_result(request, upload_id, None, "max", 7, False)
-    stored = _stored(request, upload_id)
+    stored = stored_upload(request, upload_id)
     layer = result.layers[str(max(int(n) for n in result.layers))]
     tiles = [(f.heatmap, max(f.max_activation or 0.0, f.activation)) for f in layer.features]
     return _immutable(

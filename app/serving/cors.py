@@ -7,7 +7,7 @@
 - A `POST` that a browser sends from another origin (its `Origin` header names
   neither this server's host nor `CLIPSCOPE_PUBLIC_URL`) is refused with 403
   before its body is read: a form on another site cannot make visitors upload
-  through this server. `POST /api/encode` from an origin listed in
+  through this server. `POST /api/encode` and `POST /api/intervene` from an origin listed in
   `CLIPSCOPE_CORS_ORIGINS` (or any origin, with `*`) is allowed, and its
   preflight is answered 204 with that origin; an unlisted origin's preflight
   gets 403. Requests without `Origin` (curl, Python, notebooks' kernels) are
@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clipscope_explorer.app.urls import app_path
 
 READ_METHODS = ("GET", "HEAD")
-CROSS_ORIGIN_POSTS = ("/api/encode",)  # the only POST another origin may be allowed to make
+CROSS_ORIGIN_POSTS = ("/api/encode", "/api/intervene")  # the only POSTs another origin may be allowed to make
 MAX_AGE = 600
 
 
@@ -109,7 +109,7 @@ def _refusal(path: str, origin: str) -> Response:
     """403, in the body's usual form (JSON under /api, else text); sent before the request body is read."""
     message = (
         f"cross-origin request from {origin.strip()[:200]} refused: only GET of the JSON API is open to "
-        "other sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode)"
+        "other sites (the server's CLIPSCOPE_CORS_ORIGINS lists origins allowed to POST /api/encode and /api/intervene)"
     )
     if is_api(path):
         return JSONResponse({"detail": message}, status_code=403, headers={"Vary": "Origin"})

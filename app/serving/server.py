@@ -48,6 +48,7 @@ class ServeOptions:
     live_precision: str | None = None
     upload_store: Path | None = None
     store_uploads: bool = True
+    interventions: bool = True
     max_upload_mb: float | None = None
     root_path: str | None = None
 
@@ -64,6 +65,8 @@ def live_environment(options: ServeOptions) -> dict[str, str]:
         env["CLIPSCOPE_LIVE"] = "false"
     if not options.text:
         env["CLIPSCOPE_TEXT"] = "false"
+    if not options.interventions:
+        env["CLIPSCOPE_INTERVENTIONS"] = "false"
     for name, value in (
         ("model", options.live_model),
         ("pretrained", options.live_pretrained),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,71 @@ def load_checkpoint_file(
     if purpose == "encode":
         return SAEEncoder(pre_b, enc, k, origin, weights_precision=weights_precision, device=device)
     return TopKSAE(pre_b, enc, dec, k, origin, device=device)
+
+
+class DecoderRows:
+    """The decoder [n_features, d_in] of one checkpoint file, memory-mapped: a row is read from the file when
+    asked for, so holding the decoder costs no memory until rows are used, and the pages read are shared by
+    every process that maps the same file. A .pt file saved in torch's zip layout (the release's) and a
+    .safetensors file map; an older .pt is read whole (its decoder alone is kept). Errors name the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SAELoadError(f"SAE file {self.path} does not exist")
+        if self.path.suffix == ".safetensors":
+            self._matrix = self._safetensors_slice()
+            shape = self._matrix.get_shape()
+        else:
+            self._matrix = self._torch_tensor()
+            shape = self._matrix.shape
+        if len(shape) != 2:
+            raise SAELoadError(f"SAE file {self.path}: dec has shape {tuple(shape)}, not [n_features, d_in]")
+        self.n_features, self.d_in = (int(n) for n in shape)
+
+    def _safetensors_slice(self):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            handle = safe_open(str(self.path), framework="pt")
+            self._handle = handle  # the slice reads through it
+            return handle.get_slice("dec")
+        except (SafetensorError, OSError, ValueError) as error:
+            raise SAELoadError(f"SAE file {self.path}: no readable decoder `dec`: {error}") from error
+
+    def _torch_tensor(self) -> torch.Tensor:
+        try:
+            try:
+                blob = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # not torch's zip layout: it cannot map
+                blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            struct.error,
+        ) as error:
+            raise SAELoadError(f"SAE file {self.path} is corrupt or not a torch checkpoint: {error}") from error
+        dec = (blob.get("model_state_dict") or {}).get("dec") if isinstance(blob, dict) else None
+        if not isinstance(dec, torch.Tensor):
+            raise SAELoadError(f"SAE file {self.path} has no decoder matrix `dec` in its state dict")
+        return dec
+
+    def row(self, feature: int) -> torch.Tensor:
+        """Feature `feature`'s decoder row [d_in], float32 (a copy)."""
+        if not 0 <= feature < self.n_features:
+            raise IndexError(f"feature {feature} is not in 0..{self.n_features - 1}")
+        return self._matrix[feature : feature + 1][0].to(torch.float32).clone()
+
+    def check_fits(self, encoder: SAEEncoder) -> None:
+        if (self.n_features, self.d_in) != (encoder.n_features, encoder.d_in):
+            raise SAELoadError(
+                f"SAE file {self.path}: dec is {self.n_features} x {self.d_in}, "
+                f"but the encoder has {encoder.n_features} features of width {encoder.d_in}"
+            )
 
 
 def _checkpoints_in(names: list[str]) -> dict[int, str]:

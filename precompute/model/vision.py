@@ -27,6 +27,9 @@ from clipscope_explorer.precompute.model.release import DEFAULT_MODEL
 log = logging.getLogger(__name__)
 
 
+StreamEdit = tuple[int, Callable[[torch.Tensor], torch.Tensor]]  # (block, stream [B, T, width] -> edited)
+
+
 class ModelLoadError(RuntimeError):
     """The vision model could not be loaded as asked."""
 
@@ -121,15 +124,22 @@ class VisionTower:
         layers: Iterable[int],
         precision: str | None = None,
         embed: Literal[False] = False,
+        edit: StreamEdit | None = None,
     ) -> dict[int, torch.Tensor]: ...
 
     @overload
     def capture(
-        self, pixels_bchw: torch.Tensor, layers: Iterable[int], precision: str | None = None, *, embed: Literal[True]
+        self,
+        pixels_bchw: torch.Tensor,
+        layers: Iterable[int],
+        precision: str | None = None,
+        *,
+        embed: Literal[True],
+        edit: StreamEdit | None = None,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]: ...
 
     @torch.inference_mode()
-    def capture(self, pixels_bchw, layers, precision=None, embed=False):
+    def capture(self, pixels_bchw, layers, precision=None, embed=False, edit=None):
         """Residual stream after each requested block, one forward pass.
 
         pixels_bchw: preprocessed images [B, 3, H, W]; precision: `fp32` or
@@ -139,6 +149,8 @@ class VisionTower:
         `embed`: then every block runs and the result is ({layer: ...}, embedding),
         the embedding [B, output_dim] float32 and L2-normalised, as open_clip's
         `encode_image(pixels, normalize=True)` computes it.
+        `edit` (block, function): the stream after that block is replaced by function(stream) ([B, T, width]
+        float32 in, the same shape out) before the next block reads it, and captured as edited.
         """
         layers = self.check_layers(layers)
         wanted = set(layers)
@@ -154,6 +166,9 @@ class VisionTower:
                 x = x.transpose(0, 1).contiguous()
             for index, block in enumerate(self.visual.transformer.resblocks[: last + 1]):
                 x = block(x)
+                if edit is not None and index == edit[0]:
+                    edited = edit[1](x.float().contiguous() if batch_first else x.transpose(0, 1).float().contiguous())
+                    x = (edited if batch_first else edited.transpose(0, 1)).to(x.dtype).contiguous()
                 if index in wanted:
                     tokens = x if batch_first else x.transpose(0, 1)
                     out[index] = tokens.float().contiguous()

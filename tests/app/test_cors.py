@@ -1,4 +1,4 @@
-"""Cross-origin rules: any site may GET the JSON API; only listed origins may POST /api/encode."""
+"""Cross-origin rules: any site may GET the JSON API; only listed origins may POST /api/encode and /api/intervene."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_preflight_for_json_reads(client):
     assert response.headers["content-security-policy"]  # security headers on preflights too
 
 
-@pytest.mark.parametrize("path", ["/api/encode", "/upload"])
+@pytest.mark.parametrize("path", ["/api/encode", "/upload", "/api/intervene", "/intervene"])
 def test_cross_origin_posts_are_refused_by_default(client, path):
     preflight = client.options(path, headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
@@ -66,16 +66,17 @@ def test_cross_origin_posts_are_refused_by_default(client, path):
         assert client.post(path, headers={"Origin": origin}).status_code == 403, origin
 
 
-@pytest.mark.parametrize("path", ["/api/encode", "/upload"])
+@pytest.mark.parametrize("path", ["/api/encode", "/upload", "/api/intervene", "/intervene"])
 def test_same_origin_and_originless_posts_pass(client, path):
     for headers in ({}, {"Origin": "http://testserver"}):  # live encoding is off here: 503 means it got through
         assert client.post(path, headers=headers, files={"file": ("a.jpg", b"x", "image/jpeg")}).status_code == 503
 
 
-def test_listed_origins_may_post_to_the_encoder(open_to):
+@pytest.mark.parametrize("path", ["/api/encode", "/api/intervene"])
+def test_listed_origins_may_post_to_the_encoder(open_to, path):
     for origin in (NOTEBOOK, "http://localhost:8888"):
         preflight = open_to.options(
-            "/api/encode",
+            path,
             headers={
                 "Origin": origin,
                 "Access-Control-Request-Method": "POST",
@@ -85,10 +86,11 @@ def test_listed_origins_may_post_to_the_encoder(open_to):
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == origin
         assert preflight.headers["access-control-allow-methods"] == "POST"
         assert "Origin" in preflight.headers["vary"].split(", ")  # the answer depends on the origin
-        response = open_to.post("/api/encode", headers={"Origin": origin}, files={"file": ("a.jpg", b"x")})
+        response = open_to.post(path, headers={"Origin": origin}, files={"file": ("a.jpg", b"x")})
         assert response.status_code == 503 and response.headers["access-control-allow-origin"] == origin
-    assert open_to.post("/upload", headers={"Origin": NOTEBOOK}).status_code == 403  # the HTML form: never
-    assert open_to.post("/api/encode", headers={"Origin": EVIL}).status_code == 403
+    for form in ("/upload", "/intervene"):  # the HTML forms: never
+        assert open_to.post(form, headers={"Origin": NOTEBOOK}).status_code == 403
+    assert open_to.post(path, headers={"Origin": EVIL}).status_code == 403
     public = open_to.post("/upload", headers={"Origin": "https://explorer.example.org"})  # behind a proxy
     assert public.status_code == 503
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -120,7 +121,10 @@ def test_client_names_never_reach_the_file_system(live_client, filename, tmp_pat
         relative = path.relative_to(store).parts
         assert relative[0] in (".write-test",) or len(relative[0]) == 2, path
         assert all(
-            part in ("meta.json", "embedding.npy") or part.startswith((".tmp-", "L", "view")) or len(part) in (2, 32)
+            part in ("meta.json", "embedding.npy", "pixels.npz")
+            or part.startswith((".tmp-", "L", "view"))
+            or len(part) in (2, 32)
+            or re.fullmatch(r"edit-[0-9a-f]{32}\.(json|npz)", part)
             for part in relative
         ), path
 

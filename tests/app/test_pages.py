@@ -200,6 +200,7 @@ def test_every_page_route_has_its_twin_with_the_same_parameters(client):
         "/search/images",
         "/upload",
         "/uploads/{upload_id}",
+        "/uploads/{upload_id}/interventions/{intervention_id}",
     }
     for path in pages:
         twin = gets[twin_of(path)]
