@@ -244,6 +244,72 @@ def test_demo_heatmaps_are_faithful_for_object_selective_features(demo_index):
         assert selective["hot_drop"][1] >= selective["random_drop"][1] + 0.2, kinds
 
 
+def intervention_figures(index: Path, images: Path, store: Path, per_layer: int = 40) -> dict:
+    """Interventions at layer 1 through the server's own route (`POST /api/intervene`, the demo's model and
+    SAEs): for up to `per_layer` object-selective features with a zero-shot label, on their top image, the
+    change of CLIP's cosine with that label (the prompt) when the feature is removed (scale 0) or tripled
+    (scale 3); the control removes the feature firing on the same image whose activation is nearest."""
+    import shutil
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from clipscope_explorer.app.main import create_app
+    from clipscope_explorer.app.settings import Settings
+
+    con = duckdb.connect(str(index), read_only=True)
+    rows = con.execute(
+        "SELECT f.feature, f.zero_shot_terms[1], i.key FROM features f JOIN examples e USING (layer, feature) "
+        f"JOIN images i USING (image_id) WHERE f.layer = 1 AND e.kind = 'top' AND e.rank = 1 "
+        f"AND len(f.zero_shot_terms) > 0 AND {OBJECT_SELECTIVE} ORDER BY f.feature LIMIT ?",
+        [sorted(OBJECT_WORDS), per_layer],
+    ).fetchall()
+    con.close()
+    served = Path(shutil.copy(index, store / "served.duckdb"))
+    settings = Settings(
+        index=served, upload_store=store / "uploads", text=False, upload_rate_limit=0, upload_slots_per_client=0
+    )
+    drops = {"removed": [], "tripled": [], "control": []}
+    with TestClient(create_app(settings)) as client:
+        assert client.app.state.live.wait(120) and client.app.state.live.state == "ready"
+
+        def cosine_change(label: str, edited: int, scale: float, files=None, **source) -> tuple[float, dict]:
+            form = {"layer": "1", "feature": str(edited), "scale": str(scale), "prompts": label, **source}
+            result = client.post("/api/intervene", data=form, files=files).json()
+            return result["prompts"][0]["after"] - result["prompts"][0]["before"], result
+
+        for feature, label, key in rows:
+            photo = {"file": ("x.jpg", (images / key).read_bytes(), "image/jpeg")}
+            removed, result = cosine_change(label, feature, 0.0, files=photo)
+            upload_id = result["upload_id"]
+            drops["removed"].append(removed)
+            drops["tripled"].append(cosine_change(label, feature, 3.0, upload_id=upload_id)[0])
+            firing = client.get(f"/api/uploads/{upload_id}?layers=1&top=1000").json()["layers"]["1"]["features"]
+            others = [f for f in firing if f["feature"] != feature]
+            nearest = min(others, key=lambda f: abs(f["activation"] - result["edited"]["before"]))
+            drops["control"].append(cosine_change(label, nearest["feature"], 0.0, upload_id=upload_id)[0])
+    changes = {kind: np.array(values) for kind, values in drops.items()}
+    return {
+        "features": len(rows),
+        **{f"median_{kind}": round(float(np.median(values)), 4) for kind, values in changes.items()},
+        "removal_beats_control": round(float((changes["removed"] < changes["control"]).mean()), 3),
+        "removal_lowers": round(float((changes["removed"] < 0).mean()), 3),
+        "tripling_raises": round(float((changes["tripled"] > 0).mean()), 3),
+    }
+
+
+@pytest.mark.slow
+def test_demo_interventions_move_clips_view_of_the_features_label(demo_index, tmp_path):
+    figures = intervention_figures(*demo_index, tmp_path)
+    print(f"\nDEMO INTERVENTIONS {json.dumps(figures)}")
+    _artifact("demo_interventions.json", figures)
+    assert figures["features"] >= 20
+    # removing an object feature lowers CLIP's cosine with its label, more than removing a feature as strong
+    assert figures["median_removed"] < 0 and figures["median_tripled"] > 0
+    assert figures["median_removed"] < 2 * figures["median_control"] - 0.001
+    assert figures["removal_beats_control"] >= 0.7
+
+
 @pytest.mark.slow
 def test_demo_ships_lineage_and_training_checkpoints(demo_index):
     con = duckdb.connect(str(demo_index[0]), read_only=True)

@@ -121,7 +121,7 @@ async def run_intervention(request: Request, html_form: bool = False) -> Interve
         ask = parse_intervention(fields, n_features, encoder.grid[0] * encoder.grid[1])
         layers = [n for n in encoder.layers if n > ask.layer]
         upload_id, stored, pixels, before, before_embedding = await _unedited(
-            request, encoder, fields, data, layers, slot
+            request, encoder, fields, data, [ask.layer, *layers], slot
         )
         intervention_id = ask.identity(upload_id)
         found = await run_in_threadpool(stored.edit, intervention_id) if stored is not None else None

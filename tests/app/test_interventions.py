@@ -240,6 +240,9 @@ def test_editing_the_last_layer_shows_only_clips_view(live_client, photo):
     result = intervene(live_client, upload_id=uploaded["upload_id"], layer=DEEPER, feature=feature, scale=0).json()
     assert result["layers"] == {} and result["prompts"]
     assert any(p["after"] != p["before"] for p in result["prompts"])
+    fresh = image(27)  # a new image edited at the last layer in one request
+    posted = intervene(live_client, files={"file": ("x.jpg", fresh, "image/jpeg")}, layer=DEEPER, feature=feature)
+    assert posted.status_code == 200 and posted.json()["layers"] == {}
 
 
 @pytest.mark.parametrize(

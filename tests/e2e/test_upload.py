@@ -113,3 +113,51 @@ def test_an_upload_error_is_shown_in_place(live_page, tmp_path):
     page.wait_for_selector("#upload-result .upload-result")
     wait_until(page, "document.querySelector('#upload-result .upload-error') === null")
     page.screenshot(path=str(ARTIFACTS / "11-upload-tiny.png"), full_page=False)
+
+
+def test_intervene_from_the_result_page(live_page, tmp_path):
+    """'Edit' on a feature fills the form; Shift-click picks patches; the result arrives in place with a
+    permalink pushed to the address bar; a bad scale shows its message in place."""
+    page = live_page
+    page.goto("/upload")
+    path, _ = photo(tmp_path, seed=8)
+    page.set_input_files("#upload-form input[type=file]", str(path))
+    page.wait_for_url(re.compile(r".*/uploads/[0-9a-f]{32}\?sort=max$"))
+    page.wait_for_load_state("networkidle")
+    layer_one = page.locator("details.layer-result[data-layer='1']")
+    layer_one.locator("summary").click()
+    first = layer_one.locator("li.live-feature").first
+    first.wait_for()
+    first.locator(".edit-feature").click()
+    form = page.locator("form.intervene-form")
+    assert form.locator("select[name=layer]").input_value() == "1"
+    assert form.locator("input[name=feature]").input_value() == first.get_attribute("data-feature")
+    deepest = page.locator("details.layer-result[data-layer='2']")
+    deepest.locator("svg.live rect[data-p='17']").click(modifiers=["Shift"])
+    deepest.locator("svg.live rect[data-p='3']").click(modifiers=["Shift"])
+    assert form.locator("input[name=patches]").input_value() == "17,3"
+    deepest.locator("svg.live rect[data-p='17']").click(modifiers=["Shift"])  # again: removed
+    assert form.locator("input[name=patches]").input_value() == "3"
+    assert deepest.locator("rect.chosen").count() == 1
+    form.locator("input[name=patches]").fill("")  # every token
+    form.locator("input[name=scale]").fill("0")
+    form.locator("button[type=submit]").click()
+    result = page.locator("#intervention .intervention-result")
+    result.wait_for()
+    page.wait_for_url(re.compile(r".*/uploads/[0-9a-f]{32}/interventions/[0-9a-f]{32}$"))
+    assert "scaled by 0" in result.locator("h2").inner_text()
+    assert result.locator("details.layer-result[open] ol.changes li").count() == 20
+    assert result.locator("table.prompt-scores tbody tr").count() == 5  # the zero-shot labels
+    shot(page, "11-intervention")
+    permalink = page.url
+    page.goto(permalink)
+    assert page.locator("#intervention .intervention-result ol.changes li").count() >= 20
+
+    page.go_back()
+    page.wait_for_load_state("networkidle")
+    page.locator("form.intervene-form input[name=scale]").evaluate("e => { e.max = ''; e.value = '12'; }")
+    page.locator("form.intervene-form button[type=submit]").click()
+    page.locator("#intervention .upload-error").wait_for()
+    assert "scale must be a number in [-10, 10]" in page.locator("#intervention").inner_text()
+    problems = [p for p in page.problems if not p.startswith("422 ")]  # the refusal itself
+    assert problems == [], "\n".join(problems)
