@@ -68,6 +68,7 @@ class LiveInfo(BaseModel):
     precision: str | None  # fp32 or bf16 once the encoder is loaded
     max_upload_bytes: int
     store_uploads: bool
+    interventions: bool  # whether POST /api/intervene works here (the encoder keeps the SAE decoders)
     in_progress: int
     batches: int
     largest_batch: int
@@ -96,6 +97,7 @@ def live_info(request: Request) -> LiveInfo:
         precision=encoder.precision if encoder else None,
         max_upload_bytes=settings.max_upload_bytes,
         store_uploads=request.app.state.uploads is not None,
+        interventions=bool(encoder and encoder.interventions),
         in_progress=encoder.batcher.in_progress if encoder else 0,
         batches=encoder.batcher.batches if encoder else 0,
         largest_batch=encoder.batcher.largest_batch if encoder else 0,

@@ -90,7 +90,7 @@ def check_safe(response, what: str) -> None:
 def valid(index) -> dict[str, str]:
     """A value for every path parameter that names something real, so each hostile value is the only fault."""
     image_id = index.examples(20, 8, heatmaps=False)[0]["image_id"]
-    ids = {"image_id": str(image_id), "index_id": index.index_id, "upload_id": "0" * 32}
+    ids = {"image_id": str(image_id), "index_id": index.index_id, "upload_id": "0" * 32, "intervention_id": "1" * 32}
     return {"layer": "20", "feature": "8", **ids, "tokens": "1000"}
 
 

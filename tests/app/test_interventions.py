@@ -184,6 +184,7 @@ def test_results_have_a_permalink_and_are_not_computed_twice(live_client, photo)
     again = intervene(live_client, **fields).json()
     assert again == first and live_client.app.state.live.encoder.batcher.batches == batches
     assert first["url"] == f"/uploads/{uploaded['upload_id']}/interventions/{first['intervention_id']}"
+    assert live_client.get("/api/upload").json()["live"]["interventions"] is True
     assert live_client.get(first["json_url"]).json() == first
     page = live_client.get(first["url"])
     assert page.status_code == 200 and f"Feature {feature} at layer {EDITED}, scaled by 2" in page.text
@@ -329,6 +330,7 @@ def test_no_interventions_keeps_the_lean_worker(live_index, tmp_path):
     with live_app_client(live_index, tmp_path / "store", interventions=False) as client:
         wait_live(client)
         assert client.app.state.live.encoder.decoders == {}
+        assert client.get("/api/upload").json()["live"]["interventions"] is False
         data = image(24)
         uploaded = upload(client, data).json()
         assert uploaded["interventions"] is False

@@ -108,6 +108,7 @@ def served_text(client: TestClient) -> dict[str, str]:
         "image_id": str(image_id),
         "index_id": index.index_id,
         "upload_id": "0" * 32,
+        "intervention_id": "1" * 32,
         "tokens": "1000",
     }
     answers = {}

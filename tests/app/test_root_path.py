@@ -197,6 +197,8 @@ def test_uploads_under_the_prefix(live_index, tmp_path):
         page = client.get(posted.headers["location"])
         assert page.status_code == 200 and f'data-feature-base="{PREFIX}/layers/' in page.text
         found = set(links(page.text))
+        assert f'action="{PREFIX}/intervene"' in page.text
+        found.discard(PREFIX + "/intervene")  # the intervention form's action: posted below
         assert not [link for link in found if not link.startswith(PREFIX + "/")]
         assert any("/image.jpg" in link for link in found) and any("/features/" in link for link in found)
         for link in found:  # (a feature base is a feature's URL less its number)
@@ -207,5 +209,10 @@ def test_uploads_under_the_prefix(live_index, tmp_path):
         paths = json_paths(result)
         assert paths and all(path.startswith(PREFIX + "/") for path in paths)
         assert client.get(result["json_url"]).json()["url"] == result["url"]
+        form = {"upload_id": result["upload_id"], "layer": "1", "feature": "0", "patches": ""}
+        edited = client.post(PREFIX + "/intervene", data=form)
+        assert edited.status_code == 303 and edited.headers["location"].startswith(PREFIX + "/uploads/")
+        shown = client.get(edited.headers["location"])
+        assert shown.status_code == 200 and f'href="{PREFIX}/uploads/{result["upload_id"]}"' in shown.text
         gone = client.get(PREFIX + "/uploads/" + "0" * 32)
         assert gone.status_code == 404 and f'href="{PREFIX}/upload"' in gone.text
