@@ -156,7 +156,7 @@ class LiveEncoder:
 
     def _encode_batch(self, jobs: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> list[Encoded]:
         wanted = sorted({layer for _, layers in jobs for layer in layers})
-        pixels = torch.stack([pixels for pixels, _ in jobs])
+        pixels = torch.stack([torch.as_tensor(pixels) for pixels, _ in jobs])  # a stored upload's are an array
         saes = {n: self.saes[n] for n in wanted}
         result = encode_pixels(self.tower, saes, pixels, self.precision, self.normalisation, embed=self.embed)
         encoded, embeddings = result if self.embed else (result, None)

@@ -9,6 +9,7 @@ Refusals are `UploadRejected` (one line, 4xx or 503), never a 500.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
@@ -43,6 +44,7 @@ from clipscope_explorer.app.urls import urls_for
 if TYPE_CHECKING:
     from clipscope_explorer.app.live.encoder import LiveEncoder
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 InterventionId = Annotated[
     str, Path(pattern=f"^{UPLOAD_ID.pattern}$", max_length=32, description="an intervention id (32 hex digits)")
@@ -89,16 +91,19 @@ async def _unedited(request: Request, encoder: LiveEncoder, fields, data: bytes,
         raise UploadRejected(409, "this upload was stored without its model input: send the image again as `file`")
     try:
         pixels = await run_in_threadpool(stored.pixels)
-        missing = sorted(set(layers) - set(stored.layers))
-        if missing:  # uploaded with fewer layers: encode the rest now, and keep them
-            codes = await encoder.encode(pixels, missing, slot)
-            stored = await run_in_threadpool(
-                store.save, upload_id, stored.width, stored.height, b"", codes, list(encoder.spec.index_layers)
-            )
-        codes = await run_in_threadpool(stored.codes, layers)
+        codes = await run_in_threadpool(stored.codes, sorted(set(layers) & set(stored.layers)))
         embedding = await run_in_threadpool(stored.embedding)
     except OSError:
         raise UploadRejected(404, "this upload was just evicted from the store: send the image as `file`") from None
+    missing = sorted(set(layers) - set(stored.layers))
+    if missing:  # uploaded with fewer layers: encode the rest now, and keep them
+        codes.update(await encoder.encode(pixels, missing, slot))
+        index_layers = list(encoder.spec.index_layers)
+        saved = {n: codes[n] for n in missing}
+        try:
+            await run_in_threadpool(store.save, upload_id, stored.width, stored.height, b"", saved, index_layers)
+        except OSError as error:  # a full disk: this answer is whole, the upload page lacks the layers
+            log.warning("upload store: could not add layers to %s: %s", upload_id, error)
     return upload_id, stored, pixels, codes, embedding
 
 
@@ -125,6 +130,7 @@ async def run_intervention(request: Request, html_form: bool = False) -> Interve
         )
         intervention_id = ask.identity(upload_id)
         found = await run_in_threadpool(stored.edit, intervention_id) if stored is not None else None
+        kept = found is not None
         if found is not None:
             arrays = found[1]
         else:
@@ -133,17 +139,19 @@ async def run_intervention(request: Request, html_form: bool = False) -> Interve
             arrays = _edit_arrays(edited)
             if stored is not None:
                 record = {"upload_id": upload_id, **asdict(ask)}
-                await run_in_threadpool(_save_edit, state.uploads, stored, intervention_id, record, arrays)
+                kept = await run_in_threadpool(_save_edit, state.uploads, stored, intervention_id, record, arrays)
     return await run_in_threadpool(
-        _describe, request, upload_id, intervention_id, stored is not None, ask, before, before_embedding, arrays
+        _describe, request, upload_id, intervention_id, kept, ask, before, before_embedding, arrays
     )
 
 
-def _save_edit(store, stored: StoredUpload, intervention_id: str, record: dict, arrays) -> None:
+def _save_edit(store, stored: StoredUpload, intervention_id: str, record: dict, arrays) -> bool:
     try:
         store.save_edit(stored, intervention_id, record, arrays)
-    except OSError:  # a full or read-only disk loses the share link, not the result
-        pass
+    except OSError as error:  # a full or read-only disk loses the share link, not the result
+        log.warning("upload store: could not save intervention %s: %s", intervention_id, error)
+        return False
+    return True
 
 
 def _describe(request, upload_id, intervention_id, stored, ask, before, before_embedding, arrays):

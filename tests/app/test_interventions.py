@@ -80,9 +80,9 @@ def intervene(client, path="/api/intervene", files=None, **fields):
     return client.post(path, data={k: str(v) for k, v in fields.items()}, files=files)
 
 
-def busiest_feature(client, data: bytes, layer: int, fewest: int = 3) -> int:
+def busiest_feature(client, data: bytes, layer: int, fewest: int = 3, **fields) -> int:
     """A feature firing on at least `fewest` patches of the image at `layer`, on as few as possible."""
-    result = upload(client, data, patches="true").json()
+    result = upload(client, data, patches="true", **fields).json()
     counts = {}
     for hits in result["layers"][str(layer)]["patches"]:
         for feature, _ in hits:
@@ -226,9 +226,9 @@ def test_a_feature_that_does_not_fire_is_a_no_op(live_client, photo):
 
 def test_fewer_layers_uploaded_are_encoded_when_edited(live_client):
     data = image(23)
+    feature = busiest_feature(live_client, data, EDITED, layers=str(EDITED))
     uploaded = upload(live_client, data, layers=str(EDITED)).json()
     assert list(uploaded["layers"]) == [str(EDITED)]
-    feature = busiest_feature(live_client, data, EDITED)
     result = intervene(live_client, upload_id=uploaded["upload_id"], layer=EDITED, feature=feature).json()
     assert result["layers"][str(DEEPER)]["changed"] > 0
     stored = live_client.get(f"/api/uploads/{uploaded['upload_id']}").json()
@@ -388,3 +388,24 @@ def test_prompts_of_ones_own_go_through_clips_text_tower(live_index, tmp_path, r
         np.testing.assert_allclose(
             [scored["before"], scored["after"]], [plain @ vector, edited @ vector], rtol=1e-4, atol=1e-5
         )
+
+
+def test_without_a_store_an_edit_has_no_link_and_a_full_disk_loses_only_the_link(live_index, live_client, monkeypatch):
+    from tests.app.conftest import live_app_client, wait_live
+
+    data = image(28)
+    with live_app_client(live_index, None) as client:
+        wait_live(client)
+        result = intervene(client, files={"file": ("x.jpg", data, "image/jpeg")}, layer=EDITED, feature=0)
+        assert result.status_code == 200 and result.json()["url"] is None and result.json()["upload_url"] is None
+        assert result.json()["layers"][str(DEEPER)]["changed"] >= 0
+        stale = intervene(client, upload_id=result.json()["upload_id"], layer=EDITED, feature=0)
+        assert stale.status_code == 404
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(live_client.app.state.uploads, "save_edit", full_disk)
+    uploaded = upload(live_client, data).json()
+    edited = intervene(live_client, upload_id=uploaded["upload_id"], layer=EDITED, feature=1, scale=4)
+    assert edited.status_code == 200 and edited.json()["url"] is None and edited.json()["layers"]

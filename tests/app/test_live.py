@@ -35,7 +35,7 @@ def test_upload_page_offers_the_live_layers(live_client):
 
 
 def test_every_page_links_to_upload(client):
-    assert '<a href="/upload">Upload</a>' in client.get("/").text
+    assert '<a href="/upload" hx-boost="false">Upload</a>' in client.get("/").text  # a full load: upload.js
 
 
 def test_json_result_follows_the_contract(live_client):
