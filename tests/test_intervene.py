@@ -168,3 +168,15 @@ def test_decoder_rows_are_the_checkpoints_mapped_or_read(tiny_sae_repo, tmp_path
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(SAELoadError, match="junk.pt"):
         DecoderRows(tmp_path / "junk.pt")
+
+
+def test_an_images_codes_and_embedding_do_not_depend_on_its_batch(tiny_tower, saes, pixels):
+    """The unedited side of an intervention is the upload as stored, which may have been encoded in a
+    micro-batch; the edited run encodes the image alone. Scale 1 is exact only if batching changes nothing."""
+    alone, alone_embedding = encode_pixels(tiny_tower, saes, pixels[:1], embed=True)
+    batch = torch.cat([pixels, pixels.flip(-1), pixels])
+    together, together_embedding = encode_pixels(tiny_tower, saes, batch, embed=True)
+    for layer in TINY_LAYERS:
+        assert torch.equal(alone[layer].acts[0], together[layer].acts[0])
+        assert torch.equal(alone[layer].code.indices[0], together[layer].code.indices[0])
+    assert torch.equal(alone_embedding[0], together_embedding[0])

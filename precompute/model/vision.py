@@ -182,8 +182,9 @@ class VisionTower:
         pooling in the order its config says, attentional pooling included; then the projection),
         L2-normalised as CLIP.encode_image(normalize=True) does. tokens: [B, T, width], batch first."""
         pooled, _ = self.visual._pool(tokens)
-        if self.visual.proj is not None:
-            pooled = pooled @ self.visual.proj
+        if self.visual.proj is not None:  # row by row: a batch's matrix product rounds unlike one row's, and an
+            # image's embedding must not depend on what it was batched with (an intervention's identity)
+            pooled = torch.stack([row @ self.visual.proj for row in pooled])
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
     @property
