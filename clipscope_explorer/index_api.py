@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from clipscope_explorer.app.deps import require_layer
 from clipscope_explorer.app.errors import NotFound
 from clipscope_explorer.app.index_file import IndexOpenError
+from clipscope_explorer.app.live.intervention import InterventionResult
 from clipscope_explorer.app.live.result import UploadResult
 from clipscope_explorer.app.pages.features import Example, feature_page
 from clipscope_explorer.app.pages.layers import Filters, TableRow, layer_table
@@ -215,6 +216,30 @@ class Index:
         encoded), `sort` (max, patch, cls or mean), `top` features per layer and `patches` as the upload's
         form fields."""
         return self._services.encode(image, layers, sort, top, patches)
+
+    def intervene(
+        self,
+        image,
+        layer: int,
+        feature: int,
+        *,
+        scale: float = 0.0,
+        patches: list[int] | None = None,
+        prompts: list[str] | None = None,
+        template: str | None = None,
+        top: int = 20,
+    ) -> InterventionResult:
+        """Scale `feature` at `layer` on `image` and run the rest of the model, as `POST /api/intervene` answers
+        for a `file` (`scale` in [-10, 10]; `patches` row-major, None for every token; `prompts` default to the
+        image's zero-shot labels). A bad argument is a `ValueError` with the 422's message."""
+        fields = {"layer": [str(layer)], "feature": [str(feature)], "scale": [repr(float(scale))], "top": [str(top)]}
+        if patches is not None:
+            fields["patches"] = [",".join(map(str, patches))]
+        if prompts is not None:
+            fields["prompts"] = ["\n".join(prompts)]
+        if template is not None:
+            fields["template"] = [template]
+        return self._services.intervene(image, fields)
 
     # -- the file --------------------------------------------------------------
     def close(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipscope_explorer.app.live.input import UploadRejected, decode, parse_options
+from clipscope_explorer.app.live.intervention import InterventionResult, intervention_result, parse_intervention
 from clipscope_explorer.app.live.result import UploadResult, upload_result
 from clipscope_explorer.app.live.service import LiveService
 from clipscope_explorer.app.live.spec import LiveSpec
@@ -108,6 +109,39 @@ class Services:
             bool(patches),
             encoded.embedding,
             self.meaning(text=False) if encoded.embedding is not None else None,
+        )
+
+    def intervene(self, image, fields: dict[str, list[str]]) -> InterventionResult:
+        """`POST /api/intervene`'s answer for a new `image` with the form's `fields`, not stored."""
+        encoder = self.encoder()
+        if not encoder.interventions:
+            raise Unavailable("interventions are off (interventions=False)")
+        data = image_bytes(image)
+        try:
+            n_features = {layer: encoder.saes[layer].n_features for layer in encoder.layers}
+            ask = parse_intervention(fields, n_features, encoder.grid[0] * encoder.grid[1])
+            decoded = decode(data, encoder.preprocess)
+        except UploadRejected as error:
+            raise ValueError(error.message) from None
+        later = [n for n in encoder.layers if n > ask.layer]
+        before = encoder.batcher.submit((decoded.pixels, (ask.layer, *later))).result()
+        edited = encoder.submit_edit(decoded.pixels, ask, later).result()
+        image_id = upload_id(encoder.identity, data)
+        return intervention_result(
+            self.data,
+            self.urls,
+            self.meaning(text=ask.prompts is not None),
+            image_id,
+            ask.identity(image_id),
+            False,
+            encoder.grid,
+            ask,
+            before.codes,
+            before.embedding,
+            edited.codes,
+            edited.embedding,
+            edited.firing,
+            encoder.spec.index_layers,
         )
 
     def close(self) -> None:

@@ -307,6 +307,29 @@ def test_encode_equals_the_upload_json(live_file, tmp_path):
                 index.encode(b"GIF89a broken")
 
 
+def test_intervene_equals_the_intervention_json(live_file):
+    from tests import image_cases as cases
+
+    data = cases.encode(cases.noisy((160, 120), seed=4), "JPEG")
+    with live_app_client(live_file, None) as client:
+        wait_live(client)
+        assert client.app.state.meaning.wait(60)
+        files = {"file": ("photo.jpg", data, "image/jpeg")}
+        feature = client.post("/api/encode", files=files, data={"layers": "1"}).json()["layers"]["1"]["features"][0]
+        form = {"layer": "1", "feature": str(feature["feature"]), "scale": "-2", "patches": "0,1,17"}
+        served = client.post("/api/intervene", files=files, data=form).json()
+        whole = {"layer": "1", "feature": str(feature["feature"])}  # scale 0 and every token: the defaults
+        everywhere = client.post("/api/intervene", files=files, data=whole).json()
+        with open_index(live_file, text=False) as index:
+            assert json_of(index.intervene(data, 1, feature["feature"], scale=-2, patches=[17, 1, 0])) == served
+            assert json_of(index.intervene(data, 1, feature["feature"])) == everywhere
+            assert everywhere["layers"]["2"]["changes"] and everywhere["prompts"]
+            with pytest.raises(ValueError, match="scale must be a number in"):
+                index.intervene(data, 1, 0, scale=float("nan"))
+            with pytest.raises(ValueError, match="layer 7 cannot be edited here"):
+                index.intervene(data, 7, 0)
+
+
 # ---------------------------------------------------------------- the walkthrough
 
 BLOCK = re.compile(r"^(<!-- not run[^\n]*-->\n)?```(\w*)\n(.*?)^```\n", re.M | re.S)
@@ -330,7 +353,7 @@ def test_the_walkthrough_runs_as_written(tmp_path, monkeypatch):
     build_index(tmp_path / "clipscope.duckdb")
     blocks = walkthrough()
     shown = [code for code, how, _ in blocks if how == "shown"]
-    assert len(shown) == 2 and all("search(" in code or "encode(" in code for code in shown)
+    assert len(shown) == 3 and all(any(call in code for call in ("search(", "encode(", "intervene(")) for code in shown)
     assert all(expected is None for _, how, expected in blocks if how == "shown")
     namespace: dict = {}
     for code, how, expected in blocks:

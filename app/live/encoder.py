@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,15 +187,18 @@ class LiveEncoder:
         """Codes of one preprocessed image [3, H, W] on `layers` (`encode_image` without the embedding)."""
         return (await self.encode_image(pixels, layers, slot)).codes
 
-    async def intervene(self, pixels: torch.Tensor | np.ndarray, edit, layers: Sequence[int], slot=None) -> Edited:
+    def submit_edit(self, pixels: torch.Tensor | np.ndarray, edit, layers: Sequence[int], slot=None) -> Future:
         """The edited run of one preprocessed image [3, H, W] (`encode_edited`), its codes on `layers` and on the
-        edited layer, computed in the worker thread between micro-batches. `edit`: anything with the fields
-        of a `FeatureEdit` (layer, feature, scale, tokens)."""
+        edited layer, computed in the worker thread between micro-batches: a future of `Edited`. `edit`:
+        anything with the fields of a `FeatureEdit` (layer, feature, scale, tokens)."""
         if not self.interventions:
             raise RuntimeError("this encoder keeps no decoders: interventions are off")
         job = EditJob(pixels, FeatureEdit(edit.layer, edit.feature, edit.scale, edit.tokens), tuple(layers))
-        submit = slot.submit if slot is not None else self.batcher.submit
-        return await asyncio.wrap_future(submit(job))
+        return (slot.submit if slot is not None else self.batcher.submit)(job)
+
+    async def intervene(self, pixels: torch.Tensor | np.ndarray, edit, layers: Sequence[int], slot=None) -> Edited:
+        """`submit_edit`, awaited."""
+        return await asyncio.wrap_future(self.submit_edit(pixels, edit, layers, slot))
 
     def close(self) -> None:
         self.batcher.close()
