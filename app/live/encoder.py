@@ -1,7 +1,7 @@
 """Live encoding of uploaded images with the precompute job's own model and SAE code (the torch side).
 
 `load_encoder` loads what a `LiveSpec` names, as encoding needs it and nothing
-more: SAE encoders without decoders (uploads are never reconstructed), and the
+more: SAE encoders without decoders in memory (uploads are never reconstructed), and the
 matrix weights of the tower and the encoders stored in the forward precision
 (in bf16 the operands autocast would make on every call, so the codes are the
 same; half the memory, no casting per upload). `LiveEncoder` runs

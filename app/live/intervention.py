@@ -80,8 +80,8 @@ def _scale(text: str | None) -> float:
     try:
         scale = float(text[:40])
     except ValueError:
-        raise UploadRejected(422, f"scale must be a number in [-10, 10], not {text[:20]!r}") from None
-    if not math.isfinite(scale) or not -MAX_SCALE <= scale <= MAX_SCALE:
+        scale = math.nan
+    if not -MAX_SCALE <= scale <= MAX_SCALE:  # NaN, infinities and words fail here too
         raise UploadRejected(422, f"scale must be a number in [-10, 10], not {text[:20]!r}")
     return scale + 0.0  # -0.0 is 0.0
 
